@@ -1,0 +1,1 @@
+"""Readers, the record schema and encoders."""

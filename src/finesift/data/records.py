@@ -1,0 +1,81 @@
+"""The record schema: what every reader produces and every encoder consumes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+Shape = Literal["chat", "prompt_completion", "text", "ner"]
+SHAPES: tuple[str, ...] = ("chat", "prompt_completion", "text", "ner")
+
+
+@dataclass
+class Record:
+    """One input example as read from a file, plus its normalised content.
+
+    Attributes:
+        id: the record's ``id`` field if present, else ``"<file>:<line>"`` (or
+            ``"<file>:<row>"`` for formats without lines).
+        source: the file (or folder) it was read from, as given by the user.
+        row: 0-based index of the record within its file.
+        line: 1-based line number where the format has lines (JSONL, CSV, CoNLL:
+            the sentence's first line), else ``None``.
+        shape: one of :data:`SHAPES`.
+        raw: the record exactly as read (JSON-serialisable), written back unchanged
+            to ``selected.jsonl``.
+        messages: for ``chat``: ``[{"role": ..., "content": ...}, ...]``.
+        prompt, completion: for ``prompt_completion`` (``instruction``/``input``/
+            ``output`` are folded into these).
+        text: for ``text``.
+        tokens, tags: for ``ner`` (string tags, BIO or plain).
+        meta: optional extra fields a method may use (``subtask``, ``domain``).
+    """
+
+    id: str
+    source: str
+    row: int
+    shape: str
+    raw: dict[str, Any]
+    line: int | None = None
+    messages: list[dict[str, str]] | None = None
+    prompt: str | None = None
+    completion: str | None = None
+    text: str | None = None
+    tokens: list[str] | None = None
+    tags: list[str] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def where(self) -> str:
+        """Human-readable location, e.g. ``pool.jsonl:17``."""
+        if self.line is not None:
+            return f"{self.source}:{self.line}"
+        return f"{self.source} (record {self.row})"
+
+
+@dataclass
+class Example:
+    """A record encoded for a model.
+
+    Attributes:
+        index: position of the record in the list that was encoded.
+        input_ids: token ids (int64).
+        labels: same length as ``input_ids``. For causal LMs the token id where the
+            position is a label token (HF convention: unshifted, the model predicts
+            ``labels[i]`` from positions ``< i``), else -100. For token
+            classification the class id at each word's first sub-token, else -100.
+        n_label_tokens: number of positions whose label is not -100 (after shifting
+            for causal LMs, i.e. the number of predicted tokens).
+        truncated: whether ``max_length`` cut the record.
+    """
+
+    index: int
+    input_ids: np.ndarray
+    labels: np.ndarray
+    n_label_tokens: int
+    truncated: bool = False
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])

@@ -1,0 +1,41 @@
+"""finesift's exceptions. Every user-facing failure is a :class:`FinesiftError`."""
+
+from __future__ import annotations
+
+
+class FinesiftError(Exception):
+    """Base class of every error finesift raises on purpose (bad input, bad options)."""
+
+
+class InputError(FinesiftError):
+    """A problem with an input file or record.
+
+    Args:
+        path: the file (or folder) the record came from.
+        message: what is wrong and what was expected.
+        line: 1-based line number in the file, where the format has lines.
+        record: the record's id or 0-based row index, where lines do not apply.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        message: str,
+        *,
+        line: int | None = None,
+        record: str | int | None = None,
+    ) -> None:
+        self.path = str(path)
+        self.line = line
+        self.record = record
+        where = self.path
+        if line is not None:
+            where += f":{line}"
+        if record is not None:
+            where += f" (record {record})"
+        self.message = message
+        super().__init__(f"{where}: {message}")
+
+
+class OptionError(FinesiftError):
+    """An invalid option or combination of options (budget, method name, ...)."""
