@@ -1,0 +1,1 @@
+"""Batched per-example log-probs and losses, LoRA adapters, short training loops."""

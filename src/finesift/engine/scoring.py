@@ -1,0 +1,80 @@
+"""Batched per-example label log-probs and token-averaged losses (inference only)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from finesift.engine.batching import sorted_batches
+from finesift.engine.precision import autocast
+from finesift.engine.tasks import Task
+
+
+def _to(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.inference_mode()
+def token_logprobs(
+    model: torch.nn.Module,
+    task: Task,
+    examples: Sequence[Any],
+    *,
+    batch_size: int = 8,
+    max_tokens: int | None = 4096,
+    precision: str = "auto",
+    device: str = "cpu",
+    progress: bool = False,
+    desc: str = "scoring",
+) -> list[np.ndarray]:
+    """Log-prob of each label token, per example (float32 arrays, in input order).
+
+    Examples are processed longest first in batches of similar length; the result is
+    returned in the order of ``examples``.
+
+    Args:
+        model: the model (may be a peft model; its current adapter weights are used).
+        task: the :class:`Task` that batches examples and computes label log-probs.
+        examples: the encoded examples.
+        batch_size: rows per batch.
+        max_tokens: cap on rows x longest length per batch (keeps memory flat).
+        precision: ``auto``, ``bf16`` or ``fp32``.
+        device: torch device.
+        progress: show a progress bar on stderr.
+    """
+    was_training = model.training
+    model.eval()
+    out: list[np.ndarray | None] = [None] * len(examples)
+    lengths = [task.length(e) for e in examples]
+    bar = tqdm(total=len(examples), desc=desc, disable=not progress, leave=False, unit="ex")
+    try:
+        for idx in sorted_batches(examples, lengths, batch_size=batch_size, max_tokens=max_tokens):
+            batch = _to(task.collate([examples[i] for i in idx]), device)
+            with autocast(precision, device):
+                logp, row = task.label_logprobs(model, batch)
+            logp = logp.float().cpu().numpy()
+            row = row.cpu().numpy()
+            counts = np.bincount(row, minlength=len(idx))
+            parts = np.split(logp, np.cumsum(counts)[:-1])
+            for j, i in enumerate(idx):
+                out[i] = parts[j].astype(np.float32, copy=True)
+            bar.update(len(idx))
+    finally:
+        bar.close()
+        if was_training:
+            model.train()
+    return out  # type: ignore[return-value]
+
+
+def mean_losses(logprobs: Sequence[np.ndarray]) -> np.ndarray:
+    """Token-averaged negative log-likelihood per example."""
+    return np.array([-float(lp.mean()) if len(lp) else np.nan for lp in logprobs])
+
+
+def example_losses(model, task, examples, **kw) -> np.ndarray:
+    """Token-averaged log-loss of each example (see :func:`token_logprobs` for options)."""
+    return mean_losses(token_logprobs(model, task, examples, **kw))

@@ -1,0 +1,187 @@
+"""LoRA adapters and short training loops (one or a few epochs)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from finesift.engine.batching import shuffled_batches
+from finesift.engine.precision import autocast
+from finesift.engine.tasks import Task
+
+
+@dataclass
+class LoraOptions:
+    """LoRA adapter settings.
+
+    Attributes:
+        rank: adapter rank r (default 16).
+        alpha: scaling numerator; the update is scaled by alpha / rank (default 32).
+        dropout: dropout on the adapter input during training (default 0.05).
+        target_modules: module names to adapt; ``"all-linear"`` adapts every linear
+            layer of the attention and MLP blocks (not the LM head).
+    """
+
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def add_lora(model: torch.nn.Module, task: str, options: LoraOptions, *, seed: int = 0):
+    """Wrap ``model`` with a fresh LoRA adapter (B = 0, so outputs are unchanged).
+
+    For token classification the classification head is trained in full as well
+    (``modules_to_save``), since a new head starts random.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    kwargs: dict[str, Any] = {}
+    if task == "ner":
+        kwargs["task_type"] = "TOKEN_CLS"
+        head = "classifier" if hasattr(model, "classifier") else None
+        if head:
+            kwargs["modules_to_save"] = [head]
+    else:
+        kwargs["task_type"] = "CAUSAL_LM"
+    cfg = LoraConfig(
+        r=options.rank,
+        lora_alpha=options.alpha,
+        lora_dropout=options.dropout,
+        target_modules=options.target_modules,
+        bias="none",
+        **kwargs,
+    )
+    return get_peft_model(model, cfg)
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of every trainable parameter (the adapter, for a LoRA model)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy a :func:`trainable_state` snapshot back into the model in place."""
+    params = dict(model.named_parameters())
+    for n, v in state.items():
+        params[n].copy_(v)
+
+
+@dataclass
+class TrainOptions:
+    """One training phase.
+
+    Attributes:
+        lr: learning rate.
+        epochs: passes over the data (fractional values stop part-way).
+        batch_size: examples per optimiser step.
+        optimizer: ``adamw`` or ``sgd``.
+        weight_decay: AdamW weight decay.
+        max_steps: stop after this many steps if set.
+        grad_clip: clip the gradient norm (0 = off).
+    """
+
+    lr: float = 1e-4
+    epochs: float = 1.0
+    batch_size: int = 8
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    max_steps: int | None = None
+    grad_clip: float = 1.0
+
+
+def make_optimizer(params: Sequence[torch.nn.Parameter], opts: TrainOptions, lr: float):
+    if opts.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=opts.weight_decay)
+    if opts.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {opts.optimizer!r}")
+
+
+def train(
+    model: torch.nn.Module,
+    task: Task,
+    examples: Sequence[Any],
+    opts: TrainOptions,
+    *,
+    lr: float | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    seed: int = 0,
+    precision: str = "auto",
+    device: str = "cpu",
+    progress: bool = False,
+    desc: str = "training",
+) -> dict[str, Any]:
+    """Train the trainable parameters of ``model`` on ``examples``.
+
+    The loss is the mean over the batch of each example's token-averaged log-loss, the
+    same loss the methods score and the evaluation reports.
+
+    Args:
+        model: the model; only parameters with ``requires_grad`` change.
+        task: batches examples and computes label log-probs.
+        examples: training examples.
+        opts: learning rate, epochs, batch size, optimiser.
+        lr: overrides ``opts.lr`` (e.g. a per-round learning rate).
+        optimizer: continue with this optimiser (its state carries over); a new one
+            is made otherwise. Its learning rate is set to ``lr``.
+        seed: seeds the shuffling.
+    Returns:
+        ``{"steps", "mean_loss", "optimizer"}``.
+    """
+    lr = opts.lr if lr is None else lr
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no trainable parameters")
+    if optimizer is None:
+        optimizer = make_optimizer(params, opts, lr)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    rng = np.random.default_rng(seed)
+    n = len(examples)
+    steps_per_epoch = (n + opts.batch_size - 1) // opts.batch_size
+    total = int(np.ceil(opts.epochs * steps_per_epoch))
+    if opts.max_steps is not None:
+        total = min(total, opts.max_steps)
+    model.train()
+    losses: list[float] = []
+    step = 0
+    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, unit="step")
+    try:
+        while step < total:
+            for idx in shuffled_batches(n, batch_size=opts.batch_size, rng=rng):
+                if step >= total:
+                    break
+                batch = {k: v.to(device) for k, v in task.collate([examples[i] for i in idx]).items()}
+                with autocast(precision, device):
+                    logp, row = task.label_logprobs(model, batch)
+                logp = logp.float()
+                counts = torch.bincount(row, minlength=len(idx)).clamp_min(1).float()
+                per_ex = -torch.zeros(len(idx), device=logp.device).index_add(0, row, logp) / counts
+                loss = per_ex.mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if opts.grad_clip and opts.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
+                optimizer.step()
+                losses.append(float(loss.detach()))
+                step += 1
+                bar.update(1)
+    finally:
+        bar.close()
+        model.eval()
+    return {
+        "steps": step,
+        "mean_loss": float(np.mean(losses)) if losses else float("nan"),
+        "optimizer": optimizer,
+    }

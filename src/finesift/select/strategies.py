@@ -1,0 +1,131 @@
+"""Selection strategies, usable with every method.
+
+* ``top``: the k highest scores.
+* ``length-binned``: pool examples split into ``n_bins`` (default 10) equal-count bins by
+  label-token count; each bin contributes its top scores in proportion to its size.
+  The ToV paper's guard against short examples, whose averaged scores are noisiest.
+* ``score+random``: half the budget by length-binned score, half uniformly at random
+  from the base set U (or the whole pool when the method has none), without repeats.
+  The ToV paper's main variant.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from finesift.errors import OptionError
+
+STRATEGIES = ("top", "length-binned", "score+random")
+
+
+def parse_budget(budget: str | int | float, pool_size: int) -> int:
+    """A count (``"500"``, 500) or a percentage of the pool (``"10%"``) -> a count.
+
+    Raises :class:`OptionError` for a malformed budget, zero, or more than the pool.
+    """
+    if isinstance(budget, bool):
+        raise OptionError(f"budget must be a count or a percentage, got {budget!r}")
+    text = str(budget).strip()
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*%", text)
+    if m:
+        pct = float(m.group(1))
+        if not 0 < pct <= 100:
+            raise OptionError(f"budget {text}: a percentage must be in (0, 100]")
+        k = max(1, int(round(pool_size * pct / 100.0)))
+    else:
+        try:
+            k = int(text)
+        except ValueError:
+            raise OptionError(
+                f"budget {text!r}: expected a count like 500 or a percentage like 10%"
+            ) from None
+        if k < 1:
+            raise OptionError(f"budget {k}: must be at least 1")
+    if k > pool_size:
+        raise OptionError(f"budget {k} is larger than the pool ({pool_size} usable examples)")
+    return k
+
+
+def _top(scores: np.ndarray, idx: np.ndarray, k: int) -> np.ndarray:
+    """The k highest-scoring of ``idx``; ties broken by position (stable)."""
+    if k <= 0:
+        return idx[:0]
+    order = np.argsort(-scores[idx], kind="stable")
+    return idx[order[:k]]
+
+
+def _length_binned(
+    scores: np.ndarray, lengths: np.ndarray, candidates: np.ndarray, k: int, n_bins: int
+) -> np.ndarray:
+    if k <= 0 or len(candidates) == 0:
+        return candidates[:0]
+    n_bins = max(1, min(n_bins, len(candidates)))
+    by_len = candidates[np.argsort(lengths[candidates], kind="stable")]
+    bins = np.array_split(by_len, n_bins)
+    # allocate k across bins in proportion to their size (largest remainder)
+    sizes = np.array([len(b) for b in bins], dtype=np.float64)
+    quota = sizes / sizes.sum() * k
+    take = np.floor(quota).astype(int)
+    rest = k - take.sum()
+    if rest > 0:
+        order = np.argsort(-(quota - take), kind="stable")
+        take[order[:rest]] += 1
+    chosen = [_top(scores, b, min(t, len(b))) for b, t in zip(bins, take, strict=True)]
+    out = np.concatenate(chosen) if chosen else candidates[:0]
+    if len(out) < k:  # a bin smaller than its quota: fill from the best remaining
+        left = np.setdiff1d(candidates, out)
+        out = np.concatenate([out, _top(scores, left, k - len(out))])
+    return out
+
+
+def select_indices(
+    scores: np.ndarray,
+    k: int,
+    *,
+    strategy: str = "top",
+    lengths: np.ndarray | None = None,
+    base_set: np.ndarray | None = None,
+    seed: int = 0,
+    n_bins: int = 10,
+) -> np.ndarray:
+    """Pick ``k`` pool indices from ``scores``.
+
+    Args:
+        scores: one score per pool example (higher = better); must be finite.
+        k: the budget as a count (see :func:`parse_budget`).
+        strategy: one of :data:`STRATEGIES`.
+        lengths: label-token count per example (``length-binned``, ``score+random``).
+        base_set: indices the random half of ``score+random`` samples from.
+        seed: seeds the random half.
+        n_bins: number of length bins.
+    Returns:
+        the chosen indices, best first for the score-chosen part.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    n = len(scores)
+    if not 1 <= k <= n:
+        raise OptionError(f"budget {k} is out of range for a pool of {n}")
+    if not np.all(np.isfinite(scores)):
+        bad = int(np.flatnonzero(~np.isfinite(scores))[0])
+        raise OptionError(f"score of pool example {bad} is not finite")
+    allidx = np.arange(n)
+    if strategy == "top":
+        return _top(scores, allidx, k)
+    if lengths is None:
+        raise OptionError(f"strategy {strategy!r} needs the examples' lengths")
+    lengths = np.asarray(lengths)
+    if strategy == "length-binned":
+        return _length_binned(scores, lengths, allidx, k, n_bins)
+    if strategy == "score+random":
+        k_score = (k + 1) // 2
+        scored = _length_binned(scores, lengths, allidx, k_score, n_bins)
+        rng = np.random.default_rng([seed, 0x5C0E])
+        source = allidx if base_set is None else np.asarray(base_set)
+        remaining = np.setdiff1d(source, scored)
+        if len(remaining) < k - k_score:
+            remaining = np.setdiff1d(allidx, scored)
+        rand = rng.choice(remaining, size=k - k_score, replace=False)
+        return np.concatenate([scored, np.sort(rand)])
+    raise OptionError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
