@@ -86,7 +86,7 @@ class TrainOptions:
         epochs: passes over the data (fractional values stop part-way).
         batch_size: examples per optimiser step.
         optimizer: ``adamw`` or ``sgd``.
-        weight_decay: AdamW weight decay.
+        weight_decay: weight decay (AdamW: decoupled; SGD: an L2 penalty lambda/2 |w|^2).
         max_steps: stop after this many steps if set.
         grad_clip: clip the gradient norm (0 = off).
     """
@@ -104,7 +104,7 @@ def make_optimizer(params: Sequence[torch.nn.Parameter], opts: TrainOptions, lr:
     if opts.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=opts.weight_decay)
     if opts.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr)
+        return torch.optim.SGD(params, lr=lr, weight_decay=opts.weight_decay)
     raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {opts.optimizer!r}")
 
 

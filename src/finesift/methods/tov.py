@@ -75,6 +75,8 @@ class ToVOptions:
         base_epochs: epochs on U per round.
         batch_size: training batch size.
         optimizer: ``adamw`` or ``sgd``.
+        weight_decay: weight decay (with ``sgd`` an L2 penalty, as in an M-estimator).
+        grad_clip: clip each step's gradient norm to this (0 = off).
         adapter: ``lora`` (default) or ``full`` (train every parameter).
         lora_rank, lora_alpha, lora_dropout: the LoRA adapter.
     """
@@ -90,6 +92,8 @@ class ToVOptions:
     base_epochs: float = 1.0
     batch_size: int = 8
     optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
     adapter: str = "lora"
     lora_rank: int = 16
     lora_alpha: int = 32
@@ -181,7 +185,10 @@ class ToV(Method):
 
     def _train(self, ctx, model, examples, *, lr, epochs, optimizer, seed, desc):
         o = self.options
-        topts = TrainOptions(lr=lr, epochs=epochs, batch_size=o.batch_size, optimizer=o.optimizer)
+        topts = TrainOptions(
+            lr=lr, epochs=epochs, batch_size=o.batch_size, optimizer=o.optimizer,
+            weight_decay=o.weight_decay, grad_clip=o.grad_clip,
+        )
         if optimizer is None:
             params = [p for p in model.parameters() if p.requires_grad]
             optimizer = make_optimizer(params, topts, lr)
@@ -301,7 +308,9 @@ class ToV(Method):
         params = [p for p in model.parameters() if p.requires_grad]
 
         def new_opt(lr: float):
-            return make_optimizer(params, TrainOptions(optimizer=o.optimizer), lr)
+            return make_optimizer(
+                params, TrainOptions(optimizer=o.optimizer, weight_decay=o.weight_decay), lr
+            )
 
         for t in trajs.values():
             t.opt_base, t.opt_val = new_opt(o.lr), new_opt(o.lr * o.eps)
