@@ -16,17 +16,7 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-BASE_WORDS = (
-    "the a an of to and in is was it for on with as at by from this that what how many "
-    "much who when where why which user assistant system question answer yes no not "
-    "one two three four five six seven eight nine ten plus minus times equals total "
-    "cat dog bird fish tree river city car road house book story song music film game "
-    "red blue green black white big small old new good bad hot cold fast slow "
-    "alpha beta gamma delta zeta theta kappa sigma omega lambda "
-    "apple banana cherry grape lemon mango melon peach pear plum "
-    "run walk jump swim read write sing play eat drink sleep think "
-    "john mary paris london google apple_inc monday july . , ? ! : ; ( ) = + - * /"
-).split()
+BASE_WORDS = ["the", "a", "an", "of", "to", "and", "in", "is", "was", "it", "for", "on", "with", "as", "at", "by", "from", "this", "that", "what", "how", "many", "much", "who", "when", "where", "why", "which", "user", "assistant", "system", "question", "answer", "yes", "no", "not", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "plus", "minus", "times", "equals", "total", "cat", "dog", "bird", "fish", "tree", "river", "city", "car", "road", "house", "book", "story", "song", "music", "film", "game", "red", "blue", "green", "black", "white", "big", "small", "old", "new", "good", "bad", "hot", "cold", "fast", "slow", "alpha", "beta", "gamma", "delta", "zeta", "theta", "kappa", "sigma", "omega", "lambda", "apple", "banana", "cherry", "grape", "lemon", "mango", "melon", "peach", "pear", "plum", "run", "walk", "jump", "swim", "read", "write", "sing", "play", "eat", "drink", "sleep", "think", "john", "mary", "paris", "london", "google", "apple_inc", "monday", "july", ".", ",", "?", "!", ":", ";", "(", ")", "=", "+", "-", "*", "/"]
 
 
 def tiny_tokenizer(extra_words: list[str] | tuple[str, ...] = ()):

@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from finesift.errors import InputError
+
 Shape = Literal["chat", "prompt_completion", "text", "ner"]
 SHAPES: tuple[str, ...] = ("chat", "prompt_completion", "text", "ner")
 
@@ -53,6 +55,16 @@ class Record:
         if self.line is not None:
             return f"{self.source}:{self.line}"
         return f"{self.source} (record {self.row})"
+
+    def error(self, message: str) -> InputError:
+        """An :class:`InputError` located at this record (its line, else its row).
+
+        Args:
+            message: what is wrong and what was expected.
+        """
+        if self.line is not None:
+            return InputError(self.source, message, line=self.line)
+        return InputError(self.source, message, record=self.row)
 
 
 @dataclass

@@ -168,29 +168,8 @@ def _check_local(path: Path) -> None:
         )
 
 
-def load_model(
-    name: str | None,
-    task: str,
-    *,
-    labels: list[str] | None = None,
-    seed: int = 0,
-) -> ModelBundle:
-    """Load a model for ``task``.
-
-    Args:
-        name: a built-in name (``smollm2-135m``, ``minilm-l6``), a local folder, or
-            ``None`` for the task's default.
-        task: ``"lm"`` (causal LM) or ``"ner"`` (token classification).
-        labels: for ``ner``: the tag names for a new classification head. Ignored when
-            the folder already holds a fine-tuned token classifier with its own labels.
-        seed: seeds the random initialisation of a new head.
-    """
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForTokenClassification,
-        AutoTokenizer,
-    )
-
+def resolve_path(name: str | None, task: str) -> tuple[str, Path, dict[str, Any]]:
+    """Resolve a model name to ``(name, folder, provenance)``; validates the pairing."""
     if task not in ("lm", "ner"):
         raise OptionError(f"--task must be 'lm' or 'ner', got {task!r}")
     name = name or DEFAULT_MODEL[task]
@@ -209,19 +188,51 @@ def load_model(
         path = Path(name).expanduser()
         _check_local(path)
         info["source"] = str(path.resolve())
+    return name, path, info
 
+
+def load_tokenizer(name: str | None, task: str) -> Any:
+    """The model's fast tokenizer alone (for methods that need no model)."""
+    from transformers import AutoTokenizer
+
+    _, path, _ = resolve_path(name, task)
     tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     if not getattr(tok, "is_fast", False):
         raise OptionError(f"--model {path}: finesift needs a fast tokenizer (tokenizer.json)")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def load_model(
+    name: str | None,
+    task: str,
+    *,
+    labels: list[str] | None = None,
+    seed: int = 0,
+) -> ModelBundle:
+    """Load a model for ``task``.
+
+    Args:
+        name: a built-in name (``smollm2-135m``, ``minilm-l6``), a local folder, or
+            ``None`` for the task's default.
+        task: ``"lm"`` (causal LM) or ``"ner"`` (token classification).
+        labels: for ``ner``: the tag names for a new classification head. Ignored when
+            the folder already holds a fine-tuned token classifier with its own labels.
+        seed: seeds the random initialisation of a new head.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
+
+    name, path, info = resolve_path(name, task)
+    tok = load_tokenizer(name, task)
     if task == "lm":
         model = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=torch.float32, trust_remote_code=False, use_safetensors=True
         )
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token or tok.unk_token
     else:
-        from finesift.data.encode import model_label_map
         from transformers import AutoConfig
+
+        from finesift.data.encode import model_label_map
 
         cfg = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
         own = model_label_map(cfg)
@@ -249,3 +260,19 @@ def load_model(
     info["n_parameters"] = int(sum(p.numel() for p in model.parameters()))
     info["architecture"] = type(model).__name__
     return ModelBundle(model=model, tokenizer=tok, task=task, name=name, info=info)
+
+
+def pretrained_labels(name: str | None, task: str) -> dict[str, int] | None:
+    """label2id of a folder that already holds a fine-tuned token classifier, else None."""
+    if task != "ner":
+        return None
+    from transformers import AutoConfig
+
+    from finesift.data.encode import model_label_map
+
+    _, path, _ = resolve_path(name, task)
+    cfg = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    archs = getattr(cfg, "architectures", None) or []
+    if any(a.endswith("ForTokenClassification") for a in archs):
+        return model_label_map(cfg)
+    return None

@@ -20,7 +20,7 @@ from finesift.errors import OptionError
 STRATEGIES = ("top", "length-binned", "score+random")
 
 
-def parse_budget(budget: str | int | float, pool_size: int) -> int:
+def parse_budget(budget: str | float, pool_size: int) -> int:
     """A count (``"500"``, 500) or a percentage of the pool (``"10%"``) -> a count.
 
     Raises :class:`OptionError` for a malformed budget, zero, or more than the pool.
@@ -33,7 +33,7 @@ def parse_budget(budget: str | int | float, pool_size: int) -> int:
         pct = float(m.group(1))
         if not 0 < pct <= 100:
             raise OptionError(f"budget {text}: a percentage must be in (0, 100]")
-        k = max(1, int(round(pool_size * pct / 100.0)))
+        k = max(1, round(pool_size * pct / 100.0))
     else:
         try:
             k = int(text)

@@ -1,0 +1,309 @@
+"""``finesift.select``: the Python API behind ``finesift select``.
+
+pool files + target files -> records -> encoded examples -> method scores ->
+strategy -> selected records, ``scores.parquet``, ``selected.jsonl``, ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from finesift.data.records import Example, Record
+from finesift.errors import InputError, OptionError
+from finesift.methods.base import MethodContext, get_method
+from finesift.select.strategies import STRATEGIES, parse_budget, select_indices
+from finesift.store import (
+    Stopwatch,
+    file_fingerprint,
+    package_versions,
+    peak_rss_mb,
+    write_json,
+    write_jsonl,
+    write_parquet,
+)
+
+
+@dataclass
+class Selection:
+    """What :func:`select` returns.
+
+    Attributes:
+        selected: the chosen records, in selection order (best first).
+        scores: one score per usable pool record (aligned with ``pool``).
+        pool: the usable pool records (encoded; skipped ones excluded).
+        columns: the score table written to ``scores.parquet``.
+        manifest: everything needed to reproduce and audit the run.
+        out: the output folder, if one was given.
+    """
+
+    selected: list[Record]
+    scores: np.ndarray
+    pool: list[Record]
+    columns: dict[str, Any]
+    manifest: dict[str, Any]
+    out: Path | None = None
+
+    @property
+    def selected_ids(self) -> list[str]:
+        return [r.id for r in self.selected]
+
+
+@dataclass
+class EncodedData:
+    """Records and their encodings, aligned (skipped records dropped)."""
+
+    records: list[Record]
+    examples: list[Example]
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def _as_list(paths: str | Path | Sequence[str | Path]) -> list[str]:
+    if isinstance(paths, (str, Path)):
+        return [str(paths)]
+    return [str(p) for p in paths]
+
+
+def encode(
+    records: list[Record],
+    tokenizer: Any,
+    task: str,
+    *,
+    max_length: int | None,
+    label2id: dict[str, int] | None = None,
+    template: str = "auto",
+) -> EncodedData:
+    """Encode records for ``task`` and drop the ones that were skipped."""
+    from finesift.data.encode import encode_lm, encode_ner
+
+    shapes = {r.shape for r in records}
+    if task == "ner":
+        if shapes != {"ner"}:
+            bad = next(r for r in records if r.shape != "ner")
+            raise InputError(
+                bad.source,
+                f"--task ner needs records with 'tokens' and 'tags', found a {bad.shape} record",
+                line=bad.line,
+                record=None if bad.line is not None else bad.row,
+            )
+        examples, report = encode_ner(records, tokenizer, label2id or {}, max_length)
+    else:
+        if "ner" in shapes:
+            bad = next(r for r in records if r.shape == "ner")
+            raise InputError(
+                bad.source,
+                "an NER record (tokens + tags) in a --task lm run; use --task ner",
+                line=bad.line,
+                record=None if bad.line is not None else bad.row,
+            )
+        examples, report = encode_lm(records, tokenizer, max_length, template=template)
+    kept = [records[e.index] for e in examples]
+    for j, e in enumerate(examples):
+        e.index = j
+    return EncodedData(kept, examples, report.to_dict())
+
+
+def select(
+    pool: str | Path | Sequence[str | Path],
+    target: str | Path | Sequence[str | Path],
+    *,
+    budget: str | int,
+    method: str = "tov",
+    method_options: dict[str, Any] | None = None,
+    task: str = "lm",
+    model: str | None = None,
+    strategy: str = "top",
+    seed: int = 0,
+    out: str | Path | None = None,
+    fmt: str | None = None,
+    max_length: int | None = 512,
+    template: str = "auto",
+    precision: str = "auto",
+    batch_size: int = 8,
+    device: str = "cpu",
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> Selection:
+    """Score every pool example with ``method`` and pick ``budget`` of them.
+
+    Args:
+        pool: pool file(s): JSONL, JSON, CSV, Parquet, a datasets folder or CoNLL.
+        target: file(s) with examples of the task you care about.
+        budget: how many to select: a count (``500``) or a share of the pool (``"10%"``).
+        method: a registered method name (``finesift methods`` lists them).
+        method_options: the method's options, e.g. ``{"mode": "basic"}`` for ``tov``.
+        task: ``lm`` (causal LM, chat/prompt-completion/text records) or ``ner``.
+        model: a built-in model name or a local transformers folder (default per task:
+            ``smollm2-135m`` / ``minilm-l6``).
+        strategy: ``top``, ``length-binned`` or ``score+random``.
+        seed: seeds everything random; the same inputs and seed give the same selection.
+        out: folder for ``scores.parquet``, ``selected.jsonl``, ``manifest.json``.
+        fmt: force the input format instead of guessing from the extension.
+        max_length: truncate encoded examples to this many tokens (``None``: no limit).
+        template: ``auto`` (the tokenizer's chat template if it has one), ``chat``, ``plain``.
+        precision: ``auto`` (bf16 where the CPU is fast at it), ``bf16`` or ``fp32``.
+        batch_size: rows per scoring batch.
+        device: torch device.
+        progress: show progress bars on stderr.
+        log: receives human-readable progress and warning messages.
+    """
+    from finesift.data.encode import build_label_map
+    from finesift.data.readers import load_records
+    from finesift.engine.tasks import task_for
+    from finesift.models.loader import load_model, load_tokenizer, pretrained_labels
+
+    log = log or (lambda msg: None)
+    t_start = time.perf_counter()
+    watch = Stopwatch()
+    pool_paths, target_paths = _as_list(pool), _as_list(target)
+    if strategy not in STRATEGIES:
+        raise OptionError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+    if task not in ("lm", "ner"):
+        raise OptionError(f"--task must be 'lm' or 'ner', got {task!r}")
+    meth = get_method(method, method_options)  # fails fast on a bad name or option
+    out_dir = Path(out) if out is not None else None
+
+    with watch.stage("read"):
+        pool_records = load_records(pool_paths, fmt, role="pool")
+        target_records = load_records(target_paths, fmt, role="target")
+    parse_budget(budget, len(pool_records))  # early check against the raw pool size
+
+    with watch.stage("load_model"):
+        label2id = None
+        labels = None
+        if task == "ner":
+            label2id = pretrained_labels(model, task)
+            if label2id is None:
+                label2id = build_label_map([target_records, pool_records])
+            labels = [lab for lab, _ in sorted(label2id.items(), key=lambda kv: kv[1])]
+        if meth.needs_model:
+            bundle = load_model(model, task, labels=labels, seed=seed)
+            tokenizer, model_obj, model_info = bundle.tokenizer, bundle.model, bundle.info
+        else:
+            tokenizer, model_obj = load_tokenizer(model, task), None
+            model_info = {"name": model, "loaded": False}
+
+    with watch.stage("encode"):
+        enc_pool = encode(pool_records, tokenizer, task, max_length=max_length,
+                          label2id=label2id, template=template)
+        enc_target = encode(target_records, tokenizer, task, max_length=max_length,
+                            label2id=label2id, template=template)
+    for role, enc, paths in (("pool", enc_pool, pool_paths), ("target", enc_target, target_paths)):
+        skipped = sum(enc.report.get("skipped", {}).values())
+        if skipped:
+            log(f"warning: skipped {skipped} {role} record(s): {enc.report.get('skipped')}")
+        if not enc.examples:
+            raise InputError(
+                ", ".join(paths),
+                f"no usable {role} records: all {enc.report.get('n_records')} were skipped "
+                f"({enc.report.get('skipped')})",
+            )
+    k = parse_budget(budget, len(enc_pool.examples))
+
+    ctx = MethodContext(
+        pool=enc_pool.examples,
+        target=enc_target.examples,
+        pool_records=enc_pool.records,
+        target_records=enc_target.records,
+        task=task_for(task, tokenizer),
+        model=model_obj,
+        model_task=task,
+        seed=seed,
+        precision=precision,
+        device=device,
+        batch_size=batch_size,
+        progress=progress,
+        workdir=(out_dir / ".work") if out_dir is not None else None,
+        log=log,
+    )
+    with watch.stage("score"):
+        result = meth.score(ctx)
+    scores = np.asarray(result.scores, dtype=np.float64)
+    if scores.shape != (len(enc_pool.examples),) or not np.all(np.isfinite(scores)):
+        raise RuntimeError(f"method {method} returned invalid scores (shape {scores.shape})")
+
+    n_label = np.array([e.n_label_tokens for e in enc_pool.examples])
+    with watch.stage("select"):
+        chosen = select_indices(
+            scores, k, strategy=strategy, lengths=n_label, base_set=result.base_set, seed=seed
+        )
+    selected = [enc_pool.records[i] for i in chosen]
+    rank = np.full(len(scores), -1, dtype=np.int64)
+    rank[chosen] = np.arange(len(chosen))
+    columns: dict[str, Any] = {
+        "id": [r.id for r in enc_pool.records],
+        "source": [r.source for r in enc_pool.records],
+        "row": np.array([r.row for r in enc_pool.records], dtype=np.int64),
+        "score": scores,
+        "n_label_tokens": n_label,
+        "n_tokens": np.array([len(e) for e in enc_pool.examples], dtype=np.int64),
+        "truncated": np.array([e.truncated for e in enc_pool.examples], dtype=bool),
+        "selected": rank >= 0,
+        "selection_rank": rank,
+    }
+    if result.base_set is not None:
+        in_base = np.zeros(len(scores), dtype=bool)
+        in_base[result.base_set] = True
+        columns["in_base_set"] = in_base
+    for name, col in result.columns.items():
+        columns[name] = np.asarray(col)
+
+    by_source = Counter(r.source for r in selected)
+    manifest: dict[str, Any] = {
+        "finesift_version": package_versions().get("finesift"),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "method": method,
+        "method_options": _jsonable(meth.options),
+        "task": task,
+        "model": model_info,
+        "strategy": strategy,
+        "budget": {"requested": str(budget), "count": int(k)},
+        "seed": seed,
+        "max_length": max_length,
+        "template": template,
+        "precision": precision,
+        "batch_size": batch_size,
+        "device": device,
+        "data": {
+            "pool": [file_fingerprint(p) for p in pool_paths],
+            "target": [file_fingerprint(p) for p in target_paths],
+            "pool_records": len(pool_records),
+            "target_records": len(target_records),
+            "pool_encoding": enc_pool.report,
+            "target_encoding": enc_target.report,
+            "labels": labels,
+        },
+        "selected": {"count": len(selected), "by_source": dict(by_source)},
+        "method_info": result.info,
+        "stages": watch.to_dict(),
+        "wall_seconds": round(time.perf_counter() - t_start, 3),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "versions": package_versions(),
+    }
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_parquet(out_dir / "scores.parquet", columns)
+        write_jsonl(out_dir / "selected.jsonl", (r.raw for r in selected))
+        write_json(out_dir / "manifest.json", manifest)
+    return Selection(
+        selected=selected,
+        scores=scores,
+        pool=enc_pool.records,
+        columns=columns,
+        manifest=manifest,
+        out=out_dir,
+    )
+
+
+def _jsonable(options: Any) -> Any:
+    import dataclasses
+
+    if dataclasses.is_dataclass(options):
+        return dataclasses.asdict(options)
+    return dict(options) if isinstance(options, dict) else options
