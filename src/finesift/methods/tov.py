@@ -76,6 +76,9 @@ class ToVOptions:
         batch_size: training batch size.
         optimizer: ``adamw`` or ``sgd``.
         weight_decay: weight decay (with ``sgd`` an L2 penalty, as in an M-estimator).
+            In ``interleaved``/``parallel`` it regularises the epochs on U only; the
+            target epochs run without it, so the val trajectory minimises
+            L_U + penalty + eps * L_target (not L_U + (1 + eps) * penalty + ...).
         grad_clip: clip each step's gradient norm to this (0 = off).
         adapter: ``lora`` (default) or ``full`` (train every parameter).
         lora_rank, lora_alpha, lora_dropout: the LoRA adapter.
@@ -307,13 +310,14 @@ class ToV(Method):
         path = self._state_path(ctx)
         params = [p for p in model.parameters() if p.requires_grad]
 
-        def new_opt(lr: float):
+        def new_opt(lr: float, weight_decay: float):
             return make_optimizer(
-                params, TrainOptions(optimizer=o.optimizer, weight_decay=o.weight_decay), lr
+                params, TrainOptions(optimizer=o.optimizer, weight_decay=weight_decay), lr
             )
 
         for t in trajs.values():
-            t.opt_base, t.opt_val = new_opt(o.lr), new_opt(o.lr * o.eps)
+            # the penalty belongs to the training objective, not to eps * L_target
+            t.opt_base, t.opt_val = new_opt(o.lr, o.weight_decay), new_opt(o.lr * o.eps, 0.0)
         if path is not None and path.exists():
             blob = torch.load(path, weights_only=True)
             prog.done = int(blob["done"])
@@ -337,6 +341,9 @@ class ToV(Method):
             tr = trajs["base"]
             load_trainable_state(model, tr.state)
             t0 = time.perf_counter()
+            # Dropout masks depend on (seed, round) only: a resumed run continues as an
+            # uninterrupted one would, and both parallel trajectories get the same masks.
+            torch.manual_seed(seed_k)
             rb = self._train(ctx, model, U, lr=eta, epochs=o.base_epochs, optimizer=tr.opt_base,
                              seed=seed_k, desc=f"tov round {k + 1}: train on U")
             secs["train_base"] = time.perf_counter() - t0
@@ -348,6 +355,7 @@ class ToV(Method):
                 tv = trajs["val"]
                 load_trainable_state(model, tv.state)
                 t0 = time.perf_counter()
+                torch.manual_seed(seed_k)
                 self._train(ctx, model, U, lr=eta, epochs=o.base_epochs, optimizer=tv.opt_base,
                             seed=seed_k, desc=f"tov round {k + 1}: train val trajectory on U")
                 secs["train_base_val_trajectory"] = time.perf_counter() - t0
@@ -355,6 +363,7 @@ class ToV(Method):
             else:
                 opt_val = tr.opt_val
             t0 = time.perf_counter()
+            torch.manual_seed(seed_k + 7919)
             rv = self._train(ctx, model, ctx.target, lr=eta * o.eps, epochs=o.val_epochs,
                              optimizer=opt_val, seed=seed_k + 7919,
                              desc=f"tov round {k + 1}: fine-tune on target")

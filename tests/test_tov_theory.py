@@ -1,0 +1,229 @@
+"""ToV's theory result, checked against finesift's own ToV code.
+
+For an M-estimator theta* = argmin (1/n) sum_i l(x_i; theta) + (lambda/2) |theta|^2, the
+``parallel`` mode with full-batch gradient descent runs two trajectories from theta*: the
+base one (epochs on U only) stays at theta*, the val one (epochs on U plus eps-scaled
+epochs on the target) converges to argmin L_U + penalty + eps * L_val. The log-prob
+change of a pool point x therefore tends to
+
+    l(x; theta*) - l(x; theta_eps) ~ eps * grad l(x)^T H^{-1} grad L_val(theta*),
+
+eps times the influence function, with H the Hessian of the regularised training
+objective. The ``basic`` mode (a few small steps on the target from theta*) instead
+tends to lr * grad l(x)^T grad L_val(theta*): a gradient dot product, no Hessian.
+
+The penalty belongs to the training objective only: if the eps-scaled target epochs
+applied the weight decay too, the val trajectory would minimise
+L_U + (1 + eps) * penalty + eps * L_val and the scores would carry a target-independent
+term eps * lambda * grad l^T H^{-1} theta* (on this problem Spearman vs the influence
+function then drops to 0.75).
+
+The model is an L2-regularised logistic regression (``torch.nn.Linear(d, 1)`` without
+bias) behind a custom :class:`Task`, trained with ``adapter="full"`` and plain SGD.
+The problem is ill-conditioned, so H is far from a multiple of the identity and the two
+limits rank pool points differently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from finesift.engine.tasks import Task
+from finesift.methods import MethodContext, get_method
+
+D = 6  # features
+N = 300  # pool points (= the base set U, full batch)
+N_VAL = 30  # target points, from a shifted distribution
+LAM = 0.01  # L2 penalty lambda (SGD weight_decay)
+EPS = 0.02  # small: the limit is exact as eps -> 0, with O(eps) relative corrections
+LR = 5.0  # lr * h_max ~ 0.75 (GD is stable below 2): small steps relative to the curvature
+ROUNDS = 600  # rounds * lr * h_min ~ 30: the val trajectory has converged for most rounds
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: torch's thread pool only adds overhead (a lot on a busy machine).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@dataclass(frozen=True)
+class Point:
+    """A logistic-regression example: features x and label y in {-1, +1}."""
+
+    x: np.ndarray
+    y: float
+
+
+class LogRegTask(Task):
+    """log p(y | x) = log sigmoid(y * <theta, x>) for a bias-free ``Linear(d, 1)``."""
+
+    def length(self, example: Point) -> int:
+        return 1
+
+    def n_labels(self, example: Point) -> int:
+        return 1
+
+    def collate(self, examples):
+        return {
+            "x": torch.tensor(np.stack([e.x for e in examples]), dtype=torch.float32),
+            "y": torch.tensor([e.y for e in examples], dtype=torch.float32),
+        }
+
+    def label_logprobs(self, model, batch):
+        margin = model(batch["x"]).squeeze(-1) * batch["y"]
+        # log sigmoid(m) = -softplus(-m); torch's logsigmoid kernel is oddly slow on
+        # small multi-threaded CPU tensors, softplus is the same function.
+        return -torch.nn.functional.softplus(-margin), torch.arange(len(margin))
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * z))
+
+
+def _grads(X: np.ndarray, Y: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """Per-example gradients of l = -log sigmoid(y <theta, x>), shape (n, d)."""
+    return (-Y * _sigmoid(-Y * (X @ theta)))[:, None] * X
+
+
+def _hessian(X: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """Hessian of (1/n) sum l_i + (lambda/2) |theta|^2."""
+    p = _sigmoid(X @ theta)
+    return (X * (p * (1 - p))[:, None]).T @ X / len(X) + LAM * np.eye(X.shape[1])
+
+
+@dataclass
+class Problem:
+    pool: list[Point]
+    target: list[Point]
+    theta: np.ndarray  # theta*, float64
+    grad_norm: float  # |grad of the regularised objective| at theta*
+    H: np.ndarray
+    influence: np.ndarray  # grad L_val^T H^{-1} grad l(x), per pool point
+    dot: np.ndarray  # grad L_val^T grad l(x), per pool point
+
+
+@pytest.fixture(scope="module")
+def problem() -> Problem:
+    rng = np.random.default_rng(0)
+    # ill-conditioned features: x = A z, A with singular values spread over a factor 20
+    Q, _ = np.linalg.qr(rng.normal(size=(D, D)))
+    scales = np.geomspace(1.0, 1.0 / 20.0, D) * 2.0
+    A = Q * scales
+    w_true = rng.normal(size=D) * 2.0 / scales.mean()
+
+    def sample(k: int, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        X = (rng.normal(size=(k, D)) + shift) @ A.T
+        Y = np.where(rng.random(k) < _sigmoid(X @ w_true), 1.0, -1.0)
+        return X, Y
+
+    X, Y = sample(N, np.zeros(D))
+    Xv, Yv = sample(N_VAL, 0.7 * rng.normal(size=D))
+
+    theta = np.zeros(D)
+    for _ in range(100):  # Newton's method, float64
+        g = _grads(X, Y, theta).mean(0) + LAM * theta
+        if np.linalg.norm(g) < 1e-10:
+            break
+        theta = theta - np.linalg.solve(_hessian(X, theta), g)
+    g = _grads(X, Y, theta).mean(0) + LAM * theta
+    H = _hessian(X, theta)
+    g_val = _grads(Xv, Yv, theta).mean(0)
+    G = _grads(X, Y, theta)
+    # Up-weighting x by w in the training objective moves theta* by
+    # d theta / dw = -H^{-1} grad l(x), so the validation loss changes by
+    # dL_val/dw = -grad L_val^T H^{-1} grad l(x). The issue writes the influence as that
+    # derivative; we use its negative, the *reduction* of validation loss, so that
+    # higher = more useful, as for ToV scores (log-prob gains).
+    influence = G @ np.linalg.solve(H, g_val)
+    return Problem(
+        pool=[Point(X[i], float(Y[i])) for i in range(N)],
+        target=[Point(Xv[i], float(Yv[i])) for i in range(N_VAL)],
+        theta=theta,
+        grad_norm=float(np.linalg.norm(g)),
+        H=H,
+        influence=influence,
+        dot=G @ g_val,
+    )
+
+
+def _run_tov(problem: Problem, **options):
+    model = torch.nn.Linear(D, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor(problem.theta[None, :], dtype=torch.float32))
+    opts = {
+        "adapter": "full",
+        "optimizer": "sgd",
+        "batch_size": N,  # full-batch gradient descent
+        "base_size": N,  # U = the whole pool
+        "grad_clip": 0.0,
+    }
+    opts.update(options)
+    ctx = MethodContext(
+        pool=problem.pool,
+        target=problem.target,
+        pool_records=[],
+        target_records=[],
+        task=LogRegTask(),
+        model=model,
+        precision="fp32",
+        batch_size=N,
+    )
+    return get_method("tov", opts).score(ctx)
+
+
+@pytest.fixture(scope="module")
+def parallel(problem: Problem):
+    return _run_tov(problem, mode="parallel", weight_decay=LAM, lr=LR, eps=EPS, rounds=ROUNDS)
+
+
+@pytest.fixture(scope="module")
+def basic(problem: Problem):
+    # No weight decay here: from theta* a step on the target alone with an L2 penalty
+    # would add lambda * theta* to the target gradient, and the limit would no longer
+    # be grad l^T grad L_val.
+    return _run_tov(problem, mode="basic", weight_decay=0.0, lr=1e-2, val_epochs=1)
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    return float(spearmanr(a, b).statistic)
+
+
+def test_problem_is_exact_and_ill_conditioned(problem: Problem):
+    assert problem.grad_norm < 1e-10
+    ev = np.linalg.eigvalsh(problem.H)
+    assert ev[-1] / ev[0] > 10  # H is far from a multiple of the identity ...
+    # ... so the influence function and the plain gradient dot product disagree
+    assert _spearman(problem.influence, problem.dot) < 0.85
+    assert LR * ev[-1] < 1.0  # gradient descent well inside its stable range
+    assert ROUNDS * LR * ev[0] > 25  # and run long enough to converge
+
+
+def test_parallel_mode_converges_to_influence_function(problem: Problem, parallel):
+    # The score averages all rounds, early (unconverged) ones included.
+    assert _spearman(parallel.scores, problem.influence) >= 0.95
+    # The last round, long after convergence, has the right scale as well:
+    # Delta(x) = eps * influence(x) + O(eps^2). (Measured: slope/eps = 1 - 1.7 eps,
+    # i.e. 0.97 at eps = 0.02, and 0.92, 0.85 at eps = 0.05, 0.1.)
+    last = parallel.columns[f"score_round_{ROUNDS}"]
+    slope = float(last @ problem.influence / (problem.influence @ problem.influence))
+    assert slope == pytest.approx(EPS, rel=0.1)
+    assert np.corrcoef(last, problem.influence)[0, 1] > 0.999
+    assert _spearman(last, problem.influence) >= 0.99
+
+
+def test_basic_mode_is_gradient_dot_product(problem: Problem, basic):
+    assert _spearman(basic.scores, problem.dot) >= 0.99
+
+
+def test_parallel_beats_basic_at_influence(problem: Problem, parallel, basic):
+    rho_parallel = _spearman(parallel.scores, problem.influence)
+    rho_basic = _spearman(basic.scores, problem.influence)
+    assert rho_parallel > rho_basic + 0.1
