@@ -154,7 +154,7 @@ def select(
         log: receives human-readable progress and warning messages.
     """
     from finesift.data.encode import build_label_map
-    from finesift.data.readers import load_records
+    from finesift.data.readers import ReadReport, load_records
     from finesift.engine.tasks import task_for
     from finesift.models.loader import load_model, load_tokenizer, pretrained_labels
 
@@ -170,8 +170,13 @@ def select(
     out_dir = Path(out) if out is not None else None
 
     with watch.stage("read"):
-        pool_records = load_records(pool_paths, fmt, role="pool")
-        target_records = load_records(target_paths, fmt, role="target")
+        read_pool, read_target = ReadReport(), ReadReport()
+        pool_records = load_records(pool_paths, fmt, role="pool", report=read_pool)
+        target_records = load_records(target_paths, fmt, role="target", report=read_target)
+    for role, rep in (("pool", read_pool), ("target", read_target)):
+        if rep.skipped:
+            log(f"warning: skipped {sum(rep.skipped.values())} {role} record(s) while reading: "
+                f"{rep.skipped}")
     parse_budget(budget, len(pool_records))  # early check against the raw pool size
 
     with watch.stage("load_model"):
@@ -275,6 +280,8 @@ def select(
             "target": [file_fingerprint(p) for p in target_paths],
             "pool_records": len(pool_records),
             "target_records": len(target_records),
+            "pool_reading": read_pool.to_dict(),
+            "target_reading": read_target.to_dict(),
             "pool_encoding": enc_pool.report,
             "target_encoding": enc_target.report,
             "labels": labels,

@@ -55,6 +55,8 @@ from finesift.methods.base import Method, MethodContext, MethodResult, register
 MODES = ("basic", "interleaved", "parallel")
 TRANSFORMS = ("identity", "abs", "relu")
 SCHEDULES = ("constant", "linear", "cosine")
+# Part of the resume fingerprint: bump when saved round state changes meaning.
+_STATE_VERSION = 2
 
 
 @dataclass
@@ -212,6 +214,7 @@ class ToV(Method):
 
     def _fingerprint(self, ctx: MethodContext) -> str:
         h = hashlib.sha256()
+        h.update(f"state-v{_STATE_VERSION}|".encode())
         h.update(json.dumps(asdict(self.options), sort_keys=True).encode())
         h.update(f"{ctx.seed}|{ctx.precision}|{len(ctx.pool)}|{len(ctx.target)}".encode())
         for ex in list(ctx.pool) + list(ctx.target):

@@ -1,0 +1,252 @@
+"""The ``finesift`` command. Thin: parses, calls the library, prints."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from finesift.errors import FinesiftError
+
+
+def _parse_options(pairs: list[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in pairs or []:
+        if "=" not in item:
+            raise FinesiftError(f"--option {item!r}: expected KEY=VALUE, e.g. --option mode=basic")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def _eprint(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", choices=["lm", "ner"], default="lm",
+                   help="lm: causal LM on chat/prompt-completion/text records; ner: token tags")
+    p.add_argument("--model", default=None,
+                   help="built-in model (smollm2-135m, minilm-l6) or a local model folder")
+    p.add_argument("--max-length", type=int, default=512, help="truncate examples (tokens)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per scoring batch")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--template", choices=["auto", "chat", "plain"], default="auto",
+                   help="how chat and prompt/completion records are rendered")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _summary(sel, top: int = 5) -> str:
+    lines = [f"selected {len(sel.selected)} of {len(sel.pool)} pool examples"]
+    by_src = Counter(r.source for r in sel.selected)
+    pool_src = Counter(r.source for r in sel.pool)
+    for src, n in sorted(pool_src.items()):
+        lines.append(f"  {src}: {by_src.get(src, 0)} selected of {n} "
+                     f"({100.0 * by_src.get(src, 0) / max(1, len(sel.selected)):.0f}% of the selection)")
+    score_of = dict(zip((r.id for r in sel.pool), sel.scores, strict=True))
+    lines.append(f"top {min(top, len(sel.selected))}:")
+    for r in sel.selected[:top]:
+        lines.append(f"  {score_of[r.id]:+.5f}  {r.id}  {_preview(r)}")
+    return "\n".join(lines)
+
+
+def _preview(record, width: int = 70) -> str:
+    if record.messages:
+        text = next((m["content"] for m in record.messages if m.get("role") == "user"),
+                    record.messages[0]["content"])
+    elif record.prompt is not None:
+        text = record.prompt
+    elif record.text is not None:
+        text = record.text
+    elif record.tokens is not None:
+        text = " ".join(record.tokens)
+    else:
+        text = ""
+    text = " ".join(str(text).split())
+    return text[:width] + ("..." if len(text) > width else "")
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    from finesift.api import select
+
+    sel = select(
+        args.pool,
+        args.target,
+        budget=args.budget,
+        method=args.method,
+        method_options=_parse_options(args.option),
+        task=args.task,
+        model=args.model,
+        strategy=args.strategy,
+        seed=args.seed,
+        out=args.out,
+        fmt=args.format,
+        max_length=args.max_length,
+        template=args.template,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+        log=_eprint,
+    )
+    print(_summary(sel))
+    print(f"wrote {args.out}/scores.parquet, selected.jsonl, manifest.json "
+          f"({sel.manifest['wall_seconds']:.0f} s)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from finesift.api import select
+    from finesift.bundled import build_demo_data
+
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="finesift-demo-"))
+    files = build_demo_data(out / "data", n_target=args.n_target, n_gsm8k_pool=args.n_gsm8k,
+                            n_sharegpt=args.n_sharegpt, seed=args.seed)
+    print(f"demo data in {out / 'data'}: target = {args.n_target} GSM8K problems; pool = "
+          f"{args.n_sharegpt} ShareGPT first turns + {args.n_gsm8k} other GSM8K problems")
+    print(f"running tov ({args.mode}) with SmolLM2-135M-Instruct, budget {args.budget} ...",
+          flush=True)
+    t0 = time.perf_counter()
+    options = {"mode": args.mode, "rounds": args.rounds}
+    sel = select(
+        [files["pool_sharegpt"], files["pool_gsm8k"]],
+        files["target"],
+        budget=args.budget,
+        method="tov",
+        method_options=options,
+        task="lm",
+        model=None,
+        strategy="top",
+        seed=args.seed,
+        out=out / "run",
+        max_length=args.max_length,
+        progress=not args.no_progress,
+        log=_eprint,
+    )
+    print(_summary(sel))
+    n_gsm = sum(1 for r in sel.selected if r.source.endswith("pool_gsm8k.jsonl"))
+    share = args.n_gsm8k / (args.n_gsm8k + args.n_sharegpt)
+    print(f"GSM8K share: {n_gsm / len(sel.selected):.0%} of the selection vs "
+          f"{share:.0%} of the pool (random selection would give about {share:.0%})")
+    print(f"outputs in {out / 'run'}; took {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from finesift.methods import available
+
+    for name, cls in available().items():
+        print(f"{name:14s} {cls.description}")
+        if dataclasses.is_dataclass(cls.Options):
+            for f in dataclasses.fields(cls.Options):
+                default = f.default if f.default is not dataclasses.MISSING else "?"
+                print(f"    {f.name} = {default!r}")
+    return 0
+
+
+def cmd_data_build(args: argparse.Namespace) -> int:
+    from finesift import bundled
+
+    out = Path(args.out)
+    if args.name == "demo":
+        files = bundled.build_demo_data(out, seed=args.seed)
+        for k, p in files.items():
+            print(f"{k}: {p}")
+        return 0
+    if args.name == "gsm8k":
+        rows = bundled.gsm8k_records()
+    elif args.name == "sharegpt":
+        rows = bundled.sharegpt_first_turns(args.limit or 1000)
+    elif args.name == "wnut":
+        rows = bundled.wnut_sentences()
+    else:  # argparse restricts choices
+        raise FinesiftError(f"unknown data set {args.name}")
+    if args.limit:
+        rows = rows[: args.limit]
+    path = bundled.write_jsonl(out / f"{args.name}.jsonl", rows)
+    print(f"wrote {len(rows)} records to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from finesift import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="finesift", description="Select fine-tuning data that most reduces target loss."
+    )
+    parser.add_argument("--version", action="version", version=f"finesift {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("select", help="score a pool and select a subset")
+    p.add_argument("--method", default="tov", help="selection method (see `finesift methods`)")
+    p.add_argument("--pool", nargs="+", required=True, help="pool file(s)")
+    p.add_argument("--target", nargs="+", required=True, help="target example file(s)")
+    p.add_argument("--budget", required=True, help="count (500) or share of the pool (10%%)")
+    p.add_argument("--strategy", default="top", choices=["top", "length-binned", "score+random"])
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--format", default=None,
+                   choices=["jsonl", "json", "csv", "parquet", "hf", "conll"],
+                   help="input format (default: from the file extension)")
+    p.add_argument("-o", "--option", action="append", metavar="KEY=VALUE",
+                   help="method option, e.g. -o mode=basic -o rounds=2 (repeatable)")
+    _add_common(p)
+    p.set_defaults(func=cmd_select)
+
+    p = sub.add_parser("demo", help="ToV on bundled GSM8K + ShareGPT with SmolLM2")
+    p.add_argument("--out", default=None, help="output folder (default: a temp folder)")
+    p.add_argument("--budget", default="64")
+    p.add_argument("--mode", default="interleaved", choices=["basic", "interleaved", "parallel"])
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--n-target", type=int, default=32)
+    p.add_argument("--n-gsm8k", type=int, default=100)
+    p.add_argument("--n-sharegpt", type=int, default=200)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("methods", help="list the selection methods and their options")
+    p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("data", help="bundled data sets")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    b = dsub.add_parser("build", help="write a bundled data set as JSONL")
+    b.add_argument("name", choices=["demo", "gsm8k", "sharegpt", "wnut"])
+    b.add_argument("--out", required=True)
+    b.add_argument("--limit", type=int, default=None)
+    b.add_argument("--seed", type=int, default=0)
+    b.set_defaults(func=cmd_data_build)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        return int(args.func(args) or 0)
+    except FinesiftError as exc:
+        _eprint(f"finesift: error: {exc}")
+        return 2
+    except KeyboardInterrupt:
+        _eprint("finesift: interrupted; run the same command again to resume")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
