@@ -1,5 +1,10 @@
 """finesift: select the fine-tuning data that most reduces loss on your target task."""
 
+# The ``finesift.select`` subpackage (strategies) is imported before the function of the
+# same name is defined: importing a subpackage for the first time sets it as an attribute
+# of its parent package, which would otherwise replace ``finesift.select()`` with the
+# module during the first call (the second call then fails: "module is not callable").
+from finesift import select as _select_package  # noqa: F401
 from finesift.errors import FinesiftError, InputError, OptionError
 
 __version__ = "0.1.0"

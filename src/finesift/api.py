@@ -70,6 +70,23 @@ def _as_list(paths: str | Path | Sequence[str | Path]) -> list[str]:
     return [str(p) for p in paths]
 
 
+def check_shapes(records: list[Record], task: str) -> None:
+    """Raise an :class:`InputError` at the first record ``task`` cannot use."""
+    if task == "ner":
+        bad = next((r for r in records if r.shape != "ner"), None)
+        message = "--task ner needs records with 'tokens' and 'tags', found a {shape} record"
+    else:
+        bad = next((r for r in records if r.shape == "ner"), None)
+        message = "an NER record (tokens + tags) in a --task lm run; use --task ner"
+    if bad is not None:
+        raise InputError(
+            bad.source,
+            message.format(shape=bad.shape),
+            line=bad.line,
+            record=None if bad.line is not None else bad.row,
+        )
+
+
 def encode(
     records: list[Record],
     tokenizer: Any,
@@ -82,26 +99,10 @@ def encode(
     """Encode records for ``task`` and drop the ones that were skipped."""
     from finesift.data.encode import encode_lm, encode_ner
 
-    shapes = {r.shape for r in records}
+    check_shapes(records, task)
     if task == "ner":
-        if shapes != {"ner"}:
-            bad = next(r for r in records if r.shape != "ner")
-            raise InputError(
-                bad.source,
-                f"--task ner needs records with 'tokens' and 'tags', found a {bad.shape} record",
-                line=bad.line,
-                record=None if bad.line is not None else bad.row,
-            )
         examples, report = encode_ner(records, tokenizer, label2id or {}, max_length)
     else:
-        if "ner" in shapes:
-            bad = next(r for r in records if r.shape == "ner")
-            raise InputError(
-                bad.source,
-                "an NER record (tokens + tags) in a --task lm run; use --task ner",
-                line=bad.line,
-                record=None if bad.line is not None else bad.row,
-            )
         examples, report = encode_lm(records, tokenizer, max_length, template=template)
     kept = [records[e.index] for e in examples]
     for j, e in enumerate(examples):
@@ -166,8 +167,16 @@ def select(
         raise OptionError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
     if task not in ("lm", "ner"):
         raise OptionError(f"--task must be 'lm' or 'ner', got {task!r}")
+    if precision not in ("auto", "bf16", "fp32"):
+        raise OptionError(f"precision must be 'auto', 'bf16' or 'fp32', got {precision!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise OptionError(f"batch size must be a positive integer, got {batch_size!r}")
+    if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+        raise OptionError(f"max_length must be a positive integer or None, got {max_length!r}")
     meth = get_method(method, method_options)  # fails fast on a bad name or option
     out_dir = Path(out) if out is not None else None
+    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+        raise OptionError(f"--out {out_dir}: exists and is not a folder")
 
     with watch.stage("read"):
         read_pool, read_target = ReadReport(), ReadReport()
@@ -178,6 +187,8 @@ def select(
             log(f"warning: skipped {sum(rep.skipped.values())} {role} record(s) while reading: "
                 f"{rep.skipped}")
     parse_budget(budget, len(pool_records))  # early check against the raw pool size
+    check_shapes(pool_records, task)  # before loading a model (an NER head needs tags)
+    check_shapes(target_records, task)
 
     with watch.stage("load_model"):
         label2id = None

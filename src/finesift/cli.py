@@ -117,7 +117,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"running tov ({args.mode}) with SmolLM2-135M-Instruct, budget {args.budget} ...",
           flush=True)
     t0 = time.perf_counter()
-    options = {"mode": args.mode, "rounds": args.rounds}
+    options = {"mode": args.mode, "rounds": args.rounds, "val_epochs": args.val_epochs}
     sel = select(
         [files["pool_sharegpt"], files["pool_gsm8k"]],
         files["target"],
@@ -204,12 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="ToV on bundled GSM8K + ShareGPT with SmolLM2")
     p.add_argument("--out", default=None, help="output folder (default: a temp folder)")
-    p.add_argument("--budget", default="64")
-    p.add_argument("--mode", default="interleaved", choices=["basic", "interleaved", "parallel"])
+    p.add_argument("--budget", default="50")
+    p.add_argument("--mode", default="basic", choices=["basic", "interleaved", "parallel"],
+                   help="ToV mode (basic keeps the demo under 10 minutes on 2 CPU cores)")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--val-epochs", type=float, default=2.0)
     p.add_argument("--n-target", type=int, default=32)
-    p.add_argument("--n-gsm8k", type=int, default=100)
-    p.add_argument("--n-sharegpt", type=int, default=200)
+    p.add_argument("--n-gsm8k", type=int, default=50)
+    p.add_argument("--n-sharegpt", type=int, default=150)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
