@@ -53,6 +53,8 @@ def add_lora(model: torch.nn.Module, task: str, options: LoraOptions, *, seed: i
             kwargs["modules_to_save"] = [head]
     else:
         kwargs["task_type"] = "CAUSAL_LM"
+    import warnings
+
     cfg = LoraConfig(
         r=options.rank,
         lora_alpha=options.alpha,
@@ -61,7 +63,10 @@ def add_lora(model: torch.nn.Module, task: str, options: LoraOptions, *, seed: i
         bias="none",
         **kwargs,
     )
-    return get_peft_model(model, cfg)
+    with warnings.catch_warnings():
+        # peft calls a transformers helper that transformers 5 marks deprecated
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        return get_peft_model(model, cfg)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
