@@ -228,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--limit", type=int, default=None)
     b.add_argument("--seed", type=int, default=0)
     b.set_defaults(func=cmd_data_build)
+
+    from finesift.evaluate.cli import register_eval_commands  # eval, bench (evaluate/cli.py)
+
+    register_eval_commands(sub)
     return parser
 
 
