@@ -219,6 +219,10 @@ def test_unknown_strategy_and_task(lm_data, tiny_lm_dir: Path) -> None:
         run(lm_data, tiny_lm_dir, strategy="best")
     with pytest.raises(OptionError, match="'lm' or 'ner'"):
         run(lm_data, tiny_lm_dir, task="classify")
+    with pytest.raises(OptionError, match="precision must be"):
+        run(lm_data, tiny_lm_dir, precision="fp16")
+    with pytest.raises(OptionError, match="batch size must be a positive integer"):
+        run(lm_data, tiny_lm_dir, batch_size=0)
 
 
 # --------------------------------------------------------------------------- determinism

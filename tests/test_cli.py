@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -176,6 +177,20 @@ def _out_is_a_file(tmp: Path, lm_data, models):
             [f"--out {out}: exists and is not a folder"])
 
 
+def _broken_model(drop: str, *expected: str) -> Case:
+    """A copy of the tiny LM folder without ``drop`` (or with it truncated, for config.json)."""
+    def make(tmp: Path, lm_data, models):
+        folder = tmp / "model"
+        shutil.copytree(models["lm"], folder)
+        if drop == "config.json":
+            (folder / drop).write_text("{", encoding="utf-8")
+        else:
+            (folder / drop).unlink()
+        return (["--pool", str(lm_data.pool[0]), "--budget", "1", "--model", str(folder)],
+                [f"--model {folder}: ", *expected])
+    return make
+
+
 def _option(*args: str, expected: str) -> Case:
     def make(tmp: Path, lm_data, models):
         return ["--pool", str(lm_data.pool[0]), "--budget", "1", *args], [expected]
@@ -214,6 +229,9 @@ BAD_INPUTS: dict[str, Case] = {
     "unknown-option": _option("-o", "speed=9", expected="method 'tov' has no option(s) speed"),
     "unknown-method": _option("--method", "magic",
                               expected="unknown method 'magic'; available methods: random, tov"),
+    "model-without-tokenizer": _broken_model("tokenizer.json", ": cannot load the tokenizer: "),
+    "model-bad-config": _broken_model("config.json", "config.json' is not a valid JSON"),
+    "model-without-weights": _broken_model("model.safetensors", ": no *.safetensors weights"),
     "bad-model": _option("--model", "/nonexistent/model",
                          expected="--model /nonexistent/model: not a built-in model"),
 }
@@ -225,7 +243,7 @@ def test_bad_input_exits_2_with_one_clear_line(
     tmp_path: Path, capsys,
 ) -> None:
     extra, expected = BAD_INPUTS[case](
-        tmp_path, lm_data, {"tagger": tiny_tagger_dir, "ner": tiny_ner_dir})
+        tmp_path, lm_data, {"lm": tiny_lm_dir, "tagger": tiny_tagger_dir, "ner": tiny_ner_dir})
     argv = ["select", "--target", str(lm_data.target), "--out", str(tmp_path / "out"),
             "--model", str(tiny_lm_dir), "--no-progress", *extra]
     rc = main(argv)  # later --target/--model/--budget override the defaults above

@@ -16,6 +16,7 @@ enabled and only safetensors weights are accepted, so loading runs no code from 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import shutil
@@ -168,6 +169,16 @@ def _check_local(path: Path) -> None:
         )
 
 
+@contextlib.contextmanager
+def _loading(path: Path, what: str):
+    """Turn transformers' errors for a broken model folder into an :class:`OptionError`."""
+    try:
+        yield
+    except (OSError, ValueError) as exc:
+        detail = " ".join(str(exc).split())
+        raise OptionError(f"--model {path}: cannot load the {what}: {detail}") from exc
+
+
 def resolve_path(name: str | None, task: str) -> tuple[str, Path, dict[str, Any]]:
     """Resolve a model name to ``(name, folder, provenance)``; validates the pairing."""
     if task not in ("lm", "ner"):
@@ -196,7 +207,8 @@ def load_tokenizer(name: str | None, task: str) -> Any:
     from transformers import AutoTokenizer
 
     _, path, _ = resolve_path(name, task)
-    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    with _loading(path, "tokenizer"):
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     if not getattr(tok, "is_fast", False):
         raise OptionError(f"--model {path}: finesift needs a fast tokenizer (tokenizer.json)")
     if tok.pad_token is None:
@@ -226,35 +238,39 @@ def load_model(
     name, path, info = resolve_path(name, task)
     tok = load_tokenizer(name, task)
     if task == "lm":
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=torch.float32, trust_remote_code=False, use_safetensors=True
-        )
+        with _loading(path, "model"):
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=torch.float32, trust_remote_code=False, use_safetensors=True
+            )
     else:
         from transformers import AutoConfig
 
         from finesift.data.encode import model_label_map
 
-        cfg = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+        with _loading(path, "model config"):
+            cfg = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
         own = model_label_map(cfg)
         if own is not None and getattr(cfg, "architectures", None) and any(
             a.endswith("ForTokenClassification") for a in cfg.architectures
         ):
-            model = AutoModelForTokenClassification.from_pretrained(
-                str(path), trust_remote_code=False, use_safetensors=True
-            )
+            with _loading(path, "model"):
+                model = AutoModelForTokenClassification.from_pretrained(
+                    str(path), trust_remote_code=False, use_safetensors=True
+                )
             info["head"] = "pretrained"
         else:
             if not labels:
                 raise OptionError("a new token-classification head needs the label names")
             torch.manual_seed(seed)
-            model = AutoModelForTokenClassification.from_pretrained(
-                str(path),
-                num_labels=len(labels),
-                id2label=dict(enumerate(labels)),
-                label2id={lab: i for i, lab in enumerate(labels)},
-                trust_remote_code=False,
-                use_safetensors=True,
-            )
+            with _loading(path, "model"):
+                model = AutoModelForTokenClassification.from_pretrained(
+                    str(path),
+                    num_labels=len(labels),
+                    id2label=dict(enumerate(labels)),
+                    label2id={lab: i for i, lab in enumerate(labels)},
+                    trust_remote_code=False,
+                    use_safetensors=True,
+                )
             info["head"] = f"new ({len(labels)} labels, seed {seed})"
     model.eval()
     info["n_parameters"] = int(sum(p.numel() for p in model.parameters()))
@@ -271,7 +287,8 @@ def pretrained_labels(name: str | None, task: str) -> dict[str, int] | None:
     from finesift.data.encode import model_label_map
 
     _, path, _ = resolve_path(name, task)
-    cfg = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    with _loading(path, "model config"):
+        cfg = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     archs = getattr(cfg, "architectures", None) or []
     if any(a.endswith("ForTokenClassification") for a in archs):
         return model_label_map(cfg)
