@@ -1,21 +1,118 @@
-"""The ``finesift eval`` and ``finesift bench`` subcommands (registered by ``finesift.cli``)."""
+"""The ``finesift eval``, ``finesift bench`` and ``finesift bench-data`` subcommands.
+
+``finesift.cli.build_parser`` calls :func:`register_eval_commands`; everything else about
+these commands lives here. Thin: parses, calls :mod:`finesift.evaluate`, prints.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
 from typing import Any
+
+
+def _eprint(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _add_finetune_args(p: argparse.ArgumentParser) -> None:
+    from finesift.evaluate.finetune import FinetuneOptions
+
+    d = FinetuneOptions()
+    p.add_argument("--epochs", type=float, default=d.epochs, help=f"default {d.epochs:g}")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"default {d.lr:g}")
+    p.add_argument("--lora-rank", type=int, default=d.lora_rank,
+                   help=f"LoRA rank (alpha = 2 x rank); default {d.lora_rank}")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--max-length", type=int, default=d.max_length,
+                   help=f"truncate examples (tokens); default {d.max_length}")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=d.precision,
+                   help="training precision (test losses are always fp32)")
+    p.add_argument("--em-samples", type=int, default=d.em_samples,
+                   help="lm: exact match of the '#### answer' on N test records by greedy "
+                        "generation (default 0 = off)")
 
 
 def register_eval_commands(sub: Any) -> None:
     """Add ``eval``, ``bench`` and ``bench-data`` to the ``finesift`` subparsers ``sub``."""
-    p = sub.add_parser("eval", help="fine-tune on a subset and measure test loss (F1 / EM)")
+    from finesift.evaluate.suites import SUITES
+
+    p = sub.add_parser("eval", help="fine-tune a fresh model on a subset, measure the test set")
     p.add_argument("--train", nargs="+", required=True, help="training file(s), e.g. selected.jsonl")
     p.add_argument("--test", nargs="+", required=True, help="test file(s)")
     p.add_argument("--task", choices=["lm", "ner"], default="lm")
-    p.set_defaults(func=lambda args: _not_ready(args))
+    p.add_argument("--model", default=None,
+                   help="built-in model (smollm2-135m, minilm-l6) or a local model folder")
+    _add_finetune_args(p)
+    p.add_argument("--out", default=None, help="write the results as JSON to this file")
+    p.add_argument("--allow-overlap", action="store_true",
+                   help="do not stop when a test record duplicates a training record")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="run a benchmark config: methods x budgets x seeds")
+    p.add_argument("--config", required=True, help="benchmark YAML (see benchmarks/)")
+    p.add_argument("--out", default=None,
+                   help="results folder (default: runs/bench-<config name> in the current folder)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny random model and a handful of records (a CI smoke run)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("bench-data", help="build the data files of a shipped benchmark suite")
+    p.add_argument("name", choices=sorted(SUITES))
+    p.add_argument("--out", default="benchmarks/data",
+                   help="folder the suite configs point at (default benchmarks/data)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_bench_data)
 
 
-def _not_ready(args: argparse.Namespace) -> int:  # replaced below as the harness lands
-    from finesift.errors import FinesiftError
+def cmd_eval(args: argparse.Namespace) -> int:
+    """``finesift eval``: print (and with --out write) the figures as JSON."""
+    from finesift.evaluate.finetune import FinetuneOptions, finetune_and_evaluate, read_records
+    from finesift.evaluate.overlap import check_no_overlap
+    from finesift.store import write_json
 
-    raise FinesiftError(f"'{args.command}' is not available yet")
+    opts = FinetuneOptions(epochs=args.epochs, lr=args.lr, lora_rank=args.lora_rank,
+                           batch_size=args.batch_size, seed=args.seed, max_length=args.max_length,
+                           precision=args.precision, em_samples=args.em_samples)
+    opts.validate()
+    train = read_records(args.train, "train")
+    test = read_records(args.test, "test")
+    if not args.allow_overlap:
+        check_no_overlap(test, {"training set": train})
+    res = finetune_and_evaluate(train, test, task=args.task, model=args.model, options=opts,
+                                progress=not args.no_progress, log=_eprint)
+    out = {"train": args.train, "test": args.test, **res.to_dict()}
+    text = json.dumps(out, indent=2, default=str)
+    print(text)
+    if args.out:
+        write_json(Path(args.out), out)
+        _eprint(f"wrote {args.out}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``finesift bench``: run (or resume) every method x budget x seed, then report."""
+    from finesift.evaluate.bench import run_bench
+
+    result = run_bench(args.config, out=args.out, quick=args.quick,
+                       progress=not args.no_progress, log=_eprint)
+    print(f"{result.n_done} run(s) done ({result.n_skipped} already finished, "
+          f"{result.n_failed} failed) in {result.seconds:.0f} s")
+    for name in ("results.csv", "results.json", "report.md", "report.html"):
+        print(f"wrote {result.out / name}")
+    return 1 if result.n_failed else 0
+
+
+def cmd_bench_data(args: argparse.Namespace) -> int:
+    """``finesift bench-data``: write a suite's val/test/pool files."""
+    from finesift.evaluate.suites import build_suite_data
+
+    files = build_suite_data(args.name, Path(args.out), seed=args.seed, log=_eprint)
+    for role, (path, n) in files.items():
+        print(f"{role}: {path} ({n} records)")
+    return 0

@@ -1,0 +1,444 @@
+"""Fine-tune a fresh model on a subset and measure it on a test set.
+
+The measure is the one the ToV paper reports and the methods optimise: the test log-loss,
+i.e. the mean over test examples of each example's token-averaged negative log-likelihood
+of its label tokens (:func:`finesift.engine.scoring.example_losses`, in fp32). For NER
+the entity-level F1 (seqeval, from the argmax tag at each word's first sub-token) is
+reported too; for causal LMs, optionally, the exact match of the final answer of
+GSM8K-style records (``#### <number>``) under greedy generation.
+
+Every call loads the model again, so no adapter or optimiser state leaks between runs,
+and the same hyperparameters are used whatever chose the subset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from finesift.data.records import Example, Record
+from finesift.errors import InputError, OptionError
+from finesift.evaluate.costs import StageCosts
+
+
+@dataclass
+class FinetuneOptions:
+    """Fixed fine-tuning hyperparameters (the same for every method of a benchmark).
+
+    Attributes:
+        epochs: passes over the training subset (default 1).
+        lr: AdamW learning rate (default 2e-4).
+        lora_rank: LoRA rank r; alpha = 2 r, dropout 0.05, all linear layers (default 16).
+        batch_size: examples per optimiser step (default 8).
+        seed: seeds the adapter init, a new NER head and the shuffling (default 0).
+        max_length: truncate examples to this many tokens (default 256).
+        precision: training precision: ``auto`` (bf16 where the CPU is fast at it),
+            ``bf16`` or ``fp32``. Test losses are always computed in fp32.
+        eval_batch_size: rows per batch when measuring (default 16).
+        em_samples: lm only: how many test records to generate answers for and score by
+            exact match of the final ``#### <number>`` answer (default 0 = off).
+        max_new_tokens: generation length cap for exact match (default 256).
+    """
+
+    epochs: float = 1.0
+    lr: float = 2e-4
+    lora_rank: int = 16
+    batch_size: int = 8
+    seed: int = 0
+    max_length: int | None = 256
+    precision: str = "auto"
+    eval_batch_size: int = 16
+    em_samples: int = 0
+    max_new_tokens: int = 256
+
+    def validate(self) -> None:
+        """Raise :class:`OptionError` for an out-of-range value."""
+        if not self.epochs > 0:
+            raise OptionError(f"epochs must be positive, got {self.epochs!r}")
+        if not self.lr > 0:
+            raise OptionError(f"lr must be positive, got {self.lr!r}")
+        for name in ("lora_rank", "batch_size", "eval_batch_size", "max_new_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise OptionError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_length is not None and (not isinstance(self.max_length, int)
+                                            or self.max_length < 1):
+            raise OptionError(f"max_length must be a positive integer, got {self.max_length!r}")
+        if not isinstance(self.em_samples, int) or self.em_samples < 0:
+            raise OptionError(f"em_samples must be >= 0, got {self.em_samples!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise OptionError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The training hyperparameters as stated in reports."""
+        return {
+            "epochs": self.epochs, "lr": self.lr, "lora_rank": self.lora_rank,
+            "lora_alpha": 2 * self.lora_rank, "lora_dropout": 0.05,
+            "lora_targets": "all-linear", "optimizer": "adamw", "batch_size": self.batch_size,
+            "max_length": self.max_length, "precision": self.precision,
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None, *, where: str = "finetune") -> FinetuneOptions:
+        """Build from a dict (e.g. a config's ``finetune:``), rejecting unknown keys."""
+        values = dict(values or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise OptionError(f"{where}: unknown key(s) {', '.join(unknown)}; "
+                              f"known: {', '.join(sorted(known))}")
+        try:
+            if "lr" in values:
+                values["lr"] = float(values["lr"])
+            if "epochs" in values:
+                values["epochs"] = float(values["epochs"])
+        except (TypeError, ValueError):
+            raise OptionError(f"{where}: lr and epochs must be numbers") from None
+        opts = cls(**values)
+        opts.validate()
+        return opts
+
+
+@dataclass
+class EvalResult:
+    """What :func:`finetune_and_evaluate` measured.
+
+    Attributes:
+        test_loss: mean token-averaged label NLL over the test set after fine-tuning.
+        base_test_loss: the same for the untouched model (``None`` if not measured).
+        test_losses: per test example, after fine-tuning.
+        f1 / base_f1: NER entity-level F1 (seqeval) after / before fine-tuning.
+        em / base_em: exact match of the final answer on ``em_samples`` records.
+        n_train / n_test: examples used (after encoding skips).
+        train_loss: mean training loss over the steps.
+        costs: per stage ``{"seconds", "peak_rss_mb"}``.
+        info: hyperparameters, model provenance, encoding reports.
+    """
+
+    test_loss: float
+    base_test_loss: float | None
+    test_losses: np.ndarray
+    n_train: int
+    n_test: int
+    train_loss: float
+    f1: float | None = None
+    base_f1: float | None = None
+    em: float | None = None
+    base_em: float | None = None
+    em_n: int = 0
+    costs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The scalar figures, costs and info as a JSON-serialisable dict."""
+        return {
+            "test_loss": self.test_loss,
+            "base_test_loss": self.base_test_loss,
+            "improvement_over_base_pct": (
+                None if self.base_test_loss is None
+                else 100.0 * (self.base_test_loss - self.test_loss) / self.base_test_loss
+            ),
+            "test_f1": self.f1,
+            "base_test_f1": self.base_f1,
+            "test_em": self.em,
+            "base_test_em": self.base_em,
+            "em_samples": self.em_n,
+            "n_train": self.n_train,
+            "n_test": self.n_test,
+            "train_loss": self.train_loss,
+            "costs": self.costs,
+            **self.info,
+        }
+
+
+def read_records(paths: str | Path | Sequence[str | Path], role: str) -> list[Record]:
+    """Read record files for the harness (``role`` names them in errors)."""
+    from finesift.data.readers import load_records
+
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    return load_records([str(p) for p in paths], role=role)
+
+
+def label_names(task: str, model: str | None, record_lists: Sequence[Sequence[Record]]) -> list[str] | None:
+    """NER tag names for a new head (``O`` first), or ``None`` for lm / a trained tagger."""
+    if task != "ner":
+        return None
+    from finesift.data.encode import build_label_map
+    from finesift.models.loader import pretrained_labels
+
+    label2id = pretrained_labels(model, task) or build_label_map(record_lists)
+    return [lab for lab, _ in sorted(label2id.items(), key=lambda kv: kv[1])]
+
+
+def _encode(records: Sequence[Record], tokenizer: Any, task: str, max_length: int | None,
+            label2id: dict[str, int] | None, role: str) -> tuple[list[Example], dict[str, Any]]:
+    from finesift.data.encode import encode_lm, encode_ner
+
+    bad = next((r for r in records if (r.shape == "ner") != (task == "ner")), None)
+    if bad is not None:
+        raise bad.error(f"a {bad.shape} {role} record cannot be used with --task {task}")
+    if task == "ner":
+        examples, report = encode_ner(records, tokenizer, label2id or {}, max_length)
+    else:
+        examples, report = encode_lm(records, tokenizer, max_length)
+    if not examples:
+        src = ", ".join(dict.fromkeys(r.source for r in records)) or role
+        raise InputError(src, f"no usable {role} records after encoding: {report.to_dict()}")
+    return examples, report.to_dict()
+
+
+def ner_predictions(model: Any, task_obj: Any, examples: Sequence[Example], id2label: list[str],
+                    *, batch_size: int = 16) -> tuple[list[list[str]], list[list[str]]]:
+    """Gold and argmax tag sequences at each word's first sub-token (fp32, no grad)."""
+    import torch
+
+    from finesift.engine.batching import sorted_batches
+
+    gold: list[list[str]] = [[] for _ in examples]
+    pred: list[list[str]] = [[] for _ in examples]
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for idx in sorted_batches(examples, [len(e) for e in examples], batch_size=batch_size):
+            batch = task_obj.collate([examples[i] for i in idx])
+            logits = model(input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"]).logits
+            best = logits.argmax(-1).numpy()
+            labels = batch["labels"].numpy()
+            for j, i in enumerate(idx):
+                keep = labels[j] != -100
+                gold[i] = [id2label[t] for t in labels[j][keep]]
+                pred[i] = [id2label[t] for t in best[j][keep]]
+    if was_training:
+        model.train()
+    return gold, pred
+
+
+def entity_f1(gold: list[list[str]], pred: list[list[str]]) -> float:
+    """Entity-level micro F1 (seqeval, conlleval rules; BIO tags; plain tags = one-word
+    entities)."""
+    from seqeval.metrics import f1_score
+
+    def bio(seq: list[str]) -> list[str]:
+        return [t if t == "O" or t[:2] in ("B-", "I-", "E-", "S-") else f"B-{t}" for t in seq]
+
+    return float(f1_score([bio(s) for s in gold], [bio(s) for s in pred], zero_division=0))
+
+
+# --------------------------------------------------------------------------- exact match
+
+_NUM = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def _clean_number(text: str) -> str | None:
+    text = text.replace(",", "").replace("$", "").strip().rstrip(".")
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return str(int(value)) if value == int(value) else repr(value)
+
+
+def gold_answer(completion: str | None) -> str | None:
+    """The number after ``####`` in a GSM8K-style answer, normalised, else ``None``."""
+    if not completion or "####" not in completion:
+        return None
+    m = _NUM.search(completion.rsplit("####", 1)[1])
+    return _clean_number(m.group(0)) if m else None
+
+
+def predicted_answer(generated: str) -> str | None:
+    """The model's final answer: the number after its last ``####``, else its last number."""
+    tail = generated.rsplit("####", 1)[1] if "####" in generated else generated
+    nums = _NUM.findall(tail) if "####" in generated else _NUM.findall(generated)
+    if not nums:
+        return None
+    return _clean_number(nums[0] if "####" in generated else nums[-1])
+
+
+def _prompt_ids(record: Record, tokenizer: Any) -> list[int]:
+    if record.messages:  # everything before the last assistant reply
+        last = max((i for i, m in enumerate(record.messages) if m.get("role") == "assistant"),
+                   default=len(record.messages))
+        msgs = record.messages[:last]
+    else:
+        msgs = [{"role": "user", "content": record.prompt or ""}]
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    else:
+        text = "\n".join(m["content"] for m in msgs) + "\n"
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _answer_text(record: Record) -> str | None:
+    if record.completion is not None:
+        return record.completion
+    if record.messages:
+        replies = [m["content"] for m in record.messages if m.get("role") == "assistant"]
+        return replies[-1] if replies else None
+    return None
+
+
+def em_candidates(records: Sequence[Record], n: int, seed: int) -> list[Record]:
+    """Up to ``n`` records with a ``#### <number>`` answer, a seeded random subsample."""
+    usable = [r for r in records if r.shape != "ner" and gold_answer(_answer_text(r))]
+    if n <= 0 or not usable:
+        return []
+    rng = np.random.default_rng([seed, 0xE4])
+    pick = np.sort(rng.choice(len(usable), size=min(n, len(usable)), replace=False))
+    return [usable[i] for i in pick]
+
+
+def exact_match(model: Any, tokenizer: Any, records: Sequence[Record], *,
+                max_new_tokens: int = 256, precision: str = "auto") -> float | None:
+    """Share of ``records`` whose greedy generation ends in the gold final answer."""
+    import torch
+
+    from finesift.engine.precision import autocast
+
+    if not records:
+        return None
+    hits = 0
+    model.eval()
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    for rec in records:
+        ids = torch.tensor([_prompt_ids(rec, tokenizer)])
+        with torch.inference_mode(), autocast(precision):
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=eos, pad_token_id=pad)
+        text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        hits += int(predicted_answer(text) == gold_answer(_answer_text(rec)))
+    return hits / len(records)
+
+
+# --------------------------------------------------------------------------- the harness
+
+
+def finetune_and_evaluate(
+    train_records: Sequence[Record],
+    test_records: Sequence[Record],
+    *,
+    task: str = "lm",
+    model: str | None = None,
+    options: FinetuneOptions | None = None,
+    labels: list[str] | None = None,
+    measure_base: bool = True,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> EvalResult:
+    """LoRA fine-tune a freshly loaded model on ``train_records``; measure ``test_records``.
+
+    Args:
+        train_records: the subset to train on (e.g. a selection).
+        test_records: the held-out test set (never seen by a method).
+        task: ``lm`` or ``ner``.
+        model: built-in model name or local folder (default per task).
+        options: fixed hyperparameters (:class:`FinetuneOptions`).
+        labels: NER tag names for a new head; pass the same list to every run of a
+            benchmark so heads are comparable (default: from train + test).
+        measure_base: also measure the untouched model (loss, F1, EM).
+        progress: show progress bars on stderr.
+        log: receives progress messages.
+
+    Returns:
+        An :class:`EvalResult` with the figures and the cost of each stage.
+    """
+    from finesift.engine.scoring import example_losses
+    from finesift.engine.tasks import task_for
+    from finesift.engine.train import LoraOptions, TrainOptions, add_lora, train
+    from finesift.models.loader import load_model
+
+    opts = options or FinetuneOptions()
+    opts.validate()
+    log = log or (lambda msg: None)
+    if task not in ("lm", "ner"):
+        raise OptionError(f"--task must be 'lm' or 'ner', got {task!r}")
+    if not train_records:
+        raise OptionError("no training records to fine-tune on")
+    if not test_records:
+        raise OptionError("no test records to evaluate on")
+    costs = StageCosts()
+    t_start = time.perf_counter()
+    if task == "ner" and labels is None:
+        labels = label_names(task, model, [train_records, test_records])
+
+    with costs.stage("load_model"):
+        bundle = load_model(model, task, labels=labels, seed=opts.seed)
+    net, tok = bundle.model, bundle.tokenizer
+    label2id = None
+    id2label: list[str] = []
+    if task == "ner":
+        id2label = [net.config.id2label[i] for i in range(net.config.num_labels)]
+        label2id = {lab: i for i, lab in enumerate(id2label)}
+    with costs.stage("encode"):
+        train_ex, train_rep = _encode(train_records, tok, task, opts.max_length, label2id, "train")
+        test_ex, test_rep = _encode(test_records, tok, task, opts.max_length, label2id, "test")
+    task_obj = task_for(task, tok)
+    measure = {"batch_size": opts.eval_batch_size, "precision": "fp32", "progress": progress}
+    em_records = em_candidates(test_records, opts.em_samples, opts.seed) if task == "lm" else []
+
+    base_loss = base_f1 = base_em = None
+    if measure_base:
+        log("measuring the untouched model on the test set ...")
+        with costs.stage("eval_base"):
+            base_loss = float(np.mean(example_losses(net, task_obj, test_ex, desc="base test",
+                                                     **measure)))
+            if task == "ner":
+                base_f1 = entity_f1(*ner_predictions(net, task_obj, test_ex, id2label,
+                                                     batch_size=opts.eval_batch_size))
+            if em_records:
+                base_em = exact_match(net, tok, em_records, max_new_tokens=opts.max_new_tokens,
+                                      precision=opts.precision)
+
+    log(f"fine-tuning on {len(train_ex)} examples ({opts.epochs:g} epoch(s), lr {opts.lr:g}, "
+        f"rank {opts.lora_rank}) ...")
+    with costs.stage("finetune"):
+        net = add_lora(net, task, LoraOptions(rank=opts.lora_rank, alpha=2 * opts.lora_rank),
+                       seed=opts.seed)
+        stats = train(net, task_obj, train_ex,
+                      TrainOptions(lr=opts.lr, epochs=opts.epochs, batch_size=opts.batch_size),
+                      seed=opts.seed, precision=opts.precision, progress=progress,
+                      desc="fine-tuning")
+    with costs.stage("eval"):
+        losses = example_losses(net, task_obj, test_ex, desc="test", **measure)
+        f1 = em = None
+        if task == "ner":
+            f1 = entity_f1(*ner_predictions(net, task_obj, test_ex, id2label,
+                                            batch_size=opts.eval_batch_size))
+        if em_records:
+            em = exact_match(net, tok, em_records, max_new_tokens=opts.max_new_tokens,
+                             precision=opts.precision)
+    return EvalResult(
+        test_loss=float(np.mean(losses)),
+        base_test_loss=base_loss,
+        test_losses=losses,
+        n_train=len(train_ex),
+        n_test=len(test_ex),
+        train_loss=float(stats["mean_loss"]),
+        f1=f1,
+        base_f1=base_f1,
+        em=em,
+        base_em=base_em,
+        em_n=len(em_records),
+        costs=costs.to_dict(),
+        info={
+            "wall_seconds": round(time.perf_counter() - t_start, 3),
+            "peak_rss_mb": round(max(c["peak_rss_mb"] for c in costs.stages.values()), 1),
+            "task": task,
+            "model": bundle.info,
+            "finetune": {**opts.hyperparameters(), "seed": opts.seed, "steps": stats["steps"]},
+            "train_encoding": train_rep,
+            "test_encoding": test_rep,
+            "labels": id2label or None,
+        },
+    )
