@@ -325,7 +325,7 @@ def exact_match(model: Any, tokenizer: Any, records: Sequence[Record], *,
 
 
 def finetune_and_evaluate(
-    train_records: Sequence[Record],
+    train_records: Sequence[Record] | None,
     test_records: Sequence[Record],
     *,
     task: str = "lm",
@@ -339,7 +339,8 @@ def finetune_and_evaluate(
     """LoRA fine-tune a freshly loaded model on ``train_records``; measure ``test_records``.
 
     Args:
-        train_records: the subset to train on (e.g. a selection).
+        train_records: the subset to train on (e.g. a selection); ``None``: measure the
+            untouched model only (``test_loss`` is then the untouched model's).
         test_records: the held-out test set (never seen by a method).
         task: ``lm`` or ``ner``.
         model: built-in model name or local folder (default per task).
@@ -363,8 +364,10 @@ def finetune_and_evaluate(
     log = log or (lambda msg: None)
     if task not in ("lm", "ner"):
         raise OptionError(f"--task must be 'lm' or 'ner', got {task!r}")
-    if not train_records:
+    if train_records is not None and not train_records:
         raise OptionError("no training records to fine-tune on")
+    if train_records is None:
+        measure_base = True
     if not test_records:
         raise OptionError("no test records to evaluate on")
     costs = StageCosts()
@@ -377,17 +380,18 @@ def finetune_and_evaluate(
     net, tok = bundle.model, bundle.tokenizer
     label2id = None
     id2label: list[str] = []
+    base_loss = base_f1 = base_em = None
     if task == "ner":
         id2label = [net.config.id2label[i] for i in range(net.config.num_labels)]
         label2id = {lab: i for i, lab in enumerate(id2label)}
     with costs.stage("encode"):
-        train_ex, train_rep = _encode(train_records, tok, task, opts.max_length, label2id, "train")
+        train_ex, train_rep = ([], {}) if train_records is None else _encode(
+            train_records, tok, task, opts.max_length, label2id, "train")
         test_ex, test_rep = _encode(test_records, tok, task, opts.max_length, label2id, "test")
     task_obj = task_for(task, tok)
     measure = {"batch_size": opts.eval_batch_size, "precision": "fp32", "progress": progress}
     em_records = em_candidates(test_records, opts.em_samples, opts.seed) if task == "lm" else []
 
-    base_loss = base_f1 = base_em = None
     if measure_base:
         log("measuring the untouched model on the test set ...")
         with costs.stage("eval_base"):
@@ -400,6 +404,14 @@ def finetune_and_evaluate(
                 base_em = exact_match(net, tok, em_records, max_new_tokens=opts.max_new_tokens,
                                       precision=opts.precision)
 
+    if train_records is None:
+        return EvalResult(
+            test_loss=float(base_loss), base_test_loss=base_loss, test_losses=np.array([]),
+            n_train=0, n_test=len(test_ex), train_loss=float("nan"), f1=base_f1,
+            base_f1=base_f1, em=base_em, base_em=base_em, em_n=len(em_records),
+            costs=costs.to_dict(), info={"task": task, "model": bundle.info,
+                                         "test_encoding": test_rep},
+        )
     log(f"fine-tuning on {len(train_ex)} examples ({opts.epochs:g} epoch(s), lr {opts.lr:g}, "
         f"rank {opts.lora_rank}) ...")
     with costs.stage("finetune"):

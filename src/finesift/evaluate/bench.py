@@ -1,0 +1,647 @@
+"""``finesift bench``: every method x budget x seed of one configuration, measured.
+
+For each method and seed the pool is scored once with :func:`finesift.api.select` (at
+the largest budget); since a method's scores do not depend on the budget, each budget's
+subset is then taken from those scores with the same strategy
+(:func:`finesift.select.strategies.select_indices`), which gives exactly the subset
+``select`` would return for that budget without scoring the pool again. Each subset is
+fine-tuned on with the config's fixed hyperparameters and measured on the test set
+(:func:`finesift.evaluate.finetune.finetune_and_evaluate`).
+
+Outputs in the results folder:
+
+* ``results.jsonl``: one line per finished run, appended as runs finish; a rerun skips
+  the runs recorded there with ``status: ok`` (and reuses finished selections from
+  ``selections/``), so an interrupted benchmark resumes.
+* ``results.csv`` / ``results.json``: the same rows plus ``improvement_over_random_pct``.
+* ``report.md`` / ``report.html``: see :mod:`finesift.evaluate.report`.
+
+Configuration (YAML; paths relative to the file)::
+
+    name: instruct-gsm8k
+    task: lm                 # lm | ner
+    model: smollm2-135m      # built-in name or a local path
+    max_length: 256
+    pool:
+      - {name: sharegpt, path: data/sharegpt.jsonl, limit: 1500}
+      - {name: gsm8k, path: data/gsm8k_pool.jsonl}
+    target: {val: data/gsm8k_val.jsonl, test: data/gsm8k_test.jsonl}
+    methods: [random, tov]   # or {tov: {mode: interleaved}}
+    budgets: [128, 256]      # counts or percentages of the pool
+    seeds: [0, 1, 2]
+    finetune: {epochs: 1, lr: 2.0e-4, lora_rank: 16, batch_size: 8}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from finesift.data.records import Record
+from finesift.errors import FinesiftError, OptionError
+from finesift.evaluate.costs import StageCosts
+from finesift.evaluate.finetune import FinetuneOptions, finetune_and_evaluate, label_names
+
+CONFIG_KEYS = ("name", "task", "model", "max_length", "pool", "target", "methods", "budgets",
+               "seeds", "finetune")
+OPTIONAL_KEYS = ("strategy",)
+
+# --quick: a tiny random model and this many records
+QUICK_POOL_PER_SOURCE = 24
+QUICK_VAL = 8
+QUICK_TEST = 16
+QUICK_SEEDS = 2
+QUICK_MAX_LENGTH = 64
+QUICK_VOCAB = 400
+
+
+class ConfigError(FinesiftError):
+    """A malformed benchmark configuration (names the file and the key)."""
+
+    def __init__(self, path: str | Path, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+
+
+@dataclass
+class PoolSource:
+    """One pool source: a name (used in composition plots), a file, an optional limit."""
+
+    name: str
+    path: Path
+    limit: int | None = None
+
+
+@dataclass
+class MethodSpec:
+    """A method of the config, with its options and a unique display label."""
+
+    name: str
+    options: dict[str, Any]
+    label: str
+
+
+@dataclass
+class BenchConfig:
+    """A parsed benchmark configuration (see the module docstring for the YAML)."""
+
+    path: Path
+    name: str
+    task: str
+    model: str | None
+    max_length: int | None
+    pool: list[PoolSource]
+    val: Path
+    test: Path
+    methods: list[MethodSpec]
+    budgets: list[str | int]
+    seeds: list[int]
+    finetune: FinetuneOptions
+    strategy: str = "top"
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+def _resolve(base: Path, value: Any, key: str, cfg_path: Path) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(cfg_path, f"{key}: expected a file path, got {value!r}")
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def _method_specs(value: Any, cfg_path: Path) -> list[MethodSpec]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(cfg_path, "methods: expected a non-empty list, e.g. [random, tov]")
+    specs = []
+    for item in value:
+        if isinstance(item, str):
+            specs.append(MethodSpec(item, {}, item))
+        elif isinstance(item, dict) and len(item) == 1:
+            (name, opts), = item.items()
+            if opts is not None and not isinstance(opts, dict):
+                raise ConfigError(cfg_path, f"methods: options of {name} must be a mapping")
+            specs.append(MethodSpec(str(name), dict(opts or {}), str(name)))
+        else:
+            raise ConfigError(cfg_path, f"methods: expected a name or {{name: {{options}}}}, "
+                                        f"got {item!r}")
+    counts = Counter(s.name for s in specs)
+    for s in specs:
+        if counts[s.name] > 1:
+            s.label = s.name + "[" + ",".join(f"{k}={v}" for k, v in sorted(s.options.items())) + "]"
+    labels = [s.label for s in specs]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(cfg_path, f"methods: listed twice with the same options: {labels}")
+    return specs
+
+
+def load_config(path: str | Path) -> BenchConfig:
+    """Read and validate a benchmark YAML; every error names the file and the key."""
+    import yaml
+
+    from finesift.methods.base import get_method
+    from finesift.select.strategies import STRATEGIES
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(path, "benchmark config not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(path, f"not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(path, "expected a mapping of keys (name, task, pool, target, ...)")
+    unknown = sorted(set(raw) - set(CONFIG_KEYS) - set(OPTIONAL_KEYS))
+    if unknown:
+        raise ConfigError(path, f"unknown key(s) {', '.join(unknown)}; "
+                                f"expected: {', '.join(CONFIG_KEYS)}")
+    for key in ("name", "task", "pool", "target", "methods", "budgets"):
+        if key not in raw:
+            raise ConfigError(path, f"missing key '{key}'")
+    base = path.resolve().parent
+    task = raw["task"]
+    if task not in ("lm", "ner"):
+        raise ConfigError(path, f"task: expected lm or ner, got {task!r}")
+    if not isinstance(raw["pool"], list) or not raw["pool"]:
+        raise ConfigError(path, "pool: expected a list of {name, path[, limit]}")
+    pool = []
+    for i, src in enumerate(raw["pool"]):
+        if not isinstance(src, dict) or "path" not in src or "name" not in src:
+            raise ConfigError(path, f"pool[{i}]: expected {{name, path[, limit]}}, got {src!r}")
+        extra = sorted(set(src) - {"name", "path", "limit"})
+        if extra:
+            raise ConfigError(path, f"pool[{i}]: unknown key(s) {', '.join(extra)}")
+        limit = src.get("limit")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                                  or limit < 1):
+            raise ConfigError(path, f"pool[{i}].limit: expected a positive count, got {limit!r}")
+        pool.append(PoolSource(str(src["name"]), _resolve(base, src["path"], f"pool[{i}].path",
+                                                          path), limit))
+    names = [s.name for s in pool]
+    if len(set(names)) != len(names):
+        raise ConfigError(path, f"pool: source names must be unique, got {names}")
+    target = raw["target"]
+    if not isinstance(target, dict) or set(target) != {"val", "test"}:
+        raise ConfigError(path, "target: expected {val: FILE, test: FILE}")
+    budgets = raw["budgets"]
+    if not isinstance(budgets, list) or not budgets:
+        raise ConfigError(path, "budgets: expected a non-empty list of counts or percentages")
+    seeds = raw.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(
+        isinstance(s, int) and not isinstance(s, bool) for s in seeds
+    ):
+        raise ConfigError(path, "seeds: expected a non-empty list of integers")
+    max_length = raw.get("max_length", 256)
+    if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+        raise ConfigError(path, f"max_length: expected a positive integer, got {max_length!r}")
+    strategy = raw.get("strategy", "top")
+    if strategy not in STRATEGIES:
+        raise ConfigError(path, f"strategy: expected one of {', '.join(STRATEGIES)}")
+    ft_raw = raw.get("finetune") or {}
+    if not isinstance(ft_raw, dict):
+        raise ConfigError(path, "finetune: expected a mapping, e.g. {epochs: 1, lr: 2.0e-4}")
+    if "seed" in ft_raw:
+        raise ConfigError(path, "finetune.seed: the run's seed is used; list seeds under 'seeds'")
+    try:
+        finetune = FinetuneOptions.from_dict({"max_length": max_length, **ft_raw})
+        methods = _method_specs(raw["methods"], path)
+        for m in methods:
+            get_method(m.name, m.options)  # unknown method or option: fail before any work
+    except OptionError as exc:
+        raise ConfigError(path, str(exc)) from None
+    return BenchConfig(
+        path=path, name=str(raw["name"]), task=task, model=raw.get("model"),
+        max_length=max_length, pool=pool,
+        val=_resolve(base, target["val"], "target.val", path),
+        test=_resolve(base, target["test"], "target.test", path),
+        methods=methods, budgets=list(budgets), seeds=list(seeds), finetune=finetune,
+        strategy=strategy, raw=raw,
+    )
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class BenchData:
+    """The materialised inputs of a benchmark run (files under ``OUT/data``)."""
+
+    pool_files: list[Path]
+    source_of: dict[str, str]  # pool file (as given to select) -> source name
+    val_file: Path
+    test_file: Path
+    pool: list[Record]
+    val: list[Record]
+    test: list[Record]
+    full_pool_size: int
+
+
+def _read(path: Path, role: str) -> list[Record]:
+    from finesift.data.readers import load_records
+
+    return load_records([str(path)], role=role)
+
+
+def _raw_with_id(rec: Record) -> dict[str, Any]:
+    raw = dict(rec.raw)
+    raw.setdefault("id", rec.id)
+    return raw
+
+
+def prepare_data(cfg: BenchConfig, out: Path, *, quick: bool = False) -> BenchData:
+    """Read the config's files, check the test set is unseen, write the pool (limits
+    applied) and target as JSONL under ``out/data``.
+
+    Raises:
+        OverlapError: a test record duplicates a pool or val record.
+    """
+    from finesift.evaluate.overlap import check_no_overlap
+    from finesift.store import write_jsonl
+
+    data_dir = out / "data"
+    sources = []
+    for src in cfg.pool:
+        recs = _read(src.path, f"pool source {src.name}")
+        if src.limit is not None:
+            recs = recs[: src.limit]
+        sources.append((src, recs))
+    val = _read(cfg.val, "val")
+    test = _read(cfg.test, "test")
+    others: dict[str, list[Record]] = {f"pool source '{s.name}'": r for s, r in sources}
+    others["val set"] = val
+    check_no_overlap(test, others)
+
+    full_pool_size = sum(len(r) for _, r in sources)
+    if quick:
+        sources = [(s, r[:QUICK_POOL_PER_SOURCE]) for s, r in sources]
+        val, test = val[:QUICK_VAL], test[:QUICK_TEST]
+    pool_files, source_of = [], {}
+    for src, recs in sources:
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", src.name)
+        f = data_dir / f"pool-{safe}.jsonl"
+        write_jsonl(f, (_raw_with_id(r) for r in recs))
+        pool_files.append(f)
+        source_of[str(f)] = src.name
+    val_file, test_file = data_dir / "val.jsonl", data_dir / "test.jsonl"
+    write_jsonl(val_file, (_raw_with_id(r) for r in val))
+    write_jsonl(test_file, (_raw_with_id(r) for r in test))
+    pool = [r for f in pool_files for r in _read(f, "pool")]
+    return BenchData(pool_files, source_of, val_file, test_file, pool,
+                     _read(val_file, "val"), _read(test_file, "test"), full_pool_size)
+
+
+def quick_budgets(budgets: list[str | int], full_size: int, quick_size: int) -> list[str | int]:
+    """Budgets for ``--quick``: the same share of the (smaller) pool, at least 2."""
+    out: list[str | int] = []
+    for b in budgets:
+        text = str(b).strip()
+        if text.endswith("%"):
+            share = float(text[:-1]) / 100.0
+        else:
+            share = int(text) / max(1, full_size)
+        k = int(min(quick_size - 1, max(2, round(share * quick_size))))
+        if k not in out:
+            out.append(k)
+    return out
+
+
+def build_quick_model(task: str, records: list[Record], folder: Path) -> Path:
+    """Save a tiny random model whose vocabulary covers the data's most common words."""
+    from finesift.evaluate.overlap import record_text
+
+    if (folder / "config.json").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    words: Counter[str] = Counter()
+    for r in records:
+        words.update(re.findall(r"\w+|[^\w\s]", record_text(r).replace("\x1f", " ")))
+    common = [w for w, _ in words.most_common(QUICK_VOCAB)]
+    if task == "lm":
+        from finesift.testing import tiny_causal_lm, tiny_tokenizer
+
+        tok = tiny_tokenizer(common)
+        model = tiny_causal_lm(len(tok))
+    else:
+        import torch
+        from transformers import BertConfig, BertModel, BertTokenizerFast
+
+        vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(common)]
+        tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+        torch.manual_seed(0)
+        model = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=2, num_attention_heads=4,
+                                     max_position_embeddings=128))
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return folder
+
+
+# --------------------------------------------------------------------------- runs
+
+
+@dataclass
+class BenchResult:
+    """What :func:`run_bench` did."""
+
+    out: Path
+    rows: list[dict[str, Any]]
+    n_done: int
+    n_skipped: int
+    n_failed: int
+    seconds: float
+
+
+def run_key(label: str, budget: Any, seed: int) -> str:
+    """The identity of one run in ``results.jsonl``."""
+    return f"{label}|{budget}|{seed}"
+
+
+def load_finished(path: Path) -> dict[str, dict[str, Any]]:
+    """The last recorded row of each run in ``results.jsonl`` (a torn last line is ignored)."""
+    rows: dict[str, dict[str, Any]] = {}
+    if not path.exists():
+        return rows
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "key" in row:
+            rows[row["key"]] = row
+    return rows
+
+
+def _append(path: Path, row: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row, default=str) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text).strip("_")
+
+
+def _selection(cfg: BenchConfig, data: BenchData, spec: MethodSpec, seed: int, budget: Any,
+               model: str | None, out: Path, progress: bool,
+               log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Score the pool with ``spec`` at ``seed`` (or reuse a finished selection).
+
+    Returns ``(columns, cost)``: the score table and the scoring stage's cost.
+    """
+    import pyarrow.parquet as pq
+
+    from finesift.api import select
+
+    sel_dir = out / "selections" / f"{_slug(spec.label)}-seed{seed}"
+    done = sel_dir / "DONE.json"
+    if done.exists() and (sel_dir / "scores.parquet").exists():
+        cost = json.loads(done.read_text())
+        return pq.read_table(sel_dir / "scores.parquet").to_pydict(), cost
+    costs = StageCosts()
+    log(f"[{cfg.name}] scoring the pool with {spec.label}, seed {seed} ...")
+    with costs.stage("select"):
+        sel = select(
+            [str(p) for p in data.pool_files], str(data.val_file), budget=budget,
+            method=spec.name, method_options=spec.options, task=cfg.task, model=model,
+            strategy=cfg.strategy, seed=seed, out=sel_dir, max_length=cfg.max_length,
+            progress=progress, log=log,
+        )
+    cost = {**costs.stages["select"], "method_info_keys": sorted(sel.manifest.get("method_info")
+                                                                  or {})}
+    from finesift.store import write_json
+
+    write_json(done, cost)
+    return sel.columns, cost
+
+
+def _subset(columns: dict[str, Any], k: int, strategy: str, seed: int) -> list[int]:
+    from finesift.select.strategies import select_indices
+
+    scores = np.asarray(columns["score"], dtype=np.float64)
+    base = None
+    if "in_base_set" in columns:
+        base = np.flatnonzero(np.asarray(columns["in_base_set"], dtype=bool))
+    return select_indices(scores, k, strategy=strategy,
+                          lengths=np.asarray(columns["n_label_tokens"]),
+                          base_set=base, seed=seed).tolist()
+
+
+def _base_figures(cfg: BenchConfig, data: BenchData, model: str | None, seed: int,
+                  labels: list[str] | None, out: Path, log: Callable[[str], None]
+                  ) -> dict[str, Any]:
+    """The untouched model's test figures (cached; an NER head depends on the seed)."""
+    key = f"seed{seed}" if cfg.task == "ner" else "all"
+    path = out / "base.json"
+    cache = json.loads(path.read_text()) if path.exists() else {}
+    if key in cache:
+        return cache[key]
+    from finesift.store import write_json
+
+    log(f"[{cfg.name}] measuring the untouched model on the test set ...")
+    opts = FinetuneOptions(**{**cfg.finetune.__dict__, "seed": seed})
+    res = finetune_and_evaluate(None, data.test, task=cfg.task, model=model, options=opts,
+                                labels=labels, measure_base=True)
+    cache[key] = {"base_test_loss": res.base_test_loss, "base_test_f1": res.base_f1,
+                  "base_test_em": res.base_em,
+                  "base_eval_seconds": res.costs.get("eval_base", {}).get("seconds")}
+    write_json(path, cache)
+    return cache[key]
+
+
+def run_bench(
+    config: str | Path,
+    *,
+    out: str | Path | None = None,
+    quick: bool = False,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> BenchResult:
+    """Run every method x budget x seed of a config (skipping finished runs) and report.
+
+    Args:
+        config: the benchmark YAML.
+        out: the results folder (default ``runs/bench-<name>``, or ``...-quick``).
+        quick: a tiny random model and a handful of records (a smoke run).
+        progress: show progress bars on stderr.
+        log: receives progress messages.
+    """
+    from finesift.evaluate.report import write_report
+    from finesift.select.strategies import parse_budget
+
+    log = log or (lambda msg: None)
+    t0 = time.perf_counter()
+    cfg = load_config(config)
+    out_dir = Path(out) if out else Path("runs") / f"bench-{cfg.name}{'-quick' if quick else ''}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = prepare_data(cfg, out_dir, quick=quick)
+    model = cfg.model
+    budgets = list(cfg.budgets)
+    seeds = list(cfg.seeds)
+    finetune = cfg.finetune
+    if quick:
+        model = str(build_quick_model(cfg.task, data.pool + data.val + data.test,
+                                      out_dir / "quick-model"))
+        budgets = quick_budgets(budgets, data.full_pool_size, len(data.pool))
+        seeds = seeds[:QUICK_SEEDS]
+        finetune = FinetuneOptions(**{**finetune.__dict__, "max_length": QUICK_MAX_LENGTH,
+                                      "epochs": 1.0, "lr": max(finetune.lr, 3e-3),
+                                      "batch_size": 4, "em_samples": 0})
+        cfg.max_length = QUICK_MAX_LENGTH
+    counts = {}
+    for b in budgets:
+        try:
+            counts[b] = parse_budget(b, len(data.pool))
+        except OptionError as exc:
+            raise ConfigError(cfg.path, f"budgets: {exc}") from None
+    labels = label_names(cfg.task, model, [data.pool, data.val, data.test])
+    by_id = {r.id: r for r in data.pool}
+    results_path = out_dir / "results.jsonl"
+    finished = load_finished(results_path)
+    n_done = n_skipped = n_failed = 0
+    largest = max(budgets, key=lambda b: counts[b])
+
+    for spec in cfg.methods:
+        for seed in seeds:
+            todo = [b for b in budgets
+                    if finished.get(run_key(spec.label, b, seed), {}).get("status") != "ok"]
+            n_skipped += len(budgets) - len(todo)
+            if not todo:
+                continue
+            try:
+                columns, sel_cost = _selection(cfg, data, spec, seed, largest, model, out_dir,
+                                               progress, log)
+                base = _base_figures(cfg, data, model, seed, labels, out_dir, log)
+            except FinesiftError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a method crashed: record it, go on
+                for b in todo:
+                    _append(results_path, _failed_row(cfg, spec, b, counts[b], seed, exc))
+                    n_failed += 1
+                continue
+            for b in todo:
+                row = _one_run(cfg, data, spec, b, counts[b], seed, columns, sel_cost, base,
+                               by_id, model, finetune, labels, progress, log)
+                _append(results_path, row)
+                if row["status"] == "ok":
+                    n_done += 1
+                else:
+                    n_failed += 1
+
+    rows = _ordered_rows(load_finished(results_path), cfg, budgets, seeds)
+    add_improvements(rows)
+    seconds = time.perf_counter() - t0
+    write_tables(out_dir, rows)
+    write_report(out_dir, cfg, rows, budgets=budgets, seeds=seeds, finetune=finetune,
+                 model=model, quick=quick, data=data, seconds=seconds)
+    return BenchResult(out_dir, rows, n_done, n_skipped, n_failed, seconds)
+
+
+def _failed_row(cfg: BenchConfig, spec: MethodSpec, budget: Any, k: int, seed: int,
+                exc: BaseException) -> dict[str, Any]:
+    return {"key": run_key(spec.label, budget, seed), "config": cfg.name, "method": spec.label,
+            "method_name": spec.name, "budget": str(budget), "budget_count": k, "seed": seed,
+            "status": "failed", "error": f"{type(exc).__name__}: {exc}",
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def _one_run(cfg, data, spec, budget, k, seed, columns, sel_cost, base, by_id, model, finetune,
+             labels, progress, log) -> dict[str, Any]:
+    chosen = _subset(columns, k, cfg.strategy, seed)
+    ids = [columns["id"][i] for i in chosen]
+    train = [by_id[i] for i in ids]
+    comp = Counter(data.source_of.get(r.source, r.source) for r in train)
+    log(f"[{cfg.name}] {spec.label}, budget {budget}, seed {seed}: fine-tuning on {len(train)} "
+        f"({dict(comp)}) ...")
+    opts = FinetuneOptions(**{**finetune.__dict__, "seed": seed})
+    row: dict[str, Any] = {
+        "key": run_key(spec.label, budget, seed), "config": cfg.name, "method": spec.label,
+        "method_name": spec.name, "method_options": json.dumps(spec.options, sort_keys=True),
+        "budget": str(budget), "budget_count": k, "seed": seed,
+    }
+    try:
+        res = finetune_and_evaluate(train, data.test, task=cfg.task, model=model, options=opts,
+                                    labels=labels, measure_base=False, progress=progress)
+    except Exception as exc:  # noqa: BLE001 - recorded; the next run goes on
+        return {**_failed_row(cfg, spec, budget, k, seed, exc), **row, "status": "failed"}
+    ft, ev = res.costs.get("finetune", {}), res.costs.get("eval", {})
+    base_loss = base.get("base_test_loss")
+    row.update({
+        "status": "ok",
+        "test_loss": res.test_loss,
+        "base_test_loss": base_loss,
+        "improvement_over_base_pct": (100.0 * (base_loss - res.test_loss) / base_loss
+                                      if base_loss else None),
+        "test_f1": res.f1, "base_test_f1": base.get("base_test_f1"),
+        "test_em": res.em, "base_test_em": base.get("base_test_em"), "em_samples": res.em_n,
+        "n_train": res.n_train, "n_test": res.n_test, "train_loss": res.train_loss,
+        "composition": dict(sorted(comp.items())),
+        **{f"n_from_{name}": comp.get(name, 0) for name in sorted(set(data.source_of.values()))},
+        "select_seconds": sel_cost.get("seconds"),
+        "select_peak_rss_mb": sel_cost.get("peak_rss_mb"),
+        "finetune_seconds": ft.get("seconds"), "finetune_peak_rss_mb": ft.get("peak_rss_mb"),
+        "eval_seconds": ev.get("seconds"), "eval_peak_rss_mb": ev.get("peak_rss_mb"),
+        "load_seconds": res.costs.get("load_model", {}).get("seconds"),
+        "selected_ids": ids,
+        "selection_dir": str(Path("selections") / f"{_slug(spec.label)}-seed{seed}"),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    })
+    return row
+
+
+def _ordered_rows(finished: dict[str, dict[str, Any]], cfg: BenchConfig, budgets: list,
+                  seeds: list[int]) -> list[dict[str, Any]]:
+    rows = []
+    for spec in cfg.methods:
+        for b in budgets:
+            for s in seeds:
+                row = finished.get(run_key(spec.label, b, s))
+                if row is not None:
+                    rows.append(row)
+    return rows
+
+
+def add_improvements(rows: list[dict[str, Any]]) -> None:
+    """Add ``improvement_over_random_pct``: 100 (L_random - L) / L_random, paired by budget
+    and seed (``None`` without a finished random run for that budget and seed)."""
+    rand = {(r["budget"], r["seed"]): r["test_loss"] for r in rows
+            if r.get("method") == "random" and r.get("status") == "ok"}
+    for r in rows:
+        ref = rand.get((r.get("budget"), r.get("seed")))
+        ok = r.get("status") == "ok" and ref
+        r["improvement_over_random_pct"] = 100.0 * (ref - r["test_loss"]) / ref if ok else None
+
+
+TABLE_COLUMNS = (
+    "method", "budget", "budget_count", "seed", "status", "test_loss", "base_test_loss",
+    "improvement_over_random_pct", "improvement_over_base_pct", "test_f1", "base_test_f1",
+    "test_em", "base_test_em", "em_samples", "n_train", "n_test", "train_loss",
+    "select_seconds", "select_peak_rss_mb", "finetune_seconds", "finetune_peak_rss_mb",
+    "eval_seconds", "eval_peak_rss_mb", "load_seconds", "method_options", "selection_dir",
+    "finished_at", "error",
+)
+
+
+def write_tables(out: Path, rows: list[dict[str, Any]]) -> None:
+    """``results.csv`` (flat columns, composition as ``n_from_<source>``) and
+    ``results.json`` (full rows), both written atomically."""
+    import csv
+
+    from finesift.store import atomic_path, write_json
+
+    extra = sorted({k for r in rows for k in r if k.startswith("n_from_")})
+    cols = list(TABLE_COLUMNS[:17]) + extra + list(TABLE_COLUMNS[17:])
+    with atomic_path(out / "results.csv") as tmp, open(tmp, "w", newline="",
+                                                       encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in cols})
+    write_json(out / "results.json", rows)

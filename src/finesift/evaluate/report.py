@@ -1,0 +1,358 @@
+"""Benchmark reports: ``report.md`` and a self-contained ``report.html``.
+
+Both hold the table "% test log-loss improvement over random, mean +- std over seeds"
+per method x budget, the test losses (and F1 / exact match where measured), the cost
+of each method and the fine-tuning hyperparameters. The HTML page adds plots (matplotlib,
+Agg backend) embedded as base64 PNG, so it is one file that opens anywhere offline:
+test loss vs budget per method, the composition of each selected subset by pool source,
+score histograms and the cost per method.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from finesift.store import atomic_path
+
+
+def _mean_std(values: list[float]) -> tuple[float, float, int]:
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
+    if not len(v):
+        return float("nan"), float("nan"), 0
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v)
+
+
+def _fmt(mean: float, std: float, n: int, digits: int = 2, sign: bool = False) -> str:
+    if n == 0 or not np.isfinite(mean):
+        return "-"
+    spec = f"{'+' if sign else ''}.{digits}f"
+    return f"{mean:{spec}} ± {std:.{digits}f}" + (f" (n={n})" if n else "")
+
+
+def metric_table(rows: list[dict[str, Any]], key: str, methods: list[str], budgets: list[str],
+                 *, digits: int = 2, sign: bool = False) -> list[list[str]]:
+    """Rows ``[method, cell per budget]``: mean ± std over seeds of ``key``."""
+    cells: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for r in rows:
+        if r.get("status") == "ok" and r.get(key) is not None:
+            cells[(r["method"], r["budget"])].append(float(r[key]))
+    return [[m] + [_fmt(*_mean_std(cells[(m, b)]), digits=digits, sign=sign) for b in budgets]
+            for m in methods]
+
+
+def cost_table(rows: list[dict[str, Any]], methods: list[str]) -> list[list[str]]:
+    """Per method: mean selection (scoring) time and peak memory, fine-tune and eval time."""
+    out = []
+    for m in methods:
+        mine = [r for r in rows if r.get("method") == m and r.get("status") == "ok"]
+        # one scoring per (method, seed): count each once
+        per_seed = {r["seed"]: r for r in mine}.values()
+
+        def avg(key: str, rs: Any) -> str:
+            vals = [float(r[key]) for r in rs if r.get(key) is not None]
+            return f"{np.mean(vals):.1f}" if vals else "-"
+
+        out.append([m, avg("select_seconds", per_seed), avg("select_peak_rss_mb", per_seed),
+                    avg("finetune_seconds", mine), avg("finetune_peak_rss_mb", mine),
+                    avg("eval_seconds", mine), str(len(mine))])
+    return out
+
+
+def _md_table(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def _html_table(header: list[str], body: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                   for row in body)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _png(fig: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_loss_vs_budget(rows: list[dict[str, Any]], methods: list[str], budgets: list[str]) -> str:
+    """Test loss (mean ± std over seeds) against the budget count, one line per method."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for m in methods:
+        xs, ys, es = [], [], []
+        for b in budgets:
+            got = [r for r in rows if r.get("method") == m and r.get("budget") == b
+                   and r.get("status") == "ok"]
+            if got:
+                mean, std, _ = _mean_std([r["test_loss"] for r in got])
+                xs.append(got[0]["budget_count"])
+                ys.append(mean)
+                es.append(std)
+        if xs:
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=m)
+    base = [r["base_test_loss"] for r in rows if r.get("base_test_loss") is not None]
+    if base:
+        ax.axhline(float(np.mean(base)), color="grey", ls="--", lw=1, label="untouched model")
+    ax.set_xlabel("budget (selected examples)")
+    ax.set_ylabel("test log-loss")
+    ax.set_title("Test loss vs budget")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def plot_composition(rows: list[dict[str, Any]], methods: list[str], budgets: list[str],
+                     sources: list[str]) -> str:
+    """Share of each pool source in the selected subsets (mean over seeds), per budget."""
+    plt = _plt()
+    n = len(budgets)
+    fig, axes = plt.subplots(1, n, figsize=(max(4.0, 3.2 * n), 3.6), squeeze=False)
+    colors = plt.get_cmap("tab10")
+    for ax, b in zip(axes[0], budgets, strict=True):
+        bottom = np.zeros(len(methods))
+        for si, src in enumerate(sources):
+            share = []
+            for m in methods:
+                got = [r for r in rows if r.get("method") == m and r.get("budget") == b
+                       and r.get("status") == "ok"]
+                vals = [100.0 * r.get(f"n_from_{src}", 0) / max(1, r.get("n_train") or 1)
+                        for r in got]
+                share.append(float(np.mean(vals)) if vals else 0.0)
+            ax.bar(methods, share, bottom=bottom, color=colors(si % 10), label=src)
+            bottom += np.asarray(share)
+        ax.set_title(f"budget {b}")
+        ax.set_ylim(0, 100)
+        ax.tick_params(axis="x", rotation=30)
+    axes[0][0].set_ylabel("% of the selected subset")
+    axes[0][-1].legend(fontsize=8, title="pool source")
+    return _png(fig)
+
+
+def plot_score_histograms(scores: dict[str, dict[str, np.ndarray]], sources: list[str]) -> str:
+    """One panel per method: histogram of its pool scores, stacked by pool source."""
+    plt = _plt()
+    methods = list(scores)
+    fig, axes = plt.subplots(1, len(methods), figsize=(max(4.0, 3.4 * len(methods)), 3.2),
+                             squeeze=False)
+    for ax, m in zip(axes[0], methods, strict=True):
+        by_src = scores[m]
+        data = [by_src.get(s, np.array([])) for s in sources]
+        allv = np.concatenate([d for d in data if len(d)]) if any(len(d) for d in data) else None
+        if allv is not None:
+            lo, hi = float(allv.min()), float(allv.max())
+            bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 31)
+            ax.hist(data, bins=bins, stacked=True, label=sources)
+        ax.set_title(m)
+        ax.set_xlabel("score")
+    axes[0][0].set_ylabel("pool examples")
+    axes[0][-1].legend(fontsize=8)
+    return _png(fig)
+
+
+def plot_costs(rows: list[dict[str, Any]], methods: list[str]) -> str:
+    """Mean wall time per method: scoring the pool, fine-tuning, evaluating."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    parts = [("select_seconds", "select (score pool)"), ("finetune_seconds", "fine-tune"),
+             ("eval_seconds", "evaluate")]
+    bottom = np.zeros(len(methods))
+    for key, label in parts:
+        vals = []
+        for m in methods:
+            got = [float(r[key]) for r in rows if r.get("method") == m and r.get(key) is not None]
+            vals.append(float(np.mean(got)) if got else 0.0)
+        ax.bar(methods, vals, bottom=bottom, label=label)
+        bottom += np.asarray(vals)
+    ax.set_ylabel("seconds per run (mean)")
+    ax.set_title("Cost per method")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _load_scores(out: Path, rows: list[dict[str, Any]], source_of: dict[str, str]
+                 ) -> dict[str, dict[str, np.ndarray]]:
+    """Each method's scores for its first finished seed, split by pool source."""
+    import pyarrow.parquet as pq
+
+    picked: dict[str, str] = {}
+    for r in rows:
+        if r.get("status") == "ok" and r.get("selection_dir") and r["method"] not in picked:
+            picked[r["method"]] = r["selection_dir"]
+    result: dict[str, dict[str, np.ndarray]] = {}
+    for m, d in picked.items():
+        path = out / d / "scores.parquet"
+        if not path.exists():
+            continue
+        table = pq.read_table(path, columns=["source", "score"]).to_pydict()
+        groups: dict[str, list[float]] = defaultdict(list)
+        for src, s in zip(table["source"], table["score"], strict=True):
+            groups[source_of.get(src, Path(src).stem)].append(float(s))
+        result[m] = {k: np.asarray(v) for k, v in groups.items()}
+    return result
+
+
+# --------------------------------------------------------------------------- report
+
+_CSS = """
+body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:0.6em 0 1.4em}
+th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
+th:first-child,td:first-child{text-align:left}
+th{background:#f3f3f3} figure{margin:1em 0} img{max-width:100%}
+code{background:#f5f5f5;padding:1px 3px} .note{color:#555;font-size:0.92em}
+"""
+
+_JS = """
+window.addEventListener('load', function () {
+  var imgs = document.querySelectorAll('img.plot'), ok = 0;
+  imgs.forEach(function (im) { if (im.complete && im.naturalWidth > 0) { ok += 1; } });
+  document.body.setAttribute('data-plots-loaded', String(ok));
+  var el = document.getElementById('plots-status');
+  if (el) { el.textContent = ok + ' of ' + imgs.length + ' plots rendered'; }
+});
+"""
+
+
+def write_report(out: Path, cfg: Any, rows: list[dict[str, Any]], *, budgets: list,
+                 seeds: list[int], finetune: Any, model: str | None, quick: bool, data: Any,
+                 seconds: float) -> tuple[Path, Path]:
+    """Write ``report.md`` and ``report.html`` to ``out``; returns their paths."""
+    methods = [m.label for m in cfg.methods]
+    budget_keys = [str(b) for b in budgets]
+    sources = [s.name for s in cfg.pool]
+    header = ["method"] + [f"budget {b}" for b in budget_keys]
+    has_random = any(r.get("method") == "random" and r.get("status") == "ok" for r in rows)
+    improve = metric_table(rows, "improvement_over_random_pct", methods, budget_keys, sign=True)
+    loss = metric_table(rows, "test_loss", methods, budget_keys, digits=4)
+    f1 = metric_table(rows, "test_f1", methods, budget_keys, digits=3)
+    em = metric_table(rows, "test_em", methods, budget_keys, digits=3)
+    costs = cost_table(rows, methods)
+    cost_header = ["method", "select s", "select peak MiB", "fine-tune s", "fine-tune peak MiB",
+                   "eval s", "runs"]
+    hyper = finetune.hyperparameters()
+    hyper_rows = [[k, str(v)] for k, v in hyper.items()]
+    base = [r["base_test_loss"] for r in rows if r.get("base_test_loss") is not None]
+    n_ok = sum(r.get("status") == "ok" for r in rows)
+    n_failed = sum(r.get("status") != "ok" for r in rows)
+    has_f1 = any(r.get("test_f1") is not None for r in rows)
+    has_em = any(r.get("test_em") is not None for r in rows)
+    comp_rows = []
+    for m in methods:
+        for b in budget_keys:
+            got = [r for r in rows if r.get("method") == m and r.get("budget") == b
+                   and r.get("status") == "ok"]
+            if got:
+                cells = [f"{np.mean([r.get(f'n_from_{s}', 0) for r in got]):.1f}"
+                         for s in sources]
+                comp_rows.append([m, b] + cells)
+
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    facts = [
+        ("config", f"{cfg.path}" + (" (--quick: tiny random model, tiny data)" if quick else "")),
+        ("task", cfg.task), ("model", str(model)), ("strategy", cfg.strategy),
+        ("pool", ", ".join(f"{s.name}: {sum(1 for r in data.pool if data.source_of.get(r.source) == s.name)}"
+                           for s in cfg.pool)),
+        ("val / test", f"{len(data.val)} / {len(data.test)} records"),
+        ("seeds", ", ".join(map(str, seeds))),
+        ("runs", f"{n_ok} finished, {n_failed} failed"),
+        ("wall time of this invocation",
+         f"{seconds:.0f} s (finished runs from earlier invocations are not redone)"),
+        ("untouched model test loss", f"{np.mean(base):.4f}" if base else "-"),
+        ("written", when),
+    ]
+    imp_note = ("100 x (L_random - L_method) / L_random, paired by budget and seed; "
+                "positive = lower test loss than random selection.")
+    if not has_random:
+        imp_note = "no `random` method in this config, so no improvement over random."
+
+    # ---- markdown
+    md = [f"# finesift benchmark: {cfg.name}", ""]
+    md += [f"- **{k}**: {v}" for k, v in facts]
+    md += ["", "## % test log-loss improvement over random, mean ± std over seeds", "",
+           imp_note, "", _md_table(header, improve), "",
+           "## Test log-loss, mean ± std over seeds", "", _md_table(header, loss), ""]
+    if has_f1:
+        md += ["## Entity F1 (seqeval), mean ± std", "", _md_table(header, f1), ""]
+    if has_em:
+        md += ["## Exact match of the final answer, mean ± std", "", _md_table(header, em), ""]
+    md += ["## Composition of the selected subsets (mean count per pool source)", "",
+           _md_table(["method", "budget", *sources], comp_rows), "",
+           "## Cost per method (mean per run; selection = scoring the pool once per seed)", "",
+           _md_table(cost_header, costs), "",
+           "## Fine-tuning hyperparameters (the same for every method)", "",
+           _md_table(["hyperparameter", "value"], hyper_rows), "",
+           "Plots: see report.html.", ""]
+    md_path = out / "report.md"
+    with atomic_path(md_path) as tmp:
+        tmp.write_text("\n".join(md), encoding="utf-8")
+
+    # ---- html
+    plots: list[tuple[str, str]] = []
+    if any(r.get("status") == "ok" for r in rows):
+        plots.append(("Test loss vs budget", plot_loss_vs_budget(rows, methods, budget_keys)))
+        plots.append(("Composition of the selected subsets by pool source",
+                      plot_composition(rows, methods, budget_keys, sources)))
+        scores = _load_scores(out, rows, data.source_of)
+        if scores:
+            plots.append(("Score histograms (first seed), by pool source",
+                          plot_score_histograms(scores, sources)))
+        plots.append(("Cost per method", plot_costs(rows, methods)))
+    esc = html.escape
+    body = [f"<h1>finesift benchmark: {esc(cfg.name)}</h1>", "<ul>"]
+    body += [f"<li><b>{esc(k)}</b>: {esc(str(v))}</li>" for k, v in facts]
+    body += ["</ul>", '<p class="note" id="plots-status"></p>',
+             "<h2>% test log-loss improvement over random, mean ± std over seeds</h2>",
+             f'<p class="note">{esc(imp_note)}</p>', _html_table(header, improve),
+             "<h2>Test log-loss, mean ± std over seeds</h2>", _html_table(header, loss)]
+    if has_f1:
+        body += ["<h2>Entity F1 (seqeval), mean ± std</h2>", _html_table(header, f1)]
+    if has_em:
+        body += ["<h2>Exact match of the final answer, mean ± std</h2>", _html_table(header, em)]
+    for title, png in plots:
+        body.append(f"<figure><figcaption><h2>{esc(title)}</h2></figcaption>"
+                    f'<img class="plot" alt="{esc(title)}" src="data:image/png;base64,{png}">'
+                    "</figure>")
+    body += ["<h2>Composition of the selected subsets (mean count per pool source)</h2>",
+             _html_table(["method", "budget", *sources], comp_rows),
+             "<h2>Cost per method (mean per run; selection = scoring the pool once per seed)</h2>",
+             _html_table(cost_header, costs),
+             "<h2>Fine-tuning hyperparameters (the same for every method)</h2>",
+             _html_table(["hyperparameter", "value"], hyper_rows),
+             "<h2>Configuration</h2>",
+             f"<pre>{esc(json.dumps(cfg.raw, indent=2, default=str))}</pre>"]
+    page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>finesift benchmark: {esc(cfg.name)}</title>"
+            '<link rel="icon" href="data:,">'
+            f"<style>{_CSS}</style></head><body>{''.join(body)}"
+            f"<script>{_JS}</script></body></html>\n")
+    html_path = out / "report.html"
+    with atomic_path(html_path) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return md_path, html_path
