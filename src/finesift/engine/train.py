@@ -44,22 +44,31 @@ def add_lora(model: torch.nn.Module, task: str, options: LoraOptions, *, seed: i
     """
     from peft import LoraConfig, get_peft_model
 
-    torch.manual_seed(seed)
-    kwargs: dict[str, Any] = {}
-    if task == "ner":
-        kwargs["task_type"] = "TOKEN_CLS"
-        head = "classifier" if hasattr(model, "classifier") else None
-        if head:
-            kwargs["modules_to_save"] = [head]
-    else:
-        kwargs["task_type"] = "CAUSAL_LM"
     import warnings
 
+    torch.manual_seed(seed)
+    kwargs: dict[str, Any] = {}
+    targets = options.target_modules
+    if task == "ner":
+        kwargs["task_type"] = "TOKEN_CLS"
+        # the head is "classifier" (BERT-like) or "score" (decoder models); it is trained
+        # in full, so it must not also receive a LoRA adapter
+        head = next((h for h in ("classifier", "score") if hasattr(model, h)), None)
+        if head:
+            kwargs["modules_to_save"] = [head]
+            if targets == "all-linear":
+                targets = sorted({
+                    name.rsplit(".", 1)[-1]
+                    for name, mod in model.named_modules()
+                    if isinstance(mod, torch.nn.Linear) and not name.startswith(head)
+                })
+    else:
+        kwargs["task_type"] = "CAUSAL_LM"
     cfg = LoraConfig(
         r=options.rank,
         lora_alpha=options.alpha,
         lora_dropout=options.dropout,
-        target_modules=options.target_modules,
+        target_modules=targets,
         bias="none",
         **kwargs,
     )
