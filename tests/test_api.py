@@ -128,7 +128,7 @@ def test_tov_end_to_end_outputs(lm_data, tiny_lm_dir: Path, tmp_path: Path, opti
     assert sum(man["selected"]["by_source"].values()) == BUDGET
     info = man["method_info"]
     if options["mode"] == "basic":
-        assert info["mode"] == "basic" and info["target_steps"] > 0
+        assert info["mode"] == "basic" and info["rounds"][0]["target_steps"] > 0
     else:
         assert [r["round"] for r in info["rounds"]] == [1, 2]
         assert info["base_set_size"] == 16

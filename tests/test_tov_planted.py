@@ -218,6 +218,43 @@ def test_killed_run_resumes(data: Data, tmp_path, monkeypatch, mode: str, reques
     assert np.array_equal(resumed.scores, uninterrupted.scores)
 
 
+def test_killed_while_scoring_resumes_at_the_chunk(data: Data, interleaved, tmp_path, monkeypatch):
+    """A run killed in the scoring phase keeps its trained rounds and finished chunks."""
+    options = {**INTERLEAVED, "chunk_size": 64}  # 200 pool examples -> 4 chunks
+    real_logprobs = tov_module.token_logprobs
+    calls = []
+
+    def logprobs_then_die(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2 * 3 * 2 + 1:  # two chunks done (2 passes x 3 rounds each)
+            raise Killed
+        return real_logprobs(*args, **kwargs)
+
+    monkeypatch.setattr(tov_module, "token_logprobs", logprobs_then_die)
+    with pytest.raises(Killed):
+        data.run(options, workdir=tmp_path)
+    assert len(list(tmp_path.glob("tov-*-chunk*.npy"))) == 2
+    assert not list(tmp_path.glob("*.tmp*"))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained rounds must be reused")
+
+    calls.clear()
+    monkeypatch.setattr(tov_module, "token_logprobs", real_logprobs)
+    monkeypatch.setattr(tov_module, "train", no_training)
+    counted = []
+
+    def counting(*args, **kwargs):
+        counted.append(1)
+        return real_logprobs(*args, **kwargs)
+
+    monkeypatch.setattr(tov_module, "token_logprobs", counting)
+    resumed = data.run(options, workdir=tmp_path)
+    assert len(counted) == 2 * 3 * 2  # only the two unfinished chunks are scored
+    # chunking changes batch composition only, so scores match the unchunked run
+    assert np.allclose(resumed.scores, interleaved.scores, rtol=1e-5, atol=1e-6)
+
+
 # -- pieces ----------------------------------------------------------------------------
 
 

@@ -42,9 +42,9 @@ def add_lora(model: torch.nn.Module, task: str, options: LoraOptions, *, seed: i
     For token classification the classification head is trained in full as well
     (``modules_to_save``), since a new head starts random.
     """
-    from peft import LoraConfig, get_peft_model
-
     import warnings
+
+    from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
     kwargs: dict[str, Any] = {}

@@ -21,8 +21,10 @@ Modes:
   eps * grad l(x)^T H^{-1} grad L_target: the influence function, without a Hessian.
 
 All training uses LoRA adapters (``adapter="lora"``) or, for small models, every
-parameter (``adapter="full"``). Round state is saved in the run's work folder, so a
-killed run resumes at the last finished round.
+parameter (``adapter="full"``). Scoring never feeds back into training, so every round's
+adapter pair is trained first and the pool is then scored at each of them, in chunks.
+Trained rounds and scored chunks are saved in the run's work folder, so a killed run
+resumes where it stopped and gives the same scores.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from finesift.engine.scoring import token_logprobs
 from finesift.engine.train import (
@@ -56,7 +59,7 @@ MODES = ("basic", "interleaved", "parallel")
 TRANSFORMS = ("identity", "abs", "relu")
 SCHEDULES = ("constant", "linear", "cosine")
 # Part of the resume fingerprint: bump when saved round state changes meaning.
-_STATE_VERSION = 2
+_STATE_VERSION = 3
 
 
 @dataclass
@@ -88,6 +91,8 @@ class ToVOptions:
             differences below ~0.4% of a value, which on SmolLM2 dropped the Spearman
             correlation of bf16 to fp32 scores to 0.35 at a target lr of 2e-5 (0.98 at
             2e-4). Training phases use the run's precision (bf16 where fast).
+        chunk_size: pool examples per scoring chunk; each finished chunk is saved, so a
+            killed run loses at most one chunk of scoring work.
         lora_rank, lora_alpha, lora_dropout: the LoRA adapter.
     """
 
@@ -106,6 +111,7 @@ class ToVOptions:
     grad_clip: float = 1.0
     adapter: str = "lora"
     score_precision: str = "fp32"
+    chunk_size: int = 256
     lora_rank: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
@@ -123,8 +129,8 @@ class ToVOptions:
             raise OptionError("tov: adapter must be 'lora' or 'full'")
         if self.optimizer not in ("adamw", "sgd"):
             raise OptionError("tov: optimizer must be 'adamw' or 'sgd'")
-        if self.rounds < 1 or self.base_size < 1 or self.batch_size < 1:
-            raise OptionError("tov: rounds, base_size and batch_size must be >= 1")
+        if self.rounds < 1 or self.base_size < 1 or self.batch_size < 1 or self.chunk_size < 1:
+            raise OptionError("tov: rounds, base_size, batch_size and chunk_size must be >= 1")
         if not (self.lr > 0 and self.eps > 0 and self.val_epochs > 0 and self.base_epochs > 0):
             raise OptionError("tov: lr, eps, val_epochs and base_epochs must be > 0")
 
@@ -169,10 +175,13 @@ class _Trajectory:
 
 @dataclass
 class _Progress:
-    """Round-level state written after each finished round (for resume)."""
+    """Round-level state written after each trained round (for resume): the adapter
+    before and after each round's target epoch, the trajectories and their optimisers."""
 
     done: int = 0
-    round_scores: list[np.ndarray] = field(default_factory=list)
+    checkpoints: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = field(
+        default_factory=list
+    )
     info: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -184,19 +193,6 @@ class ToV(Method):
     Options = ToVOptions
 
     # -- helpers -------------------------------------------------------------------
-    def _score(self, ctx: MethodContext, model, desc: str) -> list[np.ndarray]:
-        return token_logprobs(
-            model,
-            ctx.task,
-            ctx.pool,
-            batch_size=ctx.batch_size,
-            precision=ctx.precision if self.options.score_precision == "auto"
-            else self.options.score_precision,
-            device=ctx.device,
-            progress=ctx.progress,
-            desc=desc,
-        )
-
     def _train(self, ctx, model, examples, *, lr, epochs, optimizer, seed, desc):
         o = self.options
         topts = TrainOptions(
@@ -242,7 +238,7 @@ class ToV(Method):
             return
         blob = {
             "done": prog.done,
-            "round_scores": [torch.from_numpy(s) for s in prog.round_scores],
+            "checkpoints": [{"before": b, "after": a} for b, a in prog.checkpoints],
             "info": json.dumps(prog.info),
             "trajs": {
                 k: {
@@ -260,6 +256,7 @@ class ToV(Method):
 
     # -- main ----------------------------------------------------------------------
     def score(self, ctx: MethodContext) -> MethodResult:
+        """Train the round checkpoints, then score the pool at each of them."""
         o = self.options
         o.validate()
         if ctx.model is None:
@@ -274,53 +271,52 @@ class ToV(Method):
             for p in model.parameters():
                 p.requires_grad_(True)
         try:
-            if o.mode == "basic":
-                result = self._basic(ctx, model)
-            else:
-                result = self._rounds(ctx, model)
+            prog, base_idx = self._train_phase(ctx, model)
+            t0 = time.perf_counter()
+            per_round = self._score_phase(ctx, model, prog.checkpoints)
+            score_seconds = time.perf_counter() - t0
+            n_trainable = int(sum(p.numel() for p in model.parameters() if p.requires_grad))
         finally:
             if peft_wrapped:
                 model.unload()
-        return result
-
-    def _basic(self, ctx: MethodContext, model) -> MethodResult:
-        o = self.options
-        t0 = time.perf_counter()
-        before = self._score(ctx, model, "tov: pool at theta_base")
-        t1 = time.perf_counter()
-        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        res = self._train(
-            ctx, model, ctx.target, lr=o.lr, epochs=o.val_epochs, optimizer=None,
-            seed=ctx.seed, desc="tov: fine-tune on target",
-        )
-        t2 = time.perf_counter()
-        after = self._score(ctx, model, "tov: pool at theta_val")
-        t3 = time.perf_counter()
-        scores = tov_round_scores(before, after, o.transform)
-        info = {
-            "mode": "basic",
-            "target_steps": res["steps"],
-            "target_train_loss": res["mean_loss"],
-            "trainable_parameters": int(n_trainable),
-            "seconds": {"score_base": t1 - t0, "train_target": t2 - t1, "score_val": t3 - t2},
-            "forward_passes_over_pool": 2,
+        scores = per_round.mean(axis=0)
+        columns = {f"score_round_{k + 1}": per_round[k] for k in range(per_round.shape[0])}
+        info: dict[str, Any] = {
+            "mode": o.mode,
+            "rounds": prog.info,
+            "trainable_parameters": n_trainable,
+            "forward_passes_over_pool": 2 * per_round.shape[0],
+            "seconds_scoring": round(score_seconds, 3),
+            "seconds_training": round(sum(r["seconds_training"] for r in prog.info), 3),
         }
-        return MethodResult(scores=scores, columns={"score_round_1": scores.copy()}, info=info)
+        if base_idx is not None:
+            info["base_set_size"] = len(base_idx)
+        return MethodResult(scores=scores, columns=columns, base_set=base_idx, info=info)
 
-    def _rounds(self, ctx: MethodContext, model) -> MethodResult:
+    # -- phase 1: training ---------------------------------------------------------
+    def _train_phase(self, ctx: MethodContext, model) -> tuple[_Progress, np.ndarray | None]:
+        """Produce the (theta_before, theta_after) adapter pair of every round.
+
+        Scoring never feeds back into training, so all rounds are trained first; the
+        pool is then scored once per checkpoint (in resumable chunks).
+        """
         o = self.options
-        n = len(ctx.pool)
-        rng = np.random.default_rng([ctx.seed, 0x70F])
-        size = min(o.base_size, n)
-        base_idx = np.sort(rng.choice(n, size=size, replace=False))
-        U = [ctx.pool[i] for i in base_idx]
-        start = trainable_state(model)
-        trajs: dict[str, _Trajectory] = {"base": _Trajectory(state=start)}
-        if o.mode == "parallel":
-            trajs["val"] = _Trajectory(state={k: v.clone() for k, v in start.items()})
         prog = _Progress()
         path = self._state_path(ctx)
         params = [p for p in model.parameters() if p.requires_grad]
+        start = trainable_state(model)
+        if o.mode == "basic":
+            trajs: dict[str, _Trajectory] = {}
+            base_idx = None
+            rounds = 1
+        else:
+            n = len(ctx.pool)
+            rng = np.random.default_rng([ctx.seed, 0x70F])
+            base_idx = np.sort(rng.choice(n, size=min(o.base_size, n), replace=False))
+            trajs = {"base": _Trajectory(state=start)}
+            if o.mode == "parallel":
+                trajs["val"] = _Trajectory(state={k: v.clone() for k, v in start.items()})
+            rounds = o.rounds
 
         def new_opt(lr: float, weight_decay: float):
             return make_optimizer(
@@ -333,7 +329,7 @@ class ToV(Method):
         if path is not None and path.exists():
             blob = torch.load(path, weights_only=True)
             prog.done = int(blob["done"])
-            prog.round_scores = [s.numpy() for s in blob["round_scores"]]
+            prog.checkpoints = [(c["before"], c["after"]) for c in blob["checkpoints"]]
             prog.info = json.loads(blob["info"])
             for k, t in trajs.items():
                 saved = blob["trajs"][k]
@@ -343,48 +339,54 @@ class ToV(Method):
                     t.opt_base.load_state_dict(saved["opt_base"])
                 if saved["opt_val"] is not None:
                     t.opt_val.load_state_dict(saved["opt_val"])
-            ctx.log(f"tov: resuming after round {prog.done} of {o.rounds} from {path}")
+            if prog.done < rounds:
+                ctx.log(f"tov: resuming after round {prog.done} of {rounds} from {path}")
 
-        for k in range(prog.done, o.rounds):
+        if o.mode == "basic" and prog.done == 0:
+            load_trainable_state(model, start)
+            t0 = time.perf_counter()
+            torch.manual_seed(ctx.seed)
+            res = self._train(ctx, model, ctx.target, lr=o.lr, epochs=o.val_epochs,
+                              optimizer=None, seed=ctx.seed, desc="tov: fine-tune on target")
+            prog.checkpoints.append((start, trainable_state(model)))
+            prog.info.append({
+                "round": 1, "target_lr": o.lr, "target_steps": res["steps"],
+                "target_train_loss": res["mean_loss"],
+                "seconds_training": round(time.perf_counter() - t0, 3),
+            })
+            prog.done = 1
+            self._save(path, prog, trajs)
+            return prog, base_idx
+
+        U = [ctx.pool[i] for i in base_idx] if base_idx is not None else []
+        for k in range(prog.done, rounds):
             eta = o.round_lr(k)
             seed_k = int(ctx.seed * 1000 + k)
-            secs: dict[str, float] = {}
+            t_round = time.perf_counter()
             # base trajectory: one epoch on U -> theta_bas_k
             tr = trajs["base"]
             load_trainable_state(model, tr.state)
-            t0 = time.perf_counter()
             # Dropout masks depend on (seed, round) only: a resumed run continues as an
             # uninterrupted one would, and both parallel trajectories get the same masks.
             torch.manual_seed(seed_k)
             rb = self._train(ctx, model, U, lr=eta, epochs=o.base_epochs, optimizer=tr.opt_base,
                              seed=seed_k, desc=f"tov round {k + 1}: train on U")
-            secs["train_base"] = time.perf_counter() - t0
             theta_bas = trainable_state(model)
-            t0 = time.perf_counter()
-            before = self._score(ctx, model, f"tov round {k + 1}: pool at theta_bas")
-            secs["score_bas"] = time.perf_counter() - t0
             if o.mode == "parallel":
                 tv = trajs["val"]
                 load_trainable_state(model, tv.state)
-                t0 = time.perf_counter()
                 torch.manual_seed(seed_k)
                 self._train(ctx, model, U, lr=eta, epochs=o.base_epochs, optimizer=tv.opt_base,
                             seed=seed_k, desc=f"tov round {k + 1}: train val trajectory on U")
-                secs["train_base_val_trajectory"] = time.perf_counter() - t0
                 opt_val = tv.opt_val
             else:
                 opt_val = tr.opt_val
-            t0 = time.perf_counter()
             torch.manual_seed(seed_k + 7919)
             rv = self._train(ctx, model, ctx.target, lr=eta * o.eps, epochs=o.val_epochs,
                              optimizer=opt_val, seed=seed_k + 7919,
                              desc=f"tov round {k + 1}: fine-tune on target")
-            secs["train_target"] = time.perf_counter() - t0
             theta_val = trainable_state(model)
-            t0 = time.perf_counter()
-            after = self._score(ctx, model, f"tov round {k + 1}: pool at theta_val")
-            secs["score_val"] = time.perf_counter() - t0
-            prog.round_scores.append(tov_round_scores(before, after, o.transform))
+            prog.checkpoints.append((theta_bas, theta_val))
             if o.mode == "interleaved":
                 tr.state = theta_val  # continue the base trajectory from theta_val_k
             else:
@@ -393,20 +395,59 @@ class ToV(Method):
             prog.info.append({
                 "round": k + 1, "lr": eta, "target_lr": eta * o.eps,
                 "base_train_loss": rb["mean_loss"], "target_train_loss": rv["mean_loss"],
-                "seconds": secs,
+                "seconds_training": round(time.perf_counter() - t_round, 3),
             })
             prog.done = k + 1
             self._save(path, prog, trajs)
-            ctx.log(f"tov: round {k + 1}/{o.rounds} done")
+            ctx.log(f"tov: round {k + 1}/{rounds} trained")
+        return prog, base_idx
 
-        per_round = np.stack(prog.round_scores)
-        scores = per_round.mean(axis=0)
-        columns = {f"score_round_{k + 1}": per_round[k] for k in range(per_round.shape[0])}
-        info = {
-            "mode": o.mode,
-            "base_set_size": int(size),
-            "rounds": prog.info,
-            "trainable_parameters": int(sum(p.numel() for p in params)),
-            "forward_passes_over_pool": 2 * o.rounds,
-        }
-        return MethodResult(scores=scores, columns=columns, base_set=base_idx, info=info)
+    # -- phase 2: scoring ----------------------------------------------------------
+    def _score_phase(self, ctx: MethodContext, model, checkpoints) -> np.ndarray:
+        """phi_k for every pool example and round k, shape (L, n).
+
+        The pool is cut into chunks of ``chunk_size`` examples (in length order, so
+        batches stay tight); each finished chunk is saved in the work folder and skipped
+        when a killed run is resumed.
+        """
+        o = self.options
+        n, L = len(ctx.pool), len(checkpoints)
+        precision = ctx.precision if o.score_precision == "auto" else o.score_precision
+        lengths = np.array([ctx.task.length(e) for e in ctx.pool], dtype=np.int64)
+        order = np.argsort(-lengths, kind="stable")
+        out = np.empty((L, n), dtype=np.float64)
+        fp = self._fingerprint(ctx) if ctx.workdir is not None else None
+        bar = tqdm(total=n * 2 * L, desc="tov: scoring the pool", unit="ex",
+                   disable=not ctx.progress, leave=False)
+        try:
+            for c, s0 in enumerate(range(0, n, o.chunk_size)):
+                idx = order[s0 : s0 + o.chunk_size]
+                path = (Path(ctx.workdir) / f"tov-{fp}-chunk{c:06d}.npy") if fp else None
+                vals = None
+                if path is not None and path.exists():
+                    loaded = np.load(path, allow_pickle=False)
+                    if loaded.shape == (L, len(idx)):
+                        vals = loaded
+                if vals is None:
+                    exs = [ctx.pool[i] for i in idx]
+                    vals = np.empty((L, len(idx)), dtype=np.float64)
+                    for k, (before_state, after_state) in enumerate(checkpoints):
+                        passes = []
+                        for state in (before_state, after_state):
+                            load_trainable_state(model, state)
+                            passes.append(token_logprobs(
+                                model, ctx.task, exs, batch_size=ctx.batch_size,
+                                precision=precision, device=ctx.device, progress=False,
+                            ))
+                            bar.update(len(exs))
+                        vals[k] = tov_round_scores(passes[0], passes[1], o.transform)
+                    if path is not None:
+                        tmp = path.with_name(path.name + ".tmp.npy")
+                        np.save(tmp, vals, allow_pickle=False)
+                        os.replace(tmp, path)
+                else:
+                    bar.update(len(idx) * 2 * L)
+                out[:, idx] = vals
+        finally:
+            bar.close()
+        return out
