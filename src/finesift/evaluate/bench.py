@@ -379,8 +379,13 @@ def load_finished(path: Path) -> dict[str, dict[str, Any]]:
 
 def _append(path: Path, row: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    torn = False
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb") as fh:
+            fh.seek(-1, os.SEEK_END)
+            torn = fh.read(1) != b"\n"  # a run killed mid-write: start a fresh line
     with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(row, default=str) + "\n")
+        fh.write(("\n" if torn else "") + json.dumps(row, default=str) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
 

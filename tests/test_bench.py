@@ -1,0 +1,236 @@
+"""``finesift bench``: a quick benchmark end to end (rows, tables, reports), resuming,
+config errors and the overlap guard, and the HTML report rendered in headless Chromium."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from finesift.cli import main
+from finesift.evaluate.bench import ConfigError, load_config, quick_budgets, run_bench
+from finesift.evaluate.overlap import OverlapError
+
+PATTERN = ["alpha", "beta", "gamma", "delta", "zeta", "theta", "kappa", "sigma", "omega",
+           "lambda"]
+NOISE = ["cat", "dog", "bird", "fish", "tree", "river", "city", "car", "road", "house", "book",
+         "red", "blue"]
+CHROMIUM = Path("/usr/bin/chromium")
+
+CONFIG = """name: tiny
+task: lm
+model: smollm2-135m
+max_length: 64
+pool:
+  - {name: noise, path: data/pool_noise.jsonl, limit: 30}
+  - {name: seq, path: data/pool_seq.jsonl}
+target:
+  val: data/val.jsonl
+  test: data/test.jsonl
+methods: [random, {tov: {mode: basic, lr: 3.0e-3, val_epochs: 2}}]
+budgets: [8, 25%]
+seeds: [0, 1]
+finetune: {epochs: 1, lr: 2.0e-4, lora_rank: 4, batch_size: 4}
+"""
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_suite(folder: Path, write_jsonl, config: str = CONFIG) -> Path:
+    """A tiny suite: target = continue a word cycle; pool = 36 such records + 40 noise chats."""
+    rng = np.random.default_rng(0)
+    seqs = [{"prompt": f"please continue the sequence from {PATTERN[s]}",
+             "completion": " ".join(PATTERN[(s + j) % 10] for j in range(n))}
+            for s in range(10) for n in range(4, 14)]
+    seqs = [seqs[i] for i in rng.permutation(len(seqs))]
+    for i, r in enumerate(seqs):
+        r["id"] = f"seq-{i}"
+    noise = [{"id": f"noise-{i}", "messages": [
+        {"role": "user", "content": " ".join(rng.choice(NOISE, 4))},
+        {"role": "assistant", "content": " ".join(rng.choice(NOISE, 8))}]} for i in range(40)]
+    write_jsonl(folder / "data/val.jsonl", seqs[:8])
+    write_jsonl(folder / "data/test.jsonl", seqs[8:24])
+    write_jsonl(folder / "data/pool_seq.jsonl", seqs[24:60])
+    write_jsonl(folder / "data/pool_noise.jsonl", noise)
+    path = folder / "bench.yaml"
+    path.write_text(config)
+    return path
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory, write_jsonl):
+    folder = tmp_path_factory.mktemp("bench")
+    cfg = make_suite(folder, write_jsonl)
+    out = folder / "out"
+    messages: list[str] = []
+    result = run_bench(cfg, out=out, quick=True, log=messages.append)
+    return cfg, out, result, messages
+
+
+def test_quick_bench_end_to_end(quick_run) -> None:
+    _, out, result, _ = quick_run
+    # quick: 24 records per pool source (noise limited to 30 first), budgets kept as shares
+    assert result.n_done == 8 and result.n_failed == 0 and result.n_skipped == 0
+    assert {r["budget"] for r in result.rows} == {"6", "12"}
+    for name in ("results.jsonl", "results.csv", "results.json", "report.md", "report.html"):
+        assert (out / name).is_file(), name
+    with open(out / "results.csv", newline="") as fh:
+        table = list(csv.DictReader(fh))
+    assert len(table) == 8
+    for col in ("method", "budget", "seed", "test_loss", "base_test_loss",
+                "improvement_over_random_pct", "n_from_noise", "n_from_seq", "select_seconds",
+                "select_peak_rss_mb", "finetune_seconds", "finetune_peak_rss_mb",
+                "eval_seconds"):
+        assert col in table[0], col
+    rows = json.loads((out / "results.json").read_text())
+    for r in rows:
+        assert r["status"] == "ok"
+        assert r["n_train"] == int(r["budget"]) == len(r["selected_ids"])
+        assert r["n_from_noise"] + r["n_from_seq"] == r["n_train"]
+        assert np.isfinite(r["test_loss"]) and r["finetune_seconds"] > 0
+        if r["method"] == "random":
+            assert r["improvement_over_random_pct"] == 0.0
+    # ToV on a pool holding target-like data picks it (random takes about half)
+    share = {m: np.mean([r["n_from_seq"] / r["n_train"] for r in rows if r["method"] == m])
+             for m in ("random", "tov")}
+    assert share["tov"] > 0.9 and share["random"] < 0.8, share
+    md = (out / "report.md").read_text()
+    assert "% test log-loss improvement over random, mean ± std over seeds" in md
+    assert re.search(r"\| tov \| [+-]\d+\.\d\d ± \d+\.\d\d \(n=2\) \|", md)
+    assert "| lora_rank | 4 |" in md and "quick" in md
+    page = (out / "report.html").read_text()
+    assert page.count('<img class="plot"') == 4
+    assert "http://" not in page and "https://" not in page  # self-contained
+
+
+def test_bench_resumes(quick_run) -> None:
+    cfg, out, _, _ = quick_run
+    lines = (out / "results.jsonl").read_text().splitlines()
+    again = run_bench(cfg, out=out, quick=True)
+    assert (again.n_done, again.n_skipped) == (0, 8)
+    assert (out / "results.jsonl").read_text().splitlines() == lines
+    # lose the last finished run (and leave a torn line, as a kill mid-write would)
+    (out / "results.jsonl").write_text("\n".join(lines[:-1]) + '\n{"key": "tov|')
+    messages: list[str] = []
+    third = run_bench(cfg, out=out, quick=True, log=messages.append)
+    assert (third.n_done, third.n_skipped) == (1, 7)
+    assert not any("scoring the pool" in m for m in messages)  # the selection was reused
+    last = json.loads((out / "results.jsonl").read_text().splitlines()[-1])
+    assert last["key"] == json.loads(lines[-1])["key"]
+    assert last["selected_ids"] == json.loads(lines[-1])["selected_ids"]
+
+
+def test_bench_cli_quick(tmp_path, write_jsonl, capsys) -> None:
+    cfg = make_suite(tmp_path, write_jsonl, CONFIG.replace("methods: [random, {tov: {mode: "
+                                                           "basic, lr: 3.0e-3, val_epochs: 2}}]",
+                                                           "methods: [random]"))
+    rc = main(["bench", "--config", str(cfg), "--quick", "--out", str(tmp_path / "o"),
+               "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "4 run(s) done (0 already finished, 0 failed)" in out
+    assert f"wrote {tmp_path / 'o' / 'report.html'}" in out
+
+
+def test_overlap_with_pool_is_rejected(tmp_path, write_jsonl, capsys) -> None:
+    cfg = make_suite(tmp_path, write_jsonl)
+    test = (tmp_path / "data/test.jsonl").read_text().splitlines()
+    # a test record appears in the pool under another id
+    leaked = json.loads(test[3])
+    leaked["id"] = "copied"
+    with open(tmp_path / "data/pool_seq.jsonl", "a") as fh:
+        fh.write(json.dumps(leaked) + "\n")
+    rc = main(["bench", "--config", str(cfg), "--quick", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert err.startswith("finesift: error: the test set (")
+    assert "data/test.jsonl) overlaps the pool source 'seq' (" in err
+    assert "data/pool_seq.jsonl): 1 exact duplicate(s): test " in err
+    assert "test.jsonl:4 (id seq-11) = pool source 'seq'" in err and "(id copied)" in err
+    assert not (tmp_path / "o" / "results.jsonl").exists()
+
+
+def test_overlap_with_val_is_rejected(tmp_path, write_jsonl) -> None:
+    cfg = make_suite(tmp_path, write_jsonl)
+    val = (tmp_path / "data/val.jsonl").read_text().splitlines()
+    test = (tmp_path / "data/test.jsonl").read_text().splitlines()
+    (tmp_path / "data/test.jsonl").write_text("\n".join(test + val[:2]) + "\n")
+    with pytest.raises(OverlapError, match=r"overlaps the val set \(.*val\.jsonl\): 2 exact "
+                                           r"duplicate\(s\): test .*test\.jsonl:17 \(id seq-0\)"):
+        run_bench(cfg, out=tmp_path / "o", quick=True)
+
+
+@pytest.mark.parametrize("change, message", [
+    ("task: lm\n", "task: expected lm or ner"),
+    ("seeds: [0, 1]\n", "seeds: expected a non-empty list of integers"),
+    ("budgets: [8, 25%]\n", "budgets: budget 500 is larger than the pool"),
+    ("methods: [random, {tov: {mode: basic, lr: 3.0e-3, val_epochs: 2}}]\n",
+     "method 'tov' has no option(s) colour"),
+    ("finetune: {epochs: 1, lr: 2.0e-4, lora_rank: 4, batch_size: 4}\n",
+     "finetune: unknown key(s) rank"),
+])
+def test_config_errors(tmp_path, write_jsonl, change: str, message: str) -> None:
+    bad = {
+        "task: lm\n": "task: llm\n",
+        "seeds: [0, 1]\n": "seeds: zero\n",
+        "budgets: [8, 25%]\n": "budgets: [500]\n",
+        "methods: [random, {tov: {mode: basic, lr: 3.0e-3, val_epochs: 2}}]\n":
+            "methods: [random, {tov: {colour: red}}]\n",
+        "finetune: {epochs: 1, lr: 2.0e-4, lora_rank: 4, batch_size: 4}\n":
+            "finetune: {rank: 4}\n",
+    }[change]
+    cfg = make_suite(tmp_path, write_jsonl, CONFIG.replace(change, bad))
+    with pytest.raises(ConfigError) as err:
+        run_bench(cfg, out=tmp_path / "o")
+    assert str(err.value).startswith(f"{cfg}: ") and message in str(err.value)
+
+
+def test_paths_are_relative_to_the_config(tmp_path, write_jsonl) -> None:
+    cfg = load_config(make_suite(tmp_path / "suite", write_jsonl))
+    assert cfg.val == (tmp_path / "suite/data/val.jsonl").resolve()
+    assert [s.limit for s in cfg.pool] == [30, None]
+    assert [m.label for m in cfg.methods] == ["random", "tov"]
+    assert quick_budgets([128, "10%"], 1000, 48) == [6, 5]
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")
+def test_html_report_renders_in_chromium(quick_run, tmp_path) -> None:
+    _, out, _, _ = quick_run
+
+    def render(page: Path) -> tuple[str, str]:
+        proc = subprocess.run(
+            [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu",
+             "--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000",
+             f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", page.as_uri()],
+            capture_output=True, text=True, timeout=120, check=False,
+        )
+        return proc.stdout, proc.stderr
+
+    dom, log = render(out / "report.html")
+    console = [line for line in log.splitlines() if ":CONSOLE" in line]
+    assert console == []
+    assert 'data-plots-loaded="4"' in dom
+    assert "4 of 4 plots rendered" in dom
+
+    # the check can fail: a corrupt plot is not counted, a script error is logged
+    page = (out / "report.html").read_text()
+    broken = tmp_path / "broken.html"
+    broken.write_text(page.replace("base64,iVBOR", "base64,XXXX", 1)
+                      .replace("</body>", "<script>notDefined();</script></body>"))
+    dom, log = render(broken)
+    assert 'data-plots-loaded="3"' in dom
+    assert any(":CONSOLE" in line and "notDefined" in line for line in log.splitlines())
+    shutil.rmtree(tmp_path / "profile", ignore_errors=True)
