@@ -151,7 +151,7 @@ def plot_composition(rows: list[dict[str, Any]], methods: list[str], budgets: li
         ax.set_ylim(0, 100)
         ax.tick_params(axis="x", rotation=30)
     axes[0][0].set_ylabel("% of the selected subset")
-    axes[0][-1].legend(fontsize=8, title="pool source")
+    axes[0][-1].legend(fontsize=8, title="pool source", loc="upper left", bbox_to_anchor=(1.02, 1))
     return _png(fig)
 
 
