@@ -1,8 +1,10 @@
 """Selection methods. Importing this package registers the built-in ones."""
 
 from finesift.methods import dsir as _dsir  # noqa: F401
+from finesift.methods import perplexity as _perplexity  # noqa: F401
 from finesift.methods import random as _random  # noqa: F401
 from finesift.methods import tov as _tov  # noqa: F401
+from finesift.methods import uncertainty as _uncertainty  # noqa: F401
 from finesift.methods.base import (
     REGISTRY,
     Method,

@@ -1,0 +1,79 @@
+"""``perplexity``: the untouched model's token-averaged loss on each pool example.
+
+loss(x) = -(1/T) sum_t log p_t over the label tokens t = 1..T (the loss fine-tuning on x
+would minimise; perplexity = exp(loss)). ``order`` decides which end is selected first:
+
+* ``lowest`` (default): the examples the model already finds most likely. The classic
+  perplexity quality filter (e.g. CCNet's): garbled text, boilerplate dumps and text in
+  a language or format the model does not know have high loss, so this end is the safe
+  default for a noisy pool.
+* ``highest``: the hardest examples first (the most to learn, but also the noisiest).
+* ``middle``: closest to the pool's median loss first (Marion et al., arXiv 2309.04564,
+  found middle-perplexity subsets competitive for pruning).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from finesift.engine.scoring import mean_losses
+from finesift.errors import OptionError
+from finesift.methods.base import Method, MethodContext, MethodResult, register
+from finesift.methods.uncertainty import forward_logprobs
+
+ORDERS = ("lowest", "highest", "middle")
+
+
+@dataclass
+class PerplexityOptions:
+    """Options of ``perplexity``.
+
+    Attributes:
+        order: ``lowest`` (default): lowest loss first; ``highest``: highest loss first;
+            ``middle``: closest to the pool's median loss first.
+        precision: precision of the forward pass: ``run`` (default: the run's
+            ``--precision``), ``auto``, ``bf16`` or ``fp32``.
+    """
+
+    order: str = "lowest"
+    precision: str = "run"
+
+    def validate(self) -> None:
+        if self.order not in ORDERS:
+            raise OptionError(
+                f"perplexity: order must be one of {', '.join(ORDERS)}, got {self.order!r}"
+            )
+        if self.precision not in ("run", "auto", "bf16", "fp32"):
+            raise OptionError(
+                f"precision must be 'run', 'auto', 'bf16' or 'fp32', got {self.precision!r}"
+            )
+
+
+def order_scores(loss: np.ndarray, order: str) -> np.ndarray:
+    """Scores (higher = first) from losses for ``order``."""
+    if order == "lowest":
+        return -loss
+    if order == "highest":
+        return loss.copy()
+    if order == "middle":
+        return -np.abs(loss - np.median(loss))
+    raise ValueError(order)
+
+
+@register
+class Perplexity(Method):
+    name = "perplexity"
+    description = "the model's token-averaged loss on each example; lowest (default) or highest first"
+    needs_model = True
+    Options = PerplexityOptions
+
+    def score(self, ctx: MethodContext) -> MethodResult:
+        loss = mean_losses(forward_logprobs(ctx, self.options.precision, self.name))
+        loss = np.nan_to_num(loss, nan=0.0)  # no label tokens: never produced by encoders
+        return MethodResult(
+            scores=order_scores(loss, self.options.order),
+            columns={"loss": loss},
+            info={"mean_loss": float(loss.mean()) if len(loss) else None},
+        )
