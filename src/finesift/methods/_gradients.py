@@ -1,0 +1,246 @@
+"""Per-example LoRA gradients, Adam preconditioning and seeded random projections.
+
+Shared by ``less`` and ``tracin``.
+
+Per-example gradients use the outer-product identity for linear layers: for
+``y = x W^T + b`` applied to a sequence, the gradient of example i's loss is
+``sum_t g_{i,t} x_{i,t}^T`` (and ``sum_t g_{i,t}`` for the bias), where ``x`` is the
+layer input and ``g`` the gradient of the batch loss with respect to the layer output.
+Rows of a batch do not interact (attention masks keep padding out), so one backward pass
+of the *sum* of per-example losses gives every example's gradient exactly. LoRA's A
+and B factors are ``nn.Linear`` modules, so every LoRA parameter is covered; so is the
+fully trained classification head of a NER model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from finesift.engine.batching import sorted_batches
+from finesift.engine.tasks import Task
+from finesift.errors import OptionError
+
+
+def trainable_linear_params(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear, str]]:
+    """``(parameter name, owning nn.Linear, "weight"|"bias")`` for every trainable
+    parameter, in ``model.named_parameters()`` order. Raises when a trainable parameter
+    does not belong to an ``nn.Linear`` (its per-example gradient is not supported)."""
+    owner: dict[int, tuple[torch.nn.Linear, str]] = {}
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear):
+            for attr in ("weight", "bias"):
+                p = getattr(mod, attr, None)
+                if p is not None and p.requires_grad:
+                    owner[id(p)] = (mod, attr)
+    out = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) not in owner:
+            raise OptionError(
+                f"per-example gradients support trainable nn.Linear parameters only; "
+                f"{name!r} is not one"
+            )
+        mod, attr = owner[id(p)]
+        out.append((name, mod, attr))
+    return out
+
+
+def per_example_loss(task: Task, model: torch.nn.Module, batch: dict[str, torch.Tensor], n: int):
+    """Token-averaged label NLL of each of the ``n`` rows, shape (n,)."""
+    logp, row = task.label_logprobs(model, batch)
+    logp = logp.float()
+    counts = torch.bincount(row, minlength=n).clamp_min(1).float()
+    return -torch.zeros(n, device=logp.device).index_add(0, row, logp) / counts
+
+
+def _grad_hook(slots: list, slot: int):
+    def hook(g: torch.Tensor) -> None:
+        while len(slots) <= slot:
+            slots.append(None)
+        slots[slot] = g.detach()
+
+    return hook
+
+
+def per_example_grads(
+    model: torch.nn.Module,
+    task: Task,
+    examples: Sequence[Any],
+    params: list[tuple[str, torch.nn.Linear, str]],
+    device: str = "cpu",
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Gradient of each example's token-averaged loss w.r.t. every trainable parameter.
+
+    One forward and one backward pass over the batch. Returns ``({name: (n, numel)},
+    losses (n,))``, fp32, in the order of ``examples``.
+    """
+    n = len(examples)
+    modules = {id(m): m for _, m, _ in params}
+    acts: dict[int, list[torch.Tensor]] = {k: [] for k in modules}
+    gouts: dict[int, list[torch.Tensor]] = {k: [] for k in modules}
+    handles = []
+
+    def fwd_hook(mod, inputs, output):
+        x = inputs[0]
+        if x.dim() != 3 or x.shape[0] != n:
+            raise RuntimeError(
+                f"per-example gradients need (batch, seq, features) inputs to linear layers, "
+                f"got {tuple(x.shape)}"
+            )
+        acts[id(mod)].append(x.detach())
+        if output.requires_grad:
+            output.register_hook(_grad_hook(gouts[id(mod)], len(acts[id(mod)]) - 1))
+
+    for m in modules.values():
+        handles.append(m.register_forward_hook(fwd_hook))
+    was_training = model.training
+    model.eval()
+    try:
+        batch = {k: v.to(device) for k, v in task.collate(list(examples)).items()}
+        with torch.enable_grad():
+            losses = per_example_loss(task, model, batch, n)
+            tracked = [getattr(m, a) for _, m, a in params]
+            # gradients flow only to the hooks; parameter .grad stays untouched
+            torch.autograd.grad(losses.sum(), tracked, allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+        if was_training:
+            model.train()
+    out: dict[str, torch.Tensor] = {}
+    for name, mod, attr in params:
+        key = id(mod)
+        total = None
+        for x, g in zip(acts[key], gouts[key], strict=False):
+            if g is None:
+                continue
+            g = g.float()
+            part = torch.einsum("bto,bti->boi", g, x.float()) if attr == "weight" else g.sum(1)
+            total = part if total is None else total + part
+        numel = getattr(mod, attr).numel()
+        out[name] = (
+            torch.zeros(n, numel) if total is None else total.reshape(n, numel).cpu()
+        )
+    return out, losses.detach().cpu()
+
+
+def batched_grads(
+    model, task: Task, examples: Sequence[Any], params, *, batch_size: int, device: str = "cpu",
+    max_tokens: int | None = 4096,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat per-example gradients (n, P) (parameters concatenated in ``params`` order)
+    and losses (n,), computed in length-sorted micro-batches."""
+    n = len(examples)
+    sizes = [getattr(m, a).numel() for _, m, a in params]
+    flat = torch.empty(n, sum(sizes))
+    losses = torch.empty(n)
+    lengths = [task.length(e) for e in examples]
+    for idx in sorted_batches(examples, lengths, batch_size=batch_size, max_tokens=max_tokens):
+        grads, loss = per_example_grads(model, task, [examples[i] for i in idx], params, device)
+        flat[idx] = torch.cat([grads[name] for name, _, _ in params], dim=1)
+        losses[idx] = loss
+    return flat, losses
+
+
+def adam_direction(
+    g: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: int,
+    betas: tuple[float, float],
+    eps: float,
+) -> torch.Tensor:
+    """The Adam update direction if ``g`` (rows: examples) were the next step's gradient:
+    m = b1 m + (1-b1) g, v = b2 v + (1-b2) g^2, t = step + 1,
+    m_hat / (sqrt(v_hat) + eps) with m_hat = m / (1 - b1^t), v_hat = v / (1 - b2^t)."""
+    b1, b2 = betas
+    t = step + 1
+    m = b1 * exp_avg + (1 - b1) * g
+    v = b2 * exp_avg_sq + (1 - b2) * g * g
+    m_hat = m / (1 - b1**t)
+    v_hat = v / (1 - b2**t)
+    return m_hat / (v_hat.sqrt() + eps)
+
+
+def _block_seed(seed: int, block: int) -> int:
+    h = hashlib.sha256(f"finesift-projection|{seed}|{block}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+class Projector:
+    """A seeded dense random projection R (P x d) applied block by block.
+
+    Entries are +-1/sqrt(d) (``rademacher``) or N(0, 1/d) (``gaussian``), so
+    E[<R^T x, R^T y>] = <x, y>. R is never materialised whole unless it is small: rows
+    are cut into blocks of at most ``block_elems`` entries, each generated from its own
+    seeded generator (so any block can be regenerated independently). Blocks are kept in
+    memory when the whole matrix has at most ``cache_elems`` entries.
+    """
+
+    def __init__(
+        self,
+        n_in: int,
+        dim: int,
+        kind: str = "rademacher",
+        seed: int = 0,
+        *,
+        block_elems: int = 1 << 22,
+        cache_elems: int = 1 << 26,
+    ) -> None:
+        if kind not in ("rademacher", "gaussian"):
+            raise OptionError(f"projection must be 'rademacher' or 'gaussian', got {kind!r}")
+        self.n_in, self.dim, self.kind, self.seed = int(n_in), int(dim), kind, int(seed)
+        self.rows = max(1, block_elems // self.dim)
+        self.n_blocks = math.ceil(self.n_in / self.rows)
+        self.cache: dict[int, torch.Tensor] | None = (
+            {} if self.n_in * self.dim <= cache_elems else None
+        )
+
+    def block(self, j: int) -> torch.Tensor:
+        if self.cache is not None and j in self.cache:
+            return self.cache[j]
+        r0 = j * self.rows
+        rows = min(self.rows, self.n_in - r0)
+        gen = torch.Generator().manual_seed(_block_seed(self.seed, j))
+        if self.kind == "rademacher":
+            R = torch.randint(0, 2, (rows, self.dim), generator=gen, dtype=torch.int8)
+            R = (R.float() * 2 - 1) / math.sqrt(self.dim)
+        else:
+            R = torch.randn(rows, self.dim, generator=gen) / math.sqrt(self.dim)
+        if self.cache is not None:
+            self.cache[j] = R
+        return R
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Project rows of ``x`` (n, P) to (n, d)."""
+        if x.shape[1] != self.n_in:
+            raise ValueError(f"expected {self.n_in} columns, got {x.shape[1]}")
+        out = torch.zeros(x.shape[0], self.dim, dtype=torch.float32)
+        x = x.float()
+        for j in range(self.n_blocks):
+            r0 = j * self.rows
+            out += x[:, r0 : r0 + self.rows] @ self.block(j)
+        return out
+
+
+def jl_dim(n_points: int, eps: float, delta: float = 0.01) -> int:
+    """A d for which a Rademacher/Gaussian projection preserves all pairwise inner
+    products of ``n_points`` unit vectors within ``eps`` with probability 1 - delta
+    (d >= 8 ln(n^2 / delta) / eps^2; Achlioptas 2003 constants, rounded up)."""
+    return math.ceil(8 * math.log(n_points**2 / delta) / eps**2)
+
+
+def jl_eps(n_points: int, dim: int, delta: float = 0.01) -> float:
+    """The inverse of :func:`jl_dim`: the distortion bound eps for this d."""
+    return math.sqrt(8 * math.log(n_points**2 / delta) / dim)
+
+
+def as_numpy(x: torch.Tensor) -> np.ndarray:
+    return x.detach().cpu().numpy().astype(np.float32, copy=False)

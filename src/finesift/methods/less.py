@@ -1,0 +1,342 @@
+"""``less`` (Xia et al., LESS, arXiv 2402.04333) and ``tracin`` (TracIn-CP).
+
+Both share one pipeline:
+
+1. Warm-up: a LoRA adapter is trained with AdamW on a random ``warmup_fraction`` of the
+   pool for ``warmup_epochs`` epochs; after each epoch k the adapter, the Adam moments
+   (exp_avg, exp_avg_sq, step) and the epoch's learning rate eta_k are kept.
+2. At each checkpoint, the gradient of every example's token-averaged label loss with
+   respect to the LoRA parameters, exactly and batched (see ``_gradients``).
+   ``less``: pool gradients become the Adam update direction
+   m_hat / (sqrt(v_hat) + eps) computed from the checkpoint's moments as if the
+   example's gradient were the next step's; target gradients stay plain (as in LESS,
+   whose target gradients are SGD gradients). ``tracin``: plain gradients for both.
+3. A seeded random projection to ``proj_dim`` dimensions (Rademacher or Gaussian,
+   generated block by block so memory stays bounded); ``less`` then unit-normalises.
+4. ``less``: score(x) = max over target subtasks s of
+   mean_{z in s} sum_k eta_k cos(Proj g_k(x), Proj g_k(z)) (one subtask unless target
+   records carry ``meta["subtask"]``). ``tracin``: the same with plain dot products of
+   the projected gradients, no normalisation (TracIn-CP).
+
+Differences from the LESS code: its Adam direction omits bias correction and puts eps
+inside the square root; here the bias-corrected form of the Adam update is used.
+
+With a work folder, the warm-up checkpoints and every gradient feature are kept on disk
+(memory-mapped ``.npy`` per checkpoint and split, written chunk by chunk, each chunk
+marked done once flushed), so a killed run resumes from the last finished chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from finesift.engine.train import (
+    LoraOptions,
+    TrainOptions,
+    add_lora,
+    load_trainable_state,
+    make_optimizer,
+    train,
+    trainable_state,
+)
+from finesift.errors import OptionError
+from finesift.methods import _gradients as G
+from finesift.methods.base import Method, MethodContext, MethodResult, register
+
+_STATE_VERSION = 1
+
+
+@dataclass
+class GradInfluenceOptions:
+    """Options of ``less`` and ``tracin``.
+
+    Attributes:
+        warmup_fraction: share of the pool the warm-up adapter is trained on (random).
+        min_warmup: at least this many warm-up examples (capped at the pool size).
+        warmup_epochs: N, warm-up epochs; one checkpoint after each.
+        lr: warm-up learning rate (AdamW).
+        lr_schedule: ``linear`` (default; eta_k = lr * (N - k) / N for epoch k = 0..N-1,
+            a per-epoch version of LESS's linear decay) or ``constant``.
+        batch_size: warm-up training batch size.
+        weight_decay: AdamW weight decay.
+        proj_dim: d, the projected gradient dimension (default 8192).
+        projection: ``rademacher`` or ``gaussian``.
+        chunk_size: examples whose gradients are projected together (and stored as one
+            resumable chunk); the projection blocks are generated once per chunk.
+        lora_rank, lora_alpha, lora_dropout: the warm-up LoRA adapter.
+    """
+
+    warmup_fraction: float = 0.05
+    min_warmup: int = 8
+    warmup_epochs: int = 4
+    lr: float = 2e-4
+    lr_schedule: str = "linear"
+    batch_size: int = 8
+    weight_decay: float = 0.0
+    proj_dim: int = 8192
+    projection: str = "rademacher"
+    chunk_size: int = 32
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+
+    def validate(self) -> None:
+        if not 0 < self.warmup_fraction <= 1:
+            raise OptionError("warmup_fraction must be in (0, 1]")
+        if self.projection not in ("rademacher", "gaussian"):
+            raise OptionError(f"projection must be 'rademacher' or 'gaussian', got {self.projection!r}")
+        if self.lr_schedule not in ("linear", "constant"):
+            raise OptionError("lr_schedule must be 'linear' or 'constant'")
+        if min(self.warmup_epochs, self.proj_dim, self.batch_size, self.chunk_size,
+               self.min_warmup, self.lora_rank) < 1:
+            raise OptionError(
+                "warmup_epochs, proj_dim, batch_size, chunk_size, min_warmup and lora_rank "
+                "must be >= 1"
+            )
+        if not self.lr > 0:
+            raise OptionError("lr must be > 0")
+
+
+@dataclass
+class Checkpoint:
+    """A warm-up checkpoint: adapter, Adam state per trainable parameter, eta_k."""
+
+    state: dict[str, torch.Tensor]
+    exp_avg: dict[str, torch.Tensor]
+    exp_avg_sq: dict[str, torch.Tensor]
+    step: dict[str, int]
+    lr: float
+    betas: tuple[float, float]
+    eps: float
+
+
+def aggregate(sim: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Max over target groups of the per-group mean of ``sim`` (n_pool, n_target)."""
+    out = None
+    for gval in np.unique(groups):
+        m = sim[:, groups == gval].mean(axis=1)
+        out = m if out is None else np.maximum(out, m)
+    return out
+
+
+def subtask_groups(ctx: MethodContext) -> np.ndarray:
+    """The subtask of each target example (all one group without ``meta["subtask"]``)."""
+    if len(ctx.target_records) != len(ctx.target):
+        return np.zeros(len(ctx.target), dtype=np.int64)
+    names = [str((r.meta or {}).get("subtask", "")) for r in ctx.target_records]
+    _, inv = np.unique(np.array(names, dtype=object).astype(str), return_inverse=True)
+    return inv.astype(np.int64)
+
+
+class _GradInfluence(Method):
+    Options = GradInfluenceOptions
+    needs_model = True
+    adam: bool
+    normalize: bool
+
+    # -- fingerprint / paths -------------------------------------------------------
+    def _fingerprint(self, ctx: MethodContext) -> str:
+        h = hashlib.sha256()
+        h.update(f"{self.name}-v{_STATE_VERSION}|".encode())
+        h.update(json.dumps(asdict(self.options), sort_keys=True).encode())
+        h.update(f"{ctx.seed}|{ctx.precision}|{len(ctx.pool)}|{len(ctx.target)}".encode())
+        for ex in list(ctx.pool) + list(ctx.target):
+            h.update(np.asarray(ex.input_ids).tobytes())
+            h.update(np.asarray(ex.labels).tobytes())
+        return h.hexdigest()[:16]
+
+    # -- warm-up -------------------------------------------------------------------
+    def warmup_indices(self, ctx: MethodContext) -> np.ndarray:
+        o = self.options
+        n = len(ctx.pool)
+        size = min(n, max(o.min_warmup, round(o.warmup_fraction * n)))
+        rng = np.random.default_rng([ctx.seed, 0x1E55])
+        return np.sort(rng.choice(n, size=size, replace=False))
+
+    def epoch_lrs(self) -> list[float]:
+        """eta_k, the learning rate of epoch k: ``lr`` (constant) or lr * (N - k) / N
+        (linear decay, piecewise constant per epoch)."""
+        o = self.options
+        N = o.warmup_epochs
+        if o.lr_schedule == "constant":
+            return [o.lr] * N
+        return [o.lr * (N - k) / N for k in range(N)]
+
+    def _warmup(self, ctx: MethodContext, model, names: list[str], path: Path | None):
+        o = self.options
+        if path is not None and path.exists():
+            blob = torch.load(path, weights_only=True)
+            ctx.log(f"{self.name}: warm-up checkpoints loaded from {path}")
+            return [Checkpoint(**{**c, "betas": tuple(c["betas"])}) for c in blob["ckpts"]], blob["info"]
+        idx = self.warmup_indices(ctx)
+        exs = [ctx.pool[i] for i in idx]
+        params = [p for p in model.parameters() if p.requires_grad]
+        pmap = dict(model.named_parameters())
+        topts = TrainOptions(lr=o.lr, epochs=1.0, batch_size=o.batch_size, optimizer="adamw",
+                             weight_decay=o.weight_decay)
+        opt = make_optimizer(params, topts, o.lr)
+        lrs = self.epoch_lrs()
+        ckpts, losses, steps = [], [], 0
+        t0 = time.perf_counter()
+        for k in range(o.warmup_epochs):
+            torch.manual_seed(ctx.seed * 1000 + k)
+            res = train(model, ctx.task, exs, topts, lr=lrs[k], optimizer=opt,
+                        seed=ctx.seed * 1000 + k, precision=ctx.precision, device=ctx.device,
+                        progress=ctx.progress, desc=f"{self.name}: warm-up epoch {k + 1}")
+            losses.append(res["mean_loss"])
+            steps += res["steps"]
+            state = trainable_state(model)
+            st = {n: opt.state[pmap[n]] for n in names}
+            ckpts.append(Checkpoint(
+                state=state,
+                exp_avg={n: st[n]["exp_avg"].detach().clone() for n in names},
+                exp_avg_sq={n: st[n]["exp_avg_sq"].detach().clone() for n in names},
+                step={n: int(st[n]["step"]) for n in names},
+                lr=lrs[k],
+                betas=tuple(opt.param_groups[0]["betas"]),
+                eps=float(opt.param_groups[0]["eps"]),
+            ))
+            ctx.log(f"{self.name}: warm-up epoch {k + 1}/{o.warmup_epochs} done")
+        info = {"warmup_examples": len(exs), "warmup_steps": steps,
+                "warmup_mean_loss": float(np.mean(losses)) if losses else float("nan"),
+                "epoch_lrs": lrs, "seconds_warmup": round(time.perf_counter() - t0, 3)}
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save({"ckpts": [asdict(c) for c in ckpts], "info": info}, tmp)
+            os.replace(tmp, path)
+        return ckpts, info
+
+    # -- features ------------------------------------------------------------------
+    def _features(self, ctx, model, params, ckpt: Checkpoint, examples, *, adam: bool,
+                  projector: G.Projector, store: Path | None, bar) -> np.ndarray:
+        """Projected (and for ``less`` normalised) gradient features, (n, d) float32,
+        memory-mapped from ``store`` when given; finished chunks are skipped."""
+        o = self.options
+        n, d = len(examples), o.proj_dim
+        names = [name for name, _, _ in params]
+        if store is None:
+            feats = np.empty((n, d), dtype=np.float32)
+            done = np.zeros(0, dtype=bool)
+        else:
+            npy, marks = store.with_suffix(".npy"), store.with_suffix(".done.npy")
+            if npy.exists() and marks.exists():
+                feats = np.load(npy, mmap_mode="r+")
+                done = np.load(marks)
+            else:
+                feats = np.lib.format.open_memmap(npy, mode="w+", dtype=np.float32, shape=(n, d))
+                done = np.zeros((n + o.chunk_size - 1) // o.chunk_size, dtype=bool)
+        for c, s0 in enumerate(range(0, n, o.chunk_size)):
+            idx = list(range(s0, min(n, s0 + o.chunk_size)))
+            if store is not None and done[c]:
+                bar.update(len(idx))
+                continue
+            flat, _ = G.batched_grads(model, ctx.task, [examples[i] for i in idx], params,
+                                      batch_size=ctx.batch_size, device=ctx.device)
+            if adam:
+                cols, off = [], 0
+                for name in names:
+                    size = ckpt.exp_avg[name].numel()
+                    cols.append(G.adam_direction(
+                        flat[:, off : off + size], ckpt.exp_avg[name].reshape(1, -1).float(),
+                        ckpt.exp_avg_sq[name].reshape(1, -1).float(), ckpt.step[name],
+                        ckpt.betas, ckpt.eps))
+                    off += size
+                flat = torch.cat(cols, dim=1)
+            proj = _project_chunk(projector, flat)
+            if self.normalize:
+                proj = proj / proj.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            feats[s0 : s0 + len(idx)] = G.as_numpy(proj)
+            if store is not None:
+                feats.flush()
+                done[c] = True
+                tmp = store.with_suffix(".done.tmp.npy")
+                np.save(tmp, done)
+                os.replace(tmp, store.with_suffix(".done.npy"))
+            bar.update(len(idx))
+        return np.asarray(feats)
+
+    # -- main ----------------------------------------------------------------------
+    def score(self, ctx: MethodContext) -> MethodResult:
+        o = self.options
+        o.validate()
+        if ctx.model is None:
+            raise OptionError(f"{self.name} needs a model")
+        lora = LoraOptions(rank=o.lora_rank, alpha=o.lora_alpha, dropout=o.lora_dropout)
+        model = add_lora(ctx.model, ctx.model_task, lora, seed=ctx.seed)
+        try:
+            return self._score(ctx, model)
+        finally:
+            model.unload()
+
+    def _score(self, ctx: MethodContext, model) -> MethodResult:
+        o = self.options
+        params = G.trainable_linear_params(model)
+        names = [n for n, _, _ in params]
+        P = sum(getattr(m, a).numel() for _, m, a in params)
+        work = None
+        if ctx.workdir is not None:
+            work = Path(ctx.workdir) / f"{self.name}-{self._fingerprint(ctx)}"
+            work.mkdir(parents=True, exist_ok=True)
+        ckpts, info = self._warmup(ctx, model, names, work / "warmup.pt" if work else None)
+        projector = G.Projector(P, o.proj_dim, o.projection, seed=ctx.seed)
+        groups = subtask_groups(ctx)
+        n, K = len(ctx.pool), len(ckpts)
+        per_ckpt = np.empty((K, n, len(ctx.target)), dtype=np.float64)
+        t0 = time.perf_counter()
+        bar = tqdm(total=K * (n + len(ctx.target)), desc=f"{self.name}: gradients", unit="ex",
+                   disable=not ctx.progress, leave=False)
+        try:
+            for k, ck in enumerate(ckpts):
+                load_trainable_state(model, ck.state)
+                fp = self._features(ctx, model, params, ck, ctx.pool, adam=self.adam,
+                                    projector=projector,
+                                    store=work / f"ckpt{k}-pool" if work else None, bar=bar)
+                ft = self._features(ctx, model, params, ck, ctx.target, adam=False,
+                                    projector=projector,
+                                    store=work / f"ckpt{k}-target" if work else None, bar=bar)
+                per_ckpt[k] = fp.astype(np.float64) @ ft.astype(np.float64).T
+        finally:
+            bar.close()
+        lrs = np.array([c.lr for c in ckpts])
+        total = np.tensordot(lrs, per_ckpt, axes=1)  # sum_k eta_k sim_k, (n, m)
+        scores = aggregate(total, groups)
+        columns = {f"score_ckpt_{k + 1}": lrs[k] * aggregate(per_ckpt[k], groups)
+                   for k in range(K)}
+        info.update({
+            "checkpoints": K, "trainable_parameters": int(P), "proj_dim": o.proj_dim,
+            "projection": o.projection, "target_subtasks": len(np.unique(groups)),
+            "seconds_gradients": round(time.perf_counter() - t0, 3),
+        })
+        return MethodResult(scores=scores, columns=columns, info=info)
+
+
+def _project_chunk(projector: G.Projector, flat: torch.Tensor) -> torch.Tensor:
+    """Project one chunk of flat gradients (a seam for tests that simulate a kill)."""
+    return projector(flat)
+
+
+@register
+class Less(_GradInfluence):
+    name = "less"
+    description = ("LESS: Adam-preconditioned LoRA gradients over warm-up checkpoints, projected, "
+                   "cosine to target")
+    adam = True
+    normalize = True
+
+
+@register
+class TracIn(_GradInfluence):
+    name = "tracin"
+    description = "TracIn-CP: lr-weighted projected LoRA gradient dot products over warm-up checkpoints"
+    adam = False
+    normalize = False
