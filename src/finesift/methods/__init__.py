@@ -2,6 +2,7 @@
 
 from finesift.methods import dsir as _dsir  # noqa: F401
 from finesift.methods import embed as _embed  # noqa: F401
+from finesift.methods import harp as _harp  # noqa: F401
 from finesift.methods import less as _less  # noqa: F401
 from finesift.methods import perplexity as _perplexity  # noqa: F401
 from finesift.methods import random as _random  # noqa: F401

@@ -1,0 +1,357 @@
+"""``harp``: hierarchical active region pruning (Wang et al., arXiv 2606.07690).
+
+HARP spends a few real train-evaluate runs on small clusters ("leaves") of the pool
+instead of scoring every example, and selects a *set of leaves*, possibly far fewer
+examples than the budget.
+
+1. Hierarchy: every pool example is embedded (``embedder``: all-MiniLM-L6-v2 by default,
+   the model's own mean-pooled states, or hashed token counts) and partitioned by
+   nested k-means into regions -> parents -> leaves of about ``leaf_size`` examples
+   (:func:`finesift.methods.harp_core.build_tree`).
+2. Measured utilities: for ``leaves_per_parent`` representative leaves per parent (the
+   leaf nearest the parent's centre first, then spread out; at most ``max_runs`` runs in
+   all), a fresh LoRA adapter is fine-tuned on the leaf for ``steps`` steps and the
+   target is measured. The utility of a model on target domain d is
+   ``u_d = mean_{t in d} exp(-loss_t)``, the mean over the domain's target examples of
+   the geometric-mean probability of their label tokens (in [0, 1]; ``loss_t`` the
+   token-averaged log-loss, in fp32). ``b_d`` is the untouched model's ``u_d`` and the
+   leaf's measured utility is ``phi_hat[g, d] = u_d(after g) - b_d``. Domains are the
+   target records' ``domain`` (else ``subtask``) field; one domain otherwise. The noise
+   variance ``sigma2`` of a measurement is the sampling variance of that mean over the
+   target examples (what a bootstrap over them estimates) plus the run-to-run variance
+   from ``repeats`` leaves measured a second time with another seed. The number of
+   train-evaluate runs is the method's cost (``info["train_evaluate_runs"]``).
+3. Empirical Bayes (:func:`finesift.methods.harp_core.eb_posterior`): posterior mean and
+   variance of every leaf's utility from a hierarchical Gaussian model fitted by method
+   of moments (measured leaves are shrunk too).
+4. Envelopes (:func:`finesift.methods.harp_core.greedy_select`): ``envelope=c`` (HARP-C,
+   only the best helpful leaf counts per domain, every harm counts) or ``e`` (HARP-E,
+   effects add up), on the posterior means minus ``risk`` posterior standard deviations;
+   greedy by marginal gain, then the best-prefix rule, capped at ``budget`` examples.
+
+Scores. HARP chooses leaves, not a ranking; to fit the score interface every example of a
+chosen leaf scores in (1, 2] (earlier in the greedy order = higher), every other example
+below 1: ``sigmoid`` of its leaf's posterior mean utility (averaged over domains, divided
+by the spread of those means), so within each group the order is the posterior order.
+
+Budget. Methods do not see the run's budget, so give it to HARP as an option:
+``finesift select --method harp --budget N -o budget=N`` caps HARP's choice at N examples.
+The strategy then takes the top N scores: HARP's chosen examples first; if HARP chose
+fewer than N (it stops where the predicted utility peaks), the rest of the budget is
+filled in posterior-utility order. ``info["n_selected_by_harp"]`` (in the manifest) says
+how many examples HARP itself chose, next to the budget's count. Per example,
+``scores.parquet`` gets ``harp_leaf``, ``harp_parent``, ``harp_region`` and
+``harp_posterior_mean``; the manifest gets the tree and the measured and posterior
+utilities of every leaf.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from finesift.engine.scoring import example_losses
+from finesift.engine.train import (
+    LoraOptions,
+    TrainOptions,
+    add_lora,
+    load_trainable_state,
+    train,
+    trainable_state,
+)
+from finesift.errors import OptionError
+from finesift.methods._text import texts_of
+from finesift.methods.base import Method, MethodContext, MethodResult, register
+from finesift.methods.harp_core import (
+    ENVELOPES,
+    build_tree,
+    eb_posterior,
+    greedy_select,
+    representative_leaves,
+)
+
+EMBEDDERS = ("minilm", "model", "tokens")
+_TOKEN_DIM = 512
+
+
+@dataclass
+class HarpOptions:
+    """Options of ``harp``.
+
+    Attributes:
+        envelope: ``c`` (HARP-C, default: redundancy-controlled) or ``e`` (HARP-E:
+            complementary leaves add up).
+        budget: cap on the examples HARP chooses (``-o budget=N``; default 0 = no cap).
+            Pass the run's budget here: see the module docstring.
+        embedder: ``minilm`` (default), ``model`` (the scoring model's mean-pooled last
+            hidden states) or ``tokens`` (hashed counts of the encoded token ids,
+            L2-normalised; no encoder needed).
+        leaf_size: examples per leaf, about (default 64; clamped to the pool size).
+        parent_leaves: leaves per parent, about (default 8).
+        region_parents: parents per region, about (default 4).
+        leaves_per_parent: representative leaves measured per parent (default 2).
+        max_runs: cap on measured leaves (default 64); parents are covered round-robin.
+        repeats: leaves measured a second time, with another seed, to estimate the
+            run-to-run noise (default 2; 0 = target sampling noise only).
+        steps: optimiser steps per leaf fine-tune (default 8).
+        lr: learning rate of the leaf fine-tunes (default 2e-4).
+        batch_size: training batch size (default 8).
+        lora_rank, lora_alpha, lora_dropout: the LoRA adapter (16, 32, 0.05).
+        max_target: target examples measured per run, a seeded subsample if there are
+            more (default 256).
+        risk: greedy on posterior mean minus ``risk`` x posterior sd (default 0).
+        max_length, embed_batch_size: for ``embedder=minilm``.
+    """
+
+    envelope: str = "c"
+    budget: int = 0
+    embedder: str = "minilm"
+    leaf_size: int = 64
+    parent_leaves: int = 8
+    region_parents: int = 4
+    leaves_per_parent: int = 2
+    max_runs: int = 64
+    repeats: int = 2
+    steps: int = 8
+    lr: float = 2e-4
+    batch_size: int = 8
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    max_target: int = 256
+    risk: float = 0.0
+    max_length: int = 256
+    embed_batch_size: int = 32
+
+    def validate(self) -> None:
+        if self.envelope not in ENVELOPES:
+            raise OptionError(f"harp: envelope must be one of {', '.join(ENVELOPES)}, "
+                              f"got {self.envelope!r}")
+        if self.embedder not in EMBEDDERS:
+            raise OptionError(f"harp: embedder must be one of {', '.join(EMBEDDERS)}, "
+                              f"got {self.embedder!r}")
+        for name in ("leaf_size", "parent_leaves", "region_parents", "leaves_per_parent",
+                     "max_runs", "steps", "batch_size", "lora_rank", "max_target",
+                     "max_length", "embed_batch_size"):
+            if getattr(self, name) < 1:
+                raise OptionError(f"harp: {name} must be >= 1")
+        if self.budget < 0 or self.repeats < 0 or self.risk < 0:
+            raise OptionError("harp: budget, repeats and risk must be >= 0")
+        if not self.lr > 0:
+            raise OptionError("harp: lr must be > 0")
+
+
+def token_embeddings(examples: Sequence[Any], dim: int = _TOKEN_DIM) -> np.ndarray:
+    """Hashed bag-of-token-ids of each encoded example, L2-normalised ``(n, dim)``."""
+    out = np.zeros((len(examples), dim), dtype=np.float32)
+    for i, e in enumerate(examples):
+        ids = np.asarray(e.input_ids, dtype=np.int64)
+        np.add.at(out[i], (ids * 2654435761) % dim, 1.0)
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
+
+def target_domains(records: Sequence[Any], n: int) -> tuple[np.ndarray, list[str]]:
+    """Domain index of each target example (``domain``, else ``subtask``) and the names."""
+    if len(records) != n:
+        return np.zeros(n, dtype=np.int64), ["all"]
+    names = []
+    for r in records:
+        meta = getattr(r, "meta", {}) or {}
+        v = meta.get("domain", meta.get("subtask"))
+        names.append("all" if v is None else str(v))
+    uniq = sorted(set(names))
+    return np.array([uniq.index(x) for x in names], dtype=np.int64), uniq
+
+
+def domain_utility(losses: np.ndarray, dom: np.ndarray, n_dom: int) -> tuple[np.ndarray, ...]:
+    """Per-example ``exp(-loss)``, and its per-domain mean."""
+    u = np.exp(-np.asarray(losses, dtype=np.float64))
+    return u, np.array([u[dom == d].mean() for d in range(n_dom)])
+
+
+@register
+class Harp(Method):
+    name = "harp"
+    description = "hierarchical active region pruning: train a few leaves, EB the rest, HARP-C/E"
+    needs_model = True
+    Options = HarpOptions
+
+    def __init__(self, options: HarpOptions,
+                 embed_fn: Callable[[MethodContext], np.ndarray] | None = None) -> None:
+        """``embed_fn`` (library use and tests): returns the pool embeddings ``(n, dim)``
+        instead of the ``embedder`` option."""
+        super().__init__(options)
+        self.embed_fn = embed_fn
+
+    # -- step 1 --------------------------------------------------------------------
+    def _embed(self, ctx: MethodContext) -> tuple[np.ndarray, str]:
+        o: HarpOptions = self.options
+        if self.embed_fn is not None:
+            return np.asarray(self.embed_fn(ctx), dtype=np.float64), "custom"
+        if o.embedder == "tokens":
+            return token_embeddings(ctx.pool), "tokens"
+        from finesift.methods import embed as emb
+
+        if o.embedder == "model":
+            return emb.model_embeddings(ctx.model, ctx.task, ctx.pool, batch_size=ctx.batch_size,
+                                        precision=ctx.precision, device=ctx.device,
+                                        progress=ctx.progress, desc="harp: embedding"), "model"
+        texts = texts_of(ctx.pool_records, len(ctx.pool), "pool", self.name)
+        return emb.minilm_embeddings(texts, max_length=o.max_length,
+                                     batch_size=o.embed_batch_size, progress=ctx.progress,
+                                     desc="harp: embedding"), "all-MiniLM-L6-v2"
+
+    # -- step 2 --------------------------------------------------------------------
+    def _measure(self, ctx, model, init_state, leaf_members, target, dom, n_dom, u0, seed):
+        o: HarpOptions = self.options
+        load_trainable_state(model, init_state)
+        torch.manual_seed(seed)
+        examples = [ctx.pool[i] for i in leaf_members]
+        topts = TrainOptions(lr=o.lr, epochs=float(o.steps), batch_size=o.batch_size,
+                             max_steps=o.steps)
+        res = train(model, ctx.task, examples, topts, seed=seed, precision=ctx.precision,
+                    device=ctx.device)
+        losses = example_losses(model, ctx.task, target, batch_size=ctx.batch_size,
+                                precision="fp32", device=ctx.device)
+        u, _ = domain_utility(losses, dom, n_dom)
+        delta = u - u0
+        phi = np.array([delta[dom == d].mean() for d in range(n_dom)])
+        # squared standard error of the mean over the domain's target examples
+        samp = np.array([delta[dom == d].var(ddof=1) / (dom == d).sum()
+                         if (dom == d).sum() > 1 else 0.0 for d in range(n_dom)])
+        return phi, samp, res["steps"]
+
+    def score(self, ctx: MethodContext) -> MethodResult:
+        o: HarpOptions = self.options
+        o.validate()
+        if ctx.model is None:
+            raise OptionError("harp needs a model (it fine-tunes on leaves)")
+        n = len(ctx.pool)
+        t0 = time.perf_counter()
+        emb, embedder = self._embed(ctx)
+        tree = build_tree(emb, leaf_size=min(o.leaf_size, n), parent_leaves=o.parent_leaves,
+                          region_parents=o.region_parents, seed=ctx.seed)
+        t_tree = time.perf_counter() - t0
+        sizes = tree.leaf_sizes()
+        members = [np.flatnonzero(tree.leaf == g) for g in range(tree.n_leaves)]
+        ctx.log(f"harp: {tree.n_leaves} leaves, {len(tree.parent_centres)} parents, "
+                f"{int(tree.parent_region.max()) + 1} regions")
+
+        # target subsample and domains
+        rng = np.random.default_rng(ctx.seed)
+        t_idx = np.arange(len(ctx.target))
+        if len(t_idx) > o.max_target:
+            t_idx = np.sort(rng.choice(len(t_idx), o.max_target, replace=False))
+        target = [ctx.target[i] for i in t_idx]
+        dom_all, dom_names = target_domains(ctx.target_records, len(ctx.target))
+        dom = dom_all[t_idx]
+        present = sorted(set(dom.tolist()))
+        dom = np.array([present.index(x) for x in dom])
+        dom_names = [dom_names[i] for i in present]
+        D = len(dom_names)
+
+        measured = representative_leaves(tree, o.leaves_per_parent, o.max_runs)
+        t1 = time.perf_counter()
+        lora = LoraOptions(rank=o.lora_rank, alpha=o.lora_alpha, dropout=o.lora_dropout)
+        model = add_lora(ctx.model, ctx.model_task, lora, seed=ctx.seed)
+        steps = 0
+        try:
+            init_state = trainable_state(model)
+            base_losses = example_losses(model, ctx.task, target, batch_size=ctx.batch_size,
+                                         precision="fp32", device=ctx.device)
+            u0, b = domain_utility(base_losses, dom, D)
+            phi_hat = np.zeros((len(measured), D))
+            samp = np.zeros((len(measured), D))
+            for j, g in enumerate(measured):
+                ctx.log(f"harp: train-evaluate leaf {g} ({j + 1}/{len(measured)})")
+                phi_hat[j], samp[j], s = self._measure(ctx, model, init_state, members[g],
+                                                       target, dom, D, u0, ctx.seed + 1)
+                steps += s
+            rep = []
+            for j in range(min(o.repeats, len(measured))):
+                g = measured[j]
+                ctx.log(f"harp: repeat leaf {g} ({j + 1}/{o.repeats})")
+                again, _, s = self._measure(ctx, model, init_state, members[g], target, dom, D,
+                                            u0, ctx.seed + 1001 + j)
+                steps += s
+                rep.append((phi_hat[j], again))
+        finally:
+            model.unload()
+        t_measure = time.perf_counter() - t1
+        run_var = (np.mean([(a - c) ** 2 / 2 for a, c in rep], axis=0) if rep else np.zeros(D))
+        for j, (a, c) in enumerate(rep):  # the measurement is the mean of the two runs
+            phi_hat[j] = (a + c) / 2
+        sigma2 = samp + run_var
+        if rep:
+            sigma2[: len(rep)] = samp[: len(rep)] + run_var / 2
+        n_runs = len(measured) + len(rep)
+
+        # steps 3 and 4
+        post = eb_posterior(measured, phi_hat, sigma2, tree.leaf_parent, tree.parent_region)
+        util = post.mean - o.risk * np.sqrt(post.var)
+        greedy = greedy_select(util, b, o.envelope, sizes=sizes,
+                               budget=o.budget if o.budget > 0 else None)
+        chosen = greedy.chosen
+        k = len(chosen)
+
+        leaf_mean = post.mean.mean(axis=1)
+        spread = float(leaf_mean.std()) or 1.0
+        leaf_score = 1.0 / (1.0 + np.exp(-np.clip(leaf_mean / spread, -30, 30)))
+        leaf_score = np.minimum(leaf_score, 1.0 - 1e-9)
+        for r, g in enumerate(chosen):
+            leaf_score[g] = 1.0 + (k - r) / k
+        scores = leaf_score[tree.leaf]
+        n_chosen = int(sizes[chosen].sum())
+
+        measured_table: list[Any] = [None] * tree.n_leaves
+        for j, g in enumerate(measured):
+            measured_table[int(g)] = _r(phi_hat[j])
+        info: dict[str, Any] = {
+            "envelope": o.envelope,
+            "embedder": embedder,
+            "n_selected_by_harp": n_chosen,
+            "budget": o.budget or None,
+            "leaves_chosen": [int(g) for g in chosen],
+            "train_evaluate_runs": n_runs,
+            "train_steps": int(steps),
+            "domains": dom_names,
+            "target_examples_measured": len(target),
+            "base_utility": _r(b),
+            "sigma2_run_to_run": _r(run_var),
+            "sigma2_mean": _r(sigma2.mean(axis=0)),
+            "greedy_values": _r(greedy.values[: max(k + 5, 10)]),
+            "tree": {
+                "n_regions": int(tree.parent_region.max()) + 1,
+                "n_parents": len(tree.parent_centres),
+                "n_leaves": tree.n_leaves,
+                "leaf_parent": tree.leaf_parent.tolist(),
+                "parent_region": tree.parent_region.tolist(),
+                "leaf_size": sizes.tolist(),
+            },
+            "leaves": {
+                "measured": measured_table,
+                "posterior_mean": [_r(x) for x in post.mean],
+                "posterior_sd": [_r(x) for x in np.sqrt(post.var)],
+            },
+            "parents": {"mu": [_r(x) for x in post.mu_parent],
+                        "tau2": [_r(x) for x in post.tau2_parent]},
+            "seconds_tree": round(t_tree, 3),
+            "seconds_measuring": round(t_measure, 3),
+        }
+        columns = {
+            "harp_leaf": tree.leaf.astype(np.int64),
+            "harp_parent": tree.parent.astype(np.int64),
+            "harp_region": tree.region.astype(np.int64),
+            "harp_posterior_mean": leaf_mean[tree.leaf],
+        }
+        return MethodResult(scores=scores, columns=columns, info=info)
+
+
+def _r(x) -> list[float]:
+    """A compact JSON list (6 significant digits)."""
+    return [float(f"{v:.6g}") for v in np.asarray(x, dtype=np.float64).reshape(-1)]
