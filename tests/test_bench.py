@@ -234,3 +234,19 @@ def test_html_report_renders_in_chromium(quick_run, tmp_path) -> None:
     assert 'data-plots-loaded="3"' in dom
     assert any(":CONSOLE" in line and "notDefined" in line for line in log.splitlines())
     shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+
+
+def test_changed_setup_is_not_mixed_with_old_results(quick_run, tmp_path) -> None:
+    cfg, out, _, _ = quick_run
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    # other fine-tuning hyperparameters: refuse to resume into the old folder
+    other = cfg.parent / "bench-lr.yaml"
+    other.write_text(cfg.read_text().replace("lora_rank: 4", "lora_rank: 8"))
+    with pytest.raises(ConfigError, match=r"holds results of another setup \(changed: finetune\)"):
+        run_bench(other, out=copy, quick=True)
+    # other method options: a new method key, so those runs are redone, random's are not
+    other.write_text(cfg.read_text().replace("val_epochs: 2", "val_epochs: 1"))
+    again = run_bench(other, out=copy, quick=True)
+    assert (again.n_done, again.n_skipped) == (4, 4)
+    assert len(list((copy / "selections").glob("tov-*-seed0"))) == 2

@@ -88,6 +88,19 @@ class MethodSpec:
     options: dict[str, Any]
     label: str
 
+    @property
+    def key(self) -> str:
+        """Label plus a hash of the options: changed options never reuse old runs."""
+        import hashlib
+
+        blob = json.dumps(self.options, sort_keys=True, default=str).encode()
+        return f"{self.label}#{hashlib.sha1(blob).hexdigest()[:8]}"
+
+    @property
+    def dirname(self) -> str:
+        """Folder name of this method's selections."""
+        return _slug(self.key.replace("#", "-"))
+
 
 @dataclass
 class BenchConfig:
@@ -405,7 +418,7 @@ def _selection(cfg: BenchConfig, data: BenchData, spec: MethodSpec, seed: int, b
 
     from finesift.api import select
 
-    sel_dir = out / "selections" / f"{_slug(spec.label)}-seed{seed}"
+    sel_dir = out / "selections" / f"{spec.dirname}-seed{seed}"
     done = sel_dir / "DONE.json"
     if done.exists() and (sel_dir / "scores.parquet").exists():
         cost = json.loads(done.read_text())
@@ -506,6 +519,7 @@ def run_bench(
             counts[b] = parse_budget(b, len(data.pool))
         except OptionError as exc:
             raise ConfigError(cfg.path, f"budgets: {exc}") from None
+    check_same_setup(out_dir, cfg, model, finetune, data, quick)
     labels = label_names(cfg.task, model, [data.pool, data.val, data.test])
     by_id = {r.id: r for r in data.pool}
     results_path = out_dir / "results.jsonl"
@@ -516,7 +530,7 @@ def run_bench(
     for spec in cfg.methods:
         for seed in seeds:
             todo = [b for b in budgets
-                    if finished.get(run_key(spec.label, b, seed), {}).get("status") != "ok"]
+                    if finished.get(run_key(spec.key, b, seed), {}).get("status") != "ok"]
             n_skipped += len(budgets) - len(todo)
             if not todo:
                 continue
@@ -549,9 +563,38 @@ def run_bench(
     return BenchResult(out_dir, rows, n_done, n_skipped, n_failed, seconds)
 
 
+def check_same_setup(out: Path, cfg: BenchConfig, model: str | None,
+                     finetune: FinetuneOptions, data: BenchData, quick: bool) -> None:
+    """Refuse to resume into a results folder made with other data or hyperparameters.
+
+    Everything a run's figures depend on except the method, budget and seed (those are in
+    each run's key) is recorded in ``OUT/setup.json`` on the first invocation.
+    """
+    from finesift.store import file_fingerprint, write_json
+
+    setup = {
+        "task": cfg.task, "model": "tiny random (--quick)" if quick else str(model),
+        "max_length": cfg.max_length,
+        "strategy": cfg.strategy, "quick": quick,
+        "finetune": {k: v for k, v in finetune.__dict__.items() if k != "seed"},
+        "data": {p.name: file_fingerprint(p)["sha256"]
+                 for p in [*data.pool_files, data.val_file, data.test_file]},
+    }
+    setup = json.loads(json.dumps(setup, default=str))
+    path = out / "setup.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        changed = sorted(k for k in set(old) | set(setup) if old.get(k) != setup.get(k))
+        if changed:
+            raise ConfigError(cfg.path, f"{out} holds results of another setup (changed: "
+                                        f"{', '.join(changed)}); use another --out or delete it")
+        return
+    write_json(path, setup)
+
+
 def _failed_row(cfg: BenchConfig, spec: MethodSpec, budget: Any, k: int, seed: int,
                 exc: BaseException) -> dict[str, Any]:
-    return {"key": run_key(spec.label, budget, seed), "config": cfg.name, "method": spec.label,
+    return {"key": run_key(spec.key, budget, seed), "config": cfg.name, "method": spec.label,
             "method_name": spec.name, "budget": str(budget), "budget_count": k, "seed": seed,
             "status": "failed", "error": f"{type(exc).__name__}: {exc}",
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -567,7 +610,7 @@ def _one_run(cfg, data, spec, budget, k, seed, columns, sel_cost, base, by_id, m
         f"({dict(comp)}) ...")
     opts = FinetuneOptions(**{**finetune.__dict__, "seed": seed})
     row: dict[str, Any] = {
-        "key": run_key(spec.label, budget, seed), "config": cfg.name, "method": spec.label,
+        "key": run_key(spec.key, budget, seed), "config": cfg.name, "method": spec.label,
         "method_name": spec.name, "method_options": json.dumps(spec.options, sort_keys=True),
         "budget": str(budget), "budget_count": k, "seed": seed,
     }
@@ -595,7 +638,7 @@ def _one_run(cfg, data, spec, budget, k, seed, columns, sel_cost, base, by_id, m
         "eval_seconds": ev.get("seconds"), "eval_peak_rss_mb": ev.get("peak_rss_mb"),
         "load_seconds": res.costs.get("load_model", {}).get("seconds"),
         "selected_ids": ids,
-        "selection_dir": str(Path("selections") / f"{_slug(spec.label)}-seed{seed}"),
+        "selection_dir": str(Path("selections") / f"{spec.dirname}-seed{seed}"),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })
     return row
@@ -607,7 +650,7 @@ def _ordered_rows(finished: dict[str, dict[str, Any]], cfg: BenchConfig, budgets
     for spec in cfg.methods:
         for b in budgets:
             for s in seeds:
-                row = finished.get(run_key(spec.label, b, s))
+                row = finished.get(run_key(spec.key, b, s))
                 if row is not None:
                     rows.append(row)
     return rows
