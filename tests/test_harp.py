@@ -246,3 +246,48 @@ def test_token_embeddings_are_unit_norm(tiny):
     e = token_embeddings(pool[:5])
     assert np.allclose(np.linalg.norm(e, axis=1), 1.0)
     assert isinstance(Harp(HarpOptions(), embed_fn=lambda ctx: e).embed_fn(None), np.ndarray)
+
+
+# -- through select() ----------------------------------------------------------------------
+
+
+def test_select_runs_harp_and_writes_its_tables(tmp_path):
+    import json
+
+    import pandas as pd
+
+    import finesift
+
+    tok = tiny_tokenizer()
+    model_dir = tmp_path / "model"
+    tiny_causal_lm(len(tok)).save_pretrained(model_dir, safe_serialization=True)
+    tok.save_pretrained(model_dir)
+    rng = np.random.default_rng(1)
+
+    def pattern():
+        s = int(rng.integers(0, len(PATTERN)))
+        return " ".join(PATTERN[(s + j) % len(PATTERN)] for j in range(SEQ))
+
+    pool = [{"id": f"p{i}", "text": pattern()} for i in range(10)]
+    pool += [{"id": f"f{i}", "text": " ".join(rng.choice(FRUIT, SEQ))} for i in range(20)]
+    target = [{"text": pattern()} for _ in range(8)]
+    for name, rows in (("pool", pool), ("target", target)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sel = finesift.select(
+        tmp_path / "pool.jsonl", tmp_path / "target.jsonl", budget=12, method="harp",
+        method_options={"embedder": "tokens", "budget": 12, "leaf_size": 5, "steps": 4,
+                        "lr": 3e-3, "repeats": 1},
+        model=str(model_dir), out=tmp_path / "out", precision="fp32",
+    )
+    assert len(sel.selected) == 12
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    info = manifest["method_info"]
+    assert 0 < info["n_selected_by_harp"] <= 12 and info["budget"] == 12
+    assert info["train_evaluate_runs"] >= 2
+    assert len(info["leaves"]["posterior_mean"]) == info["tree"]["n_leaves"]
+    table = pd.read_parquet(tmp_path / "out" / "scores.parquet")
+    for col in ("harp_leaf", "harp_parent", "harp_region", "harp_posterior_mean"):
+        assert col in table.columns
+    # HARP's own choice comes first in the selection
+    first = sel.selected_ids[: info["n_selected_by_harp"]]
+    assert sum(i.startswith("p") for i in first) >= 0.75 * len(first)
