@@ -9,6 +9,9 @@
 * ``lm_data``: two pool files (text and chat records) with planted target-like records,
   one chat without a reply (skipped while reading) and a prompt/completion target file.
 * ``write_jsonl``: writes rows as JSON Lines.
+* every test module runs torch on one thread (set ``TORCH_THREADS`` in a module to change
+  that): the models are tiny, and torch's thread pool only adds overhead to them, a lot
+  of it on a busy 2-core machine.
 """
 
 from __future__ import annotations
@@ -21,8 +24,17 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from finesift.testing import BASE_WORDS, tiny_causal_lm, tiny_token_classifier, tiny_tokenizer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _torch_threads(request):
+    n = torch.get_num_threads()
+    torch.set_num_threads(getattr(request.module, "TORCH_THREADS", 1))
+    yield
+    torch.set_num_threads(n)
 
 # The target task: these ten words in a cycle, starting at one of three places.
 PATTERN = ["alpha", "beta", "gamma", "delta", "zeta", "theta", "kappa", "sigma", "omega"]

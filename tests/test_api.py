@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 import finesift
 from finesift.errors import InputError, OptionError
@@ -24,13 +23,6 @@ BASIC = {**TOV, "mode": "basic"}
 INTERLEAVED = {**TOV, "mode": "interleaved", "rounds": 2, "base_size": 16, "val_epochs": 1}
 BUDGET = 16  # = the number of planted records
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def run(lm_data, model: Path, **kw: Any) -> finesift.api.Selection:

@@ -43,14 +43,6 @@ PATTERN += ["omega", "lambda"]
 SEQ = 10  # words per planted or noise sequence
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: torch's thread pool only adds overhead; restore it afterwards
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _has_minilm() -> bool:
     try:

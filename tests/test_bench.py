@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from finesift.cli import main
 from finesift.evaluate.bench import ConfigError, load_config, quick_budgets, run_bench
@@ -40,13 +39,6 @@ seeds: [0, 1]
 finetune: {epochs: 1, lr: 2.0e-4, lora_rank: 4, batch_size: 4}
 """
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_suite(folder: Path, write_jsonl, config: str = CONFIG) -> Path:

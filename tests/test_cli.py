@@ -14,20 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from finesift import __version__
 from finesift.cli import main
 
 TOV_ARGS = ["-o", "mode=basic", "-o", "lr=3e-3", "-o", "val_epochs=3", "--precision", "fp32"]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def select_argv(pool: list[Path], target: Path, out: Path, model: Path, *extra: str) -> list[str]:

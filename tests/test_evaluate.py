@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from finesift.cli import main
 from finesift.evaluate.finetune import (
@@ -29,13 +28,6 @@ PATTERN = ["alpha", "beta", "gamma", "delta", "zeta", "theta", "kappa", "sigma",
 FAST = FinetuneOptions(epochs=8, lr=1e-2, lora_rank=8, batch_size=8, precision="fp32",
                        max_length=64)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def sequence_rows() -> list[dict]:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import finesift
 from finesift.data.encode import encode_lm
@@ -33,12 +32,8 @@ def _require(*packages: str) -> None:
             pytest.skip(f"{package} is not installed")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    yield
-    torch.set_num_threads(n)
+# the real models use the machine (the conftest default of one thread is for tiny ones)
+TORCH_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="module")

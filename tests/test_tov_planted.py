@@ -8,7 +8,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 import finesift.methods.tov as tov_module
 from finesift.data.records import Example
@@ -30,15 +29,6 @@ TOP = 20
 BASE_OPTIONS = {"lr": 3e-3, "eps": 0.5, "rounds": 2}
 INTERLEAVED = {"mode": "interleaved", "rounds": 3}
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The models are tiny: torch's thread pool only adds overhead (a lot of it on a
-    # busy machine). Restore the setting for the other test modules.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class Data:

@@ -45,14 +45,6 @@ LR = 5.0  # lr * h_max ~ 0.75 (GD is stable below 2): small steps relative to th
 ROUNDS = 600  # rounds * lr * h_min ~ 30: the val trajectory has converged for most rounds
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: torch's thread pool only adds overhead (a lot on a busy machine).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @dataclass(frozen=True)
 class Point:
