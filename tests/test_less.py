@@ -23,14 +23,6 @@ from finesift.testing import tiny_causal_lm
 FAST = {"lr": 3e-3, "proj_dim": 512, "warmup_fraction": 0.1, "warmup_epochs": 2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def data() -> Data:
     return Data()

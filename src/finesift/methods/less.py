@@ -243,15 +243,14 @@ class _GradInfluence(Method):
             flat, _ = G.batched_grads(model, ctx.task, [examples[i] for i in idx], params,
                                       batch_size=ctx.batch_size, device=ctx.device)
             if adam:
-                cols, off = [], 0
-                for name in names:
+                off = 0
+                for name in names:  # in place, one parameter at a time
                     size = ckpt.exp_avg[name].numel()
-                    cols.append(G.adam_direction(
+                    flat[:, off : off + size] = G.adam_direction(
                         flat[:, off : off + size], ckpt.exp_avg[name].reshape(1, -1).float(),
                         ckpt.exp_avg_sq[name].reshape(1, -1).float(), ckpt.step[name],
-                        ckpt.betas, ckpt.eps))
+                        ckpt.betas, ckpt.eps)
                     off += size
-                flat = torch.cat(cols, dim=1)
             proj = _project_chunk(projector, flat)
             if self.normalize:
                 proj = proj / proj.norm(dim=1, keepdim=True).clamp_min(1e-12)
