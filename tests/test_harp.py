@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from finesift.data.records import Example
 from finesift.engine.tasks import CausalLMTask
@@ -197,10 +196,7 @@ def make_tiny():
 
 @pytest.fixture(scope="module")
 def tiny():
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield make_tiny()
-    torch.set_num_threads(n_threads)
+    return make_tiny()  # (conftest runs torch on one thread)
 
 
 def run_tiny(tiny, **options):
@@ -251,17 +247,14 @@ def test_token_embeddings_are_unit_norm(tiny):
 # -- through select() ----------------------------------------------------------------------
 
 
-def test_select_runs_harp_and_writes_its_tables(tmp_path):
+def test_select_runs_harp_and_writes_its_tables(tmp_path, tiny_lm_dir):
     import json
 
     import pandas as pd
 
     import finesift
 
-    tok = tiny_tokenizer()
-    model_dir = tmp_path / "model"
-    tiny_causal_lm(len(tok)).save_pretrained(model_dir, safe_serialization=True)
-    tok.save_pretrained(model_dir)
+    model_dir = tiny_lm_dir
     rng = np.random.default_rng(1)
 
     def pattern():
