@@ -231,3 +231,30 @@ def test_killed_run_resumes_to_the_same_scores(data: Data, runs, tmp_path, monke
     again = get_method(name, opts).score(ctx_for(data, workdir=tmp_path))
     assert counted["n"] == 0
     np.testing.assert_array_equal(again.scores, resumed.scores)
+
+
+# -- through select() ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["less", "tracin"])
+def test_select_end_to_end_picks_planted_records_and_reuses_its_store(
+    lm_data, tiny_lm_dir, tmp_path, method
+):
+    import finesift
+
+    budget = len(lm_data.planted)
+    args = {"budget": budget, "method": method, "method_options": FAST,
+            "model": str(tiny_lm_dir), "precision": "fp32", "batch_size": 32,
+            "out": tmp_path / "run"}
+    sel = finesift.select(lm_data.pool, lm_data.target, **args)
+    assert sel.scores.shape == (len(lm_data.usable),) and np.isfinite(sel.scores).all()
+    hits = len(set(sel.selected_ids) & lm_data.planted)
+    assert hits >= budget * 0.7
+    info = sel.manifest["method_info"]
+    assert info["checkpoints"] == 2 and info["proj_dim"] == FAST["proj_dim"]
+    store = list((tmp_path / "run" / ".work").glob(f"{method}-*"))
+    assert len(store) == 1
+    assert {p.name for p in store[0].glob("ckpt*-*.npy")} >= {
+        "ckpt0-pool.npy", "ckpt1-pool.npy", "ckpt0-target.npy", "ckpt1-target.npy"}
+    again = finesift.select(lm_data.pool, lm_data.target, **args)
+    np.testing.assert_array_equal(again.scores, sel.scores)
