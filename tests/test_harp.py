@@ -199,11 +199,11 @@ def tiny():
     return make_tiny()  # (conftest runs torch on one thread)
 
 
-def run_tiny(tiny, **options):
+def run_tiny(tiny, workdir=None, **options):
     tok, pool, _, target = tiny
     ctx = MethodContext(pool=pool, target=target, pool_records=[], target_records=[],
                         task=CausalLMTask(tok.pad_token_id), model=tiny_causal_lm(len(tok)),
-                        precision="fp32", batch_size=32)
+                        precision="fp32", batch_size=32, workdir=workdir)
     opts = {"embedder": "tokens", "leaf_size": 8, "parent_leaves": 3, "region_parents": 2,
             "leaves_per_parent": 2, "repeats": 1, "steps": 4, "lr": 3e-3, **options}
     return get_method("harp", opts).score(ctx)
@@ -235,6 +235,25 @@ def test_tiny_model_budget_cap(tiny):
     res = run_tiny(tiny, envelope="e", budget=8)
     assert 0 < res.info["n_selected_by_harp"] <= 8
     assert res.info["budget"] == 8
+
+
+def test_tiny_model_resumes_from_its_workdir(tiny, tmp_path, monkeypatch):
+    import finesift.methods.harp as harp_module
+
+    first = run_tiny(tiny, workdir=tmp_path, envelope="e")
+    assert first.info["runs_reused_from_workdir"] == 0
+    assert (tmp_path / "harp_runs.json").exists()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(harp_module, "train", no_training)
+    again = run_tiny(tiny, workdir=tmp_path, envelope="e")
+    assert again.info["runs_reused_from_workdir"] == first.info["train_evaluate_runs"]
+    np.testing.assert_array_equal(again.scores, first.scores)
+    # other training options: nothing reused (and so, here, training is attempted)
+    with pytest.raises(AssertionError, match="trained again"):
+        run_tiny(tiny, workdir=tmp_path, envelope="e", steps=3)
 
 
 def test_token_embeddings_are_unit_norm(tiny):

@@ -43,13 +43,20 @@ how many examples HARP itself chose, next to the budget's count. Per example,
 ``scores.parquet`` gets ``harp_leaf``, ``harp_parent``, ``harp_region`` and
 ``harp_posterior_mean``; the manifest gets the tree and the measured and posterior
 utilities of every leaf.
+
+Resume: each finished train-evaluate run is saved in the run's work folder
+(``OUT/.work/harp_runs.json``); the same command started again after a crash trains only
+the runs still missing (``info["runs_reused_from_workdir"]``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -267,17 +274,29 @@ class Harp(Method):
             u0, b = domain_utility(base_losses, dom, D)
             phi_hat = np.zeros((len(measured), D))
             samp = np.zeros((len(measured), D))
+            cache = _RunCache(ctx.workdir, o, ctx.seed, base_losses, dom)
+            n_cached = 0
+
+            def measure(g: int, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
+                nonlocal n_cached
+                key = cache.key([ctx.pool[i] for i in members[g]], seed)
+                hit = cache.get(key)
+                if hit is not None:
+                    n_cached += 1
+                    return hit
+                out = self._measure(ctx, model, init_state, members[g], target, dom, D, u0, seed)
+                cache.put(key, *out)
+                return out
+
             for j, g in enumerate(measured):
                 ctx.log(f"harp: train-evaluate leaf {g} ({j + 1}/{len(measured)})")
-                phi_hat[j], samp[j], s = self._measure(ctx, model, init_state, members[g],
-                                                       target, dom, D, u0, ctx.seed + 1)
+                phi_hat[j], samp[j], s = measure(int(g), ctx.seed + 1)
                 steps += s
             rep = []
             for j in range(min(o.repeats, len(measured))):
                 g = measured[j]
                 ctx.log(f"harp: repeat leaf {g} ({j + 1}/{o.repeats})")
-                again, _, s = self._measure(ctx, model, init_state, members[g], target, dom, D,
-                                            u0, ctx.seed + 1001 + j)
+                again, _, s = measure(int(g), ctx.seed + 1001 + j)
                 steps += s
                 rep.append((phi_hat[j], again))
         finally:
@@ -319,6 +338,7 @@ class Harp(Method):
             "leaves_chosen": [int(g) for g in chosen],
             "train_evaluate_runs": n_runs,
             "train_steps": int(steps),
+            "runs_reused_from_workdir": n_cached,
             "domains": dom_names,
             "target_examples_measured": len(target),
             "base_utility": _r(b),
@@ -350,6 +370,54 @@ class Harp(Method):
             "harp_posterior_mean": leaf_mean[tree.leaf],
         }
         return MethodResult(scores=scores, columns=columns, info=info)
+
+
+class _RunCache:
+    """Finished train-evaluate runs in ``workdir/harp_runs.json``, so a killed run started
+    again resumes. A run's key hashes the leaf's token ids and the run's seed; the file is
+    only reused when the training options, the seed, the target and the untouched model's
+    target losses (which identify the model) are the same."""
+
+    def __init__(self, workdir, o: HarpOptions, seed: int, base_losses: np.ndarray,
+                 dom: np.ndarray) -> None:
+        self.path = None if workdir is None else Path(workdir) / "harp_runs.json"
+        fp = {k: getattr(o, k) for k in ("steps", "lr", "batch_size", "lora_rank",
+                                         "lora_alpha", "lora_dropout", "max_target")}
+        h = hashlib.sha256(json.dumps({"o": fp, "seed": seed}, sort_keys=True).encode())
+        h.update(np.round(np.asarray(base_losses, dtype=np.float64), 5).tobytes())
+        h.update(np.asarray(dom, dtype=np.int64).tobytes())
+        self.fingerprint = h.hexdigest()
+        self.runs: dict[str, Any] = {}
+        if self.path is not None and self.path.exists():
+            try:
+                saved = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                saved = {}
+            if saved.get("fingerprint") == self.fingerprint:
+                self.runs = saved.get("runs", {})
+
+    @staticmethod
+    def key(examples: Sequence[Any], seed: int) -> str:
+        h = hashlib.sha256(str(seed).encode())
+        for e in examples:
+            h.update(np.asarray(e.input_ids, dtype=np.int64).tobytes())
+            h.update(b"|")
+        return h.hexdigest()[:32]
+
+    def get(self, key: str):
+        r = self.runs.get(key)
+        if r is None:
+            return None
+        return np.array(r["phi"]), np.array(r["samp"]), int(r["steps"])
+
+    def put(self, key: str, phi: np.ndarray, samp: np.ndarray, steps: int) -> None:
+        if self.path is None:
+            return
+        from finesift.store import write_json
+
+        self.runs[key] = {"phi": phi.tolist(), "samp": samp.tolist(), "steps": int(steps)}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(self.path, {"fingerprint": self.fingerprint, "runs": self.runs})
 
 
 def _r(x) -> list[float]:
