@@ -252,6 +252,7 @@ def test_select_end_to_end_picks_planted_records_and_reuses_its_store(
     assert hits >= budget * 0.7
     info = sel.manifest["method_info"]
     assert info["checkpoints"] == 2 and info["proj_dim"] == FAST["proj_dim"]
+    assert info["store_bytes"] > 0 and info["seconds_projection"] > 0
     store = list((tmp_path / "run" / ".work").glob(f"{method}-*"))
     assert len(store) == 1
     assert {p.name for p in store[0].glob("ckpt*-*.npy")} >= {

@@ -240,6 +240,7 @@ class _GradInfluence(Method):
             if store is not None and done[c]:
                 bar.update(len(idx))
                 continue
+            t_grad = time.perf_counter()
             flat, _ = G.batched_grads(model, ctx.task, [examples[i] for i in idx], params,
                                       batch_size=ctx.batch_size, device=ctx.device)
             if adam:
@@ -251,7 +252,10 @@ class _GradInfluence(Method):
                         ckpt.exp_avg_sq[name].reshape(1, -1).float(), ckpt.step[name],
                         ckpt.betas, ckpt.eps)
                     off += size
+            t_proj = time.perf_counter()
+            self._timing["seconds_per_example_grads"] += t_proj - t_grad
             proj = _project_chunk(projector, flat)
+            self._timing["seconds_projection"] += time.perf_counter() - t_proj
             if self.normalize:
                 proj = proj / proj.norm(dim=1, keepdim=True).clamp_min(1e-12)
             feats[s0 : s0 + len(idx)] = G.as_numpy(proj)
@@ -291,6 +295,7 @@ class _GradInfluence(Method):
         groups = subtask_groups(ctx)
         n, K = len(ctx.pool), len(ckpts)
         per_ckpt = np.empty((K, n, len(ctx.target)), dtype=np.float64)
+        self._timing = {"seconds_per_example_grads": 0.0, "seconds_projection": 0.0}
         t0 = time.perf_counter()
         bar = tqdm(total=K * (n + len(ctx.target)), desc=f"{self.name}: gradients", unit="ex",
                    disable=not ctx.progress, leave=False)
@@ -315,6 +320,8 @@ class _GradInfluence(Method):
             "checkpoints": K, "trainable_parameters": int(P), "proj_dim": o.proj_dim,
             "projection": o.projection, "target_subtasks": len(np.unique(groups)),
             "seconds_gradients": round(time.perf_counter() - t0, 3),
+            **{k: round(v, 3) for k, v in self._timing.items()},
+            "store_bytes": sum(p.stat().st_size for p in work.iterdir()) if work else 0,
         })
         return MethodResult(scores=scores, columns=columns, info=info)
 
