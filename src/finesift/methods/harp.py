@@ -317,6 +317,9 @@ class Harp(Method):
                                budget=o.budget if o.budget > 0 else None)
         chosen = greedy.chosen
         k = len(chosen)
+        if o.budget and int(sizes.min()) > o.budget:
+            ctx.log(f"harp: warning: every leaf is larger than budget={o.budget} examples, so "
+                    "HARP chose none; lower leaf_size")
 
         leaf_mean = post.mean.mean(axis=1)
         spread = float(leaf_mean.std()) or 1.0
