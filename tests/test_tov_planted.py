@@ -36,7 +36,8 @@ class Data:
         self.tok = tiny_tokenizer()
         self.task = CausalLMTask(self.tok.pad_token_id)
         rng = np.random.default_rng(seed)
-        vocab = [w for w in self.tok.get_vocab() if not w.startswith("<")]
+        # sorted: get_vocab() order differs between processes, the data must not
+        vocab = sorted(w for w in self.tok.get_vocab() if not w.startswith("<"))
 
         def pattern() -> list[str]:
             s = int(rng.integers(0, 3))
