@@ -30,6 +30,7 @@ resumes where it stopped and gives the same scores.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -222,16 +223,18 @@ class ToV(Method):
         h.update(f"state-v{_STATE_VERSION}|".encode())
         h.update(json.dumps(asdict(self.options), sort_keys=True).encode())
         h.update(f"{ctx.seed}|{ctx.precision}|{len(ctx.pool)}|{len(ctx.target)}".encode())
-        for ex in list(ctx.pool) + list(ctx.target):
+        for ex in itertools.chain(ctx.pool, ctx.target):
             h.update(np.asarray(ex.input_ids).tobytes())
             h.update(np.asarray(ex.labels).tobytes())
         return h.hexdigest()[:16]
 
     # -- resume --------------------------------------------------------------------
-    def _state_path(self, ctx: MethodContext) -> Path | None:
+    def _work_prefix(self, ctx: MethodContext) -> Path | None:
+        """``WORKDIR/tov-<fingerprint>``: the stem of this run's resume files (hashes
+        every example once, so call it once per run)."""
         if ctx.workdir is None:
             return None
-        return Path(ctx.workdir) / f"tov-{self._fingerprint(ctx)}.pt"
+        return Path(ctx.workdir) / f"tov-{self._fingerprint(ctx)}"
 
     def _save(self, path: Path | None, prog: _Progress, trajs: dict[str, _Trajectory]) -> None:
         if path is None:
@@ -271,9 +274,10 @@ class ToV(Method):
             for p in model.parameters():
                 p.requires_grad_(True)
         try:
-            prog, base_idx = self._train_phase(ctx, model)
+            work = self._work_prefix(ctx)
+            prog, base_idx = self._train_phase(ctx, model, work)
             t0 = time.perf_counter()
-            per_round = self._score_phase(ctx, model, prog.checkpoints)
+            per_round = self._score_phase(ctx, model, prog.checkpoints, work)
             score_seconds = time.perf_counter() - t0
             n_trainable = int(sum(p.numel() for p in model.parameters() if p.requires_grad))
         finally:
@@ -294,7 +298,9 @@ class ToV(Method):
         return MethodResult(scores=scores, columns=columns, base_set=base_idx, info=info)
 
     # -- phase 1: training ---------------------------------------------------------
-    def _train_phase(self, ctx: MethodContext, model) -> tuple[_Progress, np.ndarray | None]:
+    def _train_phase(
+        self, ctx: MethodContext, model, work: Path | None
+    ) -> tuple[_Progress, np.ndarray | None]:
         """Produce the (theta_before, theta_after) adapter pair of every round.
 
         Scoring never feeds back into training, so all rounds are trained first; the
@@ -302,7 +308,7 @@ class ToV(Method):
         """
         o = self.options
         prog = _Progress()
-        path = self._state_path(ctx)
+        path = work.with_name(work.name + ".pt") if work is not None else None
         params = [p for p in model.parameters() if p.requires_grad]
         start = trainable_state(model)
         if o.mode == "basic":
@@ -403,7 +409,7 @@ class ToV(Method):
         return prog, base_idx
 
     # -- phase 2: scoring ----------------------------------------------------------
-    def _score_phase(self, ctx: MethodContext, model, checkpoints) -> np.ndarray:
+    def _score_phase(self, ctx: MethodContext, model, checkpoints, work: Path | None) -> np.ndarray:
         """phi_k for every pool example and round k, shape (L, n).
 
         The pool is cut into chunks of ``chunk_size`` examples (in length order, so
@@ -416,13 +422,12 @@ class ToV(Method):
         lengths = np.array([ctx.task.length(e) for e in ctx.pool], dtype=np.int64)
         order = np.argsort(-lengths, kind="stable")
         out = np.empty((L, n), dtype=np.float64)
-        fp = self._fingerprint(ctx) if ctx.workdir is not None else None
         bar = tqdm(total=n * 2 * L, desc="tov: scoring the pool", unit="ex",
                    disable=not ctx.progress, leave=False)
         try:
             for c, s0 in enumerate(range(0, n, o.chunk_size)):
                 idx = order[s0 : s0 + o.chunk_size]
-                path = (Path(ctx.workdir) / f"tov-{fp}-chunk{c:06d}.npy") if fp else None
+                path = work.with_name(f"{work.name}-chunk{c:06d}.npy") if work else None
                 vals = None
                 if path is not None and path.exists():
                     loaded = np.load(path, allow_pickle=False)
