@@ -9,6 +9,9 @@ subsets. A new method is one module with a :class:`Method` subclass decorated by
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import itertools
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -150,3 +153,22 @@ def get_method(name: str, options: dict[str, Any] | None = None) -> Method:
         )
     cls = methods[name]
     return cls(options_from_dict(cls, options))
+
+
+def run_fingerprint(tag: str, options: Any, ctx: MethodContext) -> str:
+    """A short hash of a method's options, seed, precision and every encoded example:
+    the name under which a method keeps resumable state in ``ctx.workdir``.
+
+    Args:
+        tag: the method and the version of its saved-state format, e.g. ``"tov-v3"``.
+        options: the options dataclass.
+        ctx: the run's context.
+    """
+    h = hashlib.sha256()
+    h.update(f"{tag}|".encode())
+    h.update(json.dumps(dataclasses.asdict(options), sort_keys=True).encode())
+    h.update(f"{ctx.seed}|{ctx.precision}|{len(ctx.pool)}|{len(ctx.target)}".encode())
+    for ex in itertools.chain(ctx.pool, ctx.target):
+        h.update(np.asarray(ex.input_ids).tobytes())
+        h.update(np.asarray(ex.labels).tobytes())
+    return h.hexdigest()[:16]

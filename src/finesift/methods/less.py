@@ -28,8 +28,6 @@ marked done once flushed), so a killed run resumes from the last finished chunk.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -50,7 +48,13 @@ from finesift.engine.train import (
 )
 from finesift.errors import OptionError
 from finesift.methods import _gradients as G
-from finesift.methods.base import Method, MethodContext, MethodResult, register
+from finesift.methods.base import (
+    Method,
+    MethodContext,
+    MethodResult,
+    register,
+    run_fingerprint,
+)
 
 _STATE_VERSION = 1
 
@@ -145,14 +149,7 @@ class _GradInfluence(Method):
 
     # -- fingerprint / paths -------------------------------------------------------
     def _fingerprint(self, ctx: MethodContext) -> str:
-        h = hashlib.sha256()
-        h.update(f"{self.name}-v{_STATE_VERSION}|".encode())
-        h.update(json.dumps(asdict(self.options), sort_keys=True).encode())
-        h.update(f"{ctx.seed}|{ctx.precision}|{len(ctx.pool)}|{len(ctx.target)}".encode())
-        for ex in list(ctx.pool) + list(ctx.target):
-            h.update(np.asarray(ex.input_ids).tobytes())
-            h.update(np.asarray(ex.labels).tobytes())
-        return h.hexdigest()[:16]
+        return run_fingerprint(f"{self.name}-v{_STATE_VERSION}", self.options, ctx)
 
     # -- warm-up -------------------------------------------------------------------
     def warmup_indices(self, ctx: MethodContext) -> np.ndarray:

@@ -29,13 +29,11 @@ resumes where it stopped and gives the same scores.
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +52,13 @@ from finesift.engine.train import (
     trainable_state,
 )
 from finesift.errors import OptionError
-from finesift.methods.base import Method, MethodContext, MethodResult, register
+from finesift.methods.base import (
+    Method,
+    MethodContext,
+    MethodResult,
+    register,
+    run_fingerprint,
+)
 
 MODES = ("basic", "interleaved", "parallel")
 TRANSFORMS = ("identity", "abs", "relu")
@@ -219,14 +223,7 @@ class ToV(Method):
         return res
 
     def _fingerprint(self, ctx: MethodContext) -> str:
-        h = hashlib.sha256()
-        h.update(f"state-v{_STATE_VERSION}|".encode())
-        h.update(json.dumps(asdict(self.options), sort_keys=True).encode())
-        h.update(f"{ctx.seed}|{ctx.precision}|{len(ctx.pool)}|{len(ctx.target)}".encode())
-        for ex in itertools.chain(ctx.pool, ctx.target):
-            h.update(np.asarray(ex.input_ids).tobytes())
-            h.update(np.asarray(ex.labels).tobytes())
-        return h.hexdigest()[:16]
+        return run_fingerprint(f"state-v{_STATE_VERSION}", self.options, ctx)
 
     # -- resume --------------------------------------------------------------------
     def _work_prefix(self, ctx: MethodContext) -> Path | None:
