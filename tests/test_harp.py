@@ -220,6 +220,9 @@ def test_tiny_model_chooses_the_target_region(tiny, envelope):
     chosen = res.scores > 1
     assert chosen.sum() == info["n_selected_by_harp"] > 0
     assert set(leaf[chosen].tolist()) == set(info["leaves_chosen"])
+    # the selection is the union of the chosen leaves, in greedy order
+    assert sorted(res.chosen.tolist()) == np.flatnonzero(chosen).tolist()
+    assert leaf[res.chosen[0]] == info["leaves_chosen"][0]
     # mostly from the target's own region
     assert np.mean(region[chosen] == 0) >= 0.75, (envelope, region[chosen])
     # the scores put chosen examples first, then posterior order
@@ -242,7 +245,7 @@ def test_tiny_model_resumes_from_its_workdir(tiny, tmp_path, monkeypatch):
 
     first = run_tiny(tiny, workdir=tmp_path, envelope="e")
     assert first.info["runs_reused_from_workdir"] == 0
-    assert (tmp_path / "harp_runs.json").exists()
+    assert len(list(tmp_path.glob("harp_runs-*.json"))) == 1
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
@@ -251,6 +254,9 @@ def test_tiny_model_resumes_from_its_workdir(tiny, tmp_path, monkeypatch):
     again = run_tiny(tiny, workdir=tmp_path, envelope="e")
     assert again.info["runs_reused_from_workdir"] == first.info["train_evaluate_runs"]
     np.testing.assert_array_equal(again.scores, first.scores)
+    # another envelope and budget do not change the measurements: all reused
+    other = run_tiny(tiny, workdir=tmp_path, envelope="c", budget=8)
+    assert other.info["runs_reused_from_workdir"] == first.info["train_evaluate_runs"]
     # other training options: nothing reused (and so, here, training is attempted)
     with pytest.raises(AssertionError, match="trained again"):
         run_tiny(tiny, workdir=tmp_path, envelope="e", steps=3)
@@ -285,16 +291,26 @@ def test_select_runs_harp_and_writes_its_tables(tmp_path, tiny_lm_dir):
     target = [{"text": pattern()} for _ in range(8)]
     for name, rows in (("pool", pool), ("target", target)):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    sel = finesift.select(
+    opts = {"embedder": "tokens", "leaf_size": 5, "steps": 4, "lr": 3e-3, "repeats": 1}
+    sel = finesift.select(  # the budget reaches HARP without -o budget=
         tmp_path / "pool.jsonl", tmp_path / "target.jsonl", budget=12, method="harp",
-        method_options={"embedder": "tokens", "budget": 12, "leaf_size": 5, "steps": 4,
-                        "lr": 3e-3, "repeats": 1},
-        model=str(model_dir), out=tmp_path / "out", precision="fp32",
+        method_options=opts, model=str(model_dir), out=tmp_path / "out", precision="fp32",
     )
-    assert len(sel.selected) == 12
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     info = manifest["method_info"]
     assert 0 < info["n_selected_by_harp"] <= 12 and info["budget"] == 12
+    # the selection is HARP's own choice, possibly fewer than the budget
+    assert len(sel.selected) == info["n_selected_by_harp"] == manifest["selected"]["count"]
+    assert manifest["budget"]["count"] == 12
+    filled = finesift.select(
+        tmp_path / "pool.jsonl", tmp_path / "target.jsonl", budget=12, method="harp",
+        method_options={**opts, "fill": True}, model=str(model_dir), out=tmp_path / "filled",
+        precision="fp32", workdir=tmp_path / "out" / ".work",
+    )
+    assert len(filled.selected) == 12
+    assert filled.manifest["method_info"]["runs_reused_from_workdir"] == \
+        info["train_evaluate_runs"]
+    sel = filled
     assert info["train_evaluate_runs"] >= 2
     assert len(info["leaves"]["posterior_mean"]) == info["tree"]["n_leaves"]
     table = pd.read_parquet(tmp_path / "out" / "scores.parquet")
@@ -303,3 +319,19 @@ def test_select_runs_harp_and_writes_its_tables(tmp_path, tiny_lm_dir):
     # HARP's own choice comes first in the selection
     first = sel.selected_ids[: info["n_selected_by_harp"]]
     assert sum(i.startswith("p") for i in first) >= 0.75 * len(first)
+
+
+def test_fixed_envelope_methods_and_the_cli_flag(tmp_path):
+    from finesift.cli import main
+    from finesift.methods.base import available
+
+    assert {"harp", "harp-c", "harp-e"} <= set(available())
+    assert get_method("harp-e").options.envelope == "e"
+    assert get_method("harp-c").options.envelope == "c"
+    with pytest.raises(OptionError, match="fixed"):
+        get_method("harp-e", {"envelope": "c"}).options.validate()
+    (tmp_path / "p.jsonl").write_text('{"text": "a b"}\n')
+    code = main(["select", "--method", "tov", "--envelope", "e", "--pool",
+                 str(tmp_path / "p.jsonl"), "--target", str(tmp_path / "p.jsonl"),
+                 "--budget", "1", "--out", str(tmp_path / "o")])
+    assert code == 2

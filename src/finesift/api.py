@@ -130,6 +130,7 @@ def select(
     device: str = "cpu",
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    workdir: str | Path | None = None,
 ) -> Selection:
     """Score every pool example with ``method`` and pick ``budget`` of them.
 
@@ -153,6 +154,8 @@ def select(
         device: torch device.
         progress: show progress bars on stderr.
         log: receives human-readable progress and warning messages.
+        workdir: folder for resumable intermediate state (default ``OUT/.work``; methods
+            keep their state in fingerprinted subfolders or files, so runs may share one).
     """
     from finesift.data.encode import build_label_map
     from finesift.data.readers import ReadReport, load_records
@@ -235,9 +238,12 @@ def select(
         device=device,
         batch_size=batch_size,
         progress=progress,
-        workdir=(out_dir / ".work") if out_dir is not None else None,
+        workdir=(Path(workdir) if workdir is not None
+                 else (out_dir / ".work") if out_dir is not None else None),
         log=log,
     )
+    if meth.uses_budget:
+        meth.bind_budget(k)
     with watch.stage("score"):
         result = meth.score(ctx)
     scores = np.asarray(result.scores, dtype=np.float64)
@@ -246,9 +252,16 @@ def select(
 
     n_label = np.array([e.n_label_tokens for e in enc_pool.examples])
     with watch.stage("select"):
-        chosen = select_indices(
-            scores, k, strategy=strategy, lengths=n_label, base_set=result.base_set, seed=seed
-        )
+        if result.chosen is not None:  # the method chose its own set (at most k)
+            chosen = np.asarray(result.chosen, dtype=np.int64)[:k]
+            if strategy != "top":
+                log(f"warning: {method} chooses its own subset; strategy {strategy!r} not applied")
+            log(f"{method} chose {len(chosen)} example(s) for a budget of {k}")
+        else:
+            chosen = select_indices(
+                scores, k, strategy=strategy, lengths=n_label, base_set=result.base_set,
+                seed=seed
+            )
     selected = [enc_pool.records[i] for i in chosen]
     rank = np.full(len(scores), -1, dtype=np.int64)
     rank[chosen] = np.arange(len(chosen))

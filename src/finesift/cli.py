@@ -80,12 +80,19 @@ def _preview(record, width: int = 70) -> str:
 def cmd_select(args: argparse.Namespace) -> int:
     from finesift.api import select
 
+    options = _parse_options(args.option)
+    if args.envelope is not None:
+        if args.method != "harp":
+            raise FinesiftError(f"--envelope is an option of --method harp, not {args.method}")
+        if options.get("envelope", args.envelope) != args.envelope:
+            raise FinesiftError("--envelope and -o envelope=... disagree")
+        options["envelope"] = args.envelope
     sel = select(
         args.pool,
         args.target,
         budget=args.budget,
         method=args.method,
-        method_options=_parse_options(args.option),
+        method_options=options,
         task=args.task,
         model=args.model,
         strategy=args.strategy,
@@ -199,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input format (default: from the file extension)")
     p.add_argument("-o", "--option", action="append", metavar="KEY=VALUE",
                    help="method option, e.g. -o mode=basic -o rounds=2 (repeatable)")
+    p.add_argument("--envelope", choices=["c", "e"], default=None,
+                   help="harp: HARP-C (one best helpful leaf per domain counts, every harm "
+                        "counts; default) or HARP-E (leaf effects add up)")
     _add_common(p)
     p.set_defaults(func=cmd_select)
 

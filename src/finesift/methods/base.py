@@ -69,12 +69,16 @@ class MethodResult:
         columns: extra per-example columns for ``scores.parquet`` (e.g. per-round scores).
         base_set: indices of pool examples a strategy may sample from uniformly
             (ToV's base set U), or ``None``.
+        chosen: for methods that choose a set rather than rank the pool (HARP): the
+            pool indices they chose, in order, at most the budget and possibly fewer.
+            When given, it is the selection and no strategy is applied.
         info: figures for the manifest (timings, losses, counts).
     """
 
     scores: np.ndarray
     columns: dict[str, np.ndarray] = field(default_factory=dict)
     base_set: np.ndarray | None = None
+    chosen: np.ndarray | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -84,10 +88,16 @@ class Method(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     needs_model: ClassVar[bool] = True
+    #: the method's choice depends on the budget (it is told through :meth:`bind_budget`)
+    uses_budget: ClassVar[bool] = False
     Options: ClassVar[type] = dict  # a dataclass type with defaults
 
     def __init__(self, options: Any) -> None:
         self.options = options
+
+    def bind_budget(self, k: int) -> None:
+        """Tell the method the run's budget (a count) before :meth:`score`; only called
+        for methods with ``uses_budget``."""
 
     @abstractmethod
     def score(self, ctx: MethodContext) -> MethodResult:

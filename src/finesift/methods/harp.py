@@ -34,18 +34,20 @@ chosen leaf scores in (1, 2] (earlier in the greedy order = higher), every other
 below 1: ``sigmoid`` of its leaf's posterior mean utility (averaged over domains, divided
 by the spread of those means), so within each group the order is the posterior order.
 
-Budget. Methods do not see the run's budget, so give it to HARP as an option:
-``finesift select --method harp --budget N -o budget=N`` caps HARP's choice at N examples.
-The strategy then takes the top N scores: HARP's chosen examples first; if HARP chose
-fewer than N (it stops where the predicted utility peaks), the rest of the budget is
-filled in posterior-utility order. ``info["n_selected_by_harp"]`` (in the manifest) says
-how many examples HARP itself chose, next to the budget's count. Per example,
-``scores.parquet`` gets ``harp_leaf``, ``harp_parent``, ``harp_region`` and
+Budget. HARP selects the union of its chosen leaves, capped at the run's budget: the
+budget of ``finesift select --budget N`` (or ``finesift.select(budget=N)``) reaches HARP
+through :meth:`Method.bind_budget` unless ``-o budget=M`` sets a cap of its own. HARP may
+choose far fewer examples than the budget (it stops where the predicted utility peaks);
+the selection is then smaller than the budget, and the manifest's ``selected.count`` and
+``method_info.n_selected_by_harp`` say how many it chose next to ``budget.count``. With
+``fill=true`` the rest of the budget is filled in posterior-utility order instead. Per
+example, ``scores.parquet`` gets ``harp_leaf``, ``harp_parent``, ``harp_region`` and
 ``harp_posterior_mean``; the manifest gets the tree and the measured and posterior
-utilities of every leaf.
+utilities of every leaf. ``harp-c`` and ``harp-e`` are ``harp`` with the envelope fixed.
 
 Resume: each finished train-evaluate run is saved in the run's work folder
-(``OUT/.work/harp_runs.json``); the same command started again after a crash trains only
+(``OUT/.work/harp_runs-<fingerprint>.json``, shared by runs that differ only in
+the envelope, budget or risk); the same command started again after a crash trains only
 the runs still missing (``info["runs_reused_from_workdir"]``).
 """
 
@@ -93,8 +95,9 @@ class HarpOptions:
     Attributes:
         envelope: ``c`` (HARP-C, default: redundancy-controlled) or ``e`` (HARP-E:
             complementary leaves add up).
-        budget: cap on the examples HARP chooses (``-o budget=N``; default 0 = no cap).
-            Pass the run's budget here: see the module docstring.
+        budget: cap on the examples HARP chooses (default 0 = the run's budget).
+        fill: fill the rest of the budget in posterior-utility order when HARP chooses
+            fewer examples (default false: the selection is HARP's choice alone).
         embedder: ``minilm`` (default), ``model`` (the scoring model's mean-pooled last
             hidden states) or ``tokens`` (hashed counts of the encoded token ids,
             L2-normalised; no encoder needed).
@@ -117,6 +120,7 @@ class HarpOptions:
 
     envelope: str = "c"
     budget: int = 0
+    fill: bool = False
     embedder: str = "minilm"
     leaf_size: int = 64
     parent_leaves: int = 8
@@ -186,7 +190,12 @@ class Harp(Method):
     name = "harp"
     description = "hierarchical active region pruning: train a few leaves, EB the rest, HARP-C/E"
     needs_model = True
+    uses_budget = True
     Options = HarpOptions
+
+    def bind_budget(self, k: int) -> None:
+        if not self.options.budget:
+            self.options.budget = int(k)
 
     def __init__(self, options: HarpOptions,
                  embed_fn: Callable[[MethodContext], np.ndarray] | None = None) -> None:
@@ -329,6 +338,8 @@ class Harp(Method):
             leaf_score[g] = 1.0 + (k - r) / k
         scores = leaf_score[tree.leaf]
         n_chosen = int(sizes[chosen].sum())
+        chosen_examples = (np.concatenate([members[g] for g in chosen]).astype(np.int64)
+                           if k else np.zeros(0, dtype=np.int64))
 
         measured_table: list[Any] = [None] * tree.n_leaves
         for j, g in enumerate(measured):
@@ -338,6 +349,7 @@ class Harp(Method):
             "embedder": embedder,
             "n_selected_by_harp": n_chosen,
             "budget": o.budget or None,
+            "fill": o.fill,
             "leaves_chosen": [int(g) for g in chosen],
             "train_evaluate_runs": n_runs,
             "train_steps": int(steps),
@@ -372,24 +384,50 @@ class Harp(Method):
             "harp_region": tree.region.astype(np.int64),
             "harp_posterior_mean": leaf_mean[tree.leaf],
         }
-        return MethodResult(scores=scores, columns=columns, info=info)
+        return MethodResult(scores=scores, columns=columns, info=info,
+                            chosen=None if o.fill else chosen_examples)
+
+
+def _fixed_envelope(name: str, envelope: str) -> type[Harp]:
+    """``harp`` with the envelope fixed: a method name of its own (``harp-c``, ``harp-e``),
+    so benchmarks and the CLI can list both envelopes side by side."""
+
+    def validate(self: HarpOptions) -> None:
+        if self.envelope != envelope:
+            raise OptionError(f"{name}: the envelope is fixed to {envelope!r}; use "
+                              f"--method harp --envelope {self.envelope} instead")
+        HarpOptions.validate(self)
+
+    opts = dataclass(type(f"Harp{envelope.upper()}Options", (HarpOptions,), {
+        "__annotations__": {"envelope": str}, "envelope": envelope, "validate": validate,
+        "__doc__": HarpOptions.__doc__}))
+    cls = type(f"Harp{envelope.upper()}", (Harp,), {
+        "name": name, "Options": opts, "__module__": __name__,
+        "description": f"harp with the HARP-{envelope.upper()} envelope"})
+    return register(cls)
+
+
+HarpC = _fixed_envelope("harp-c", "c")
+HarpE = _fixed_envelope("harp-e", "e")
 
 
 class _RunCache:
-    """Finished train-evaluate runs in ``workdir/harp_runs.json``, so a killed run started
-    again resumes. A run's key hashes the leaf's token ids and the run's seed; the file is
+    """Finished train-evaluate runs in ``workdir/harp_runs-<fingerprint>.json``, so a killed
+    run started again resumes, and runs with other envelopes or budgets (which do not change
+    the measurements) reuse them. A run's key hashes the leaf's token ids and the run's seed; the file is
     only reused when the training options, the seed, the target and the untouched model's
     target losses (which identify the model) are the same."""
 
     def __init__(self, workdir, o: HarpOptions, seed: int, base_losses: np.ndarray,
                  dom: np.ndarray) -> None:
-        self.path = None if workdir is None else Path(workdir) / "harp_runs.json"
         fp = {k: getattr(o, k) for k in ("steps", "lr", "batch_size", "lora_rank",
                                          "lora_alpha", "lora_dropout", "max_target")}
         h = hashlib.sha256(json.dumps({"o": fp, "seed": seed}, sort_keys=True).encode())
         h.update(np.round(np.asarray(base_losses, dtype=np.float64), 5).tobytes())
         h.update(np.asarray(dom, dtype=np.int64).tobytes())
         self.fingerprint = h.hexdigest()
+        self.path = (None if workdir is None
+                     else Path(workdir) / f"harp_runs-{self.fingerprint[:16]}.json")
         self.runs: dict[str, Any] = {}
         if self.path is not None and self.path.exists():
             try:
