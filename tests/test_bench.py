@@ -242,3 +242,35 @@ def test_changed_setup_is_not_mixed_with_old_results(quick_run, tmp_path) -> Non
     again = run_bench(other, out=copy, quick=True)
     assert (again.n_done, again.n_skipped) == (4, 4)
     assert len(list((copy / "selections").glob("tov-*-seed0"))) == 2
+
+
+HARP_CONFIG = CONFIG.replace(
+    "methods: [random, {tov: {mode: basic, lr: 3.0e-3, val_epochs: 2}}]",
+    "methods: [random, {harp-c: {embedder: tokens, leaf_size: 4, steps: 2, repeats: 1}},\n"
+    "          {harp-e: {embedder: tokens, leaf_size: 4, steps: 2, repeats: 1}}]",
+).replace("seeds: [0, 1]", "seeds: [0]")
+
+
+def test_quick_bench_runs_harp_per_budget_and_reports_its_cost(tmp_path, write_jsonl):
+    cfg = make_suite(tmp_path, write_jsonl, HARP_CONFIG)
+    out = tmp_path / "out"
+    result = run_bench(cfg, out=out, quick=True)
+    assert result.n_failed == 0 and result.n_done == 6
+    rows = {(r["method"], r["budget"]): r for r in result.rows}
+    for m in ("harp-c", "harp-e"):
+        for b in ("6", "12"):
+            r = rows[(m, b)]
+            # HARP's own choice is the subset: at most the budget, possibly fewer
+            assert r["n_train"] == r["n_selected_by_harp"] <= r["budget_count"]
+            assert r["train_evaluate_runs"] >= 2
+            assert r["selection_dir"].endswith(f"-b{b}")
+            assert (out / r["selection_dir"] / "manifest.json").exists()
+            sel = json.loads((out / r["selection_dir"] / "manifest.json").read_text())
+            assert sel["method_info"]["budget"] == r["budget_count"]
+    # the leaf measurements are the same for both envelopes and budgets: done once
+    runs_files = list((out / "work").glob("harp_runs-*.json"))
+    assert len(runs_files) == 1
+    measured = len(json.loads(runs_files[0].read_text())["runs"])
+    assert measured == rows[("harp-c", "6")]["train_evaluate_runs"]
+    report = (out / "report.md").read_text()
+    assert "train-eval runs" in report

@@ -409,19 +409,27 @@ def _slug(text: str) -> str:
 
 def _selection(cfg: BenchConfig, data: BenchData, spec: MethodSpec, seed: int, budget: Any,
                model: str | None, out: Path, progress: bool,
-               log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
+               log: Callable[[str], None], *, per_budget: bool = False
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Score the pool with ``spec`` at ``seed`` (or reuse a finished selection).
 
-    Returns ``(columns, cost)``: the score table and the scoring stage's cost.
+    ``per_budget``: the method's choice depends on the budget (HARP), so this selection
+    is for ``budget`` alone and gets its own folder. Every selection shares the work
+    folder ``OUT/work``, where methods keep fingerprinted state (HARP's train-evaluate
+    runs are reused across budgets and envelopes).
+
+    Returns ``(columns, cost)``: the score table and the scoring stage's cost, with the
+    method's scalar figures (``method_info``) from the manifest.
     """
     import pyarrow.parquet as pq
 
     from finesift.api import select
 
-    sel_dir = out / "selections" / f"{spec.dirname}-seed{seed}"
+    tag = f"-b{_slug(str(budget))}" if per_budget else ""
+    sel_dir = out / "selections" / f"{spec.dirname}-seed{seed}{tag}"
     done = sel_dir / "DONE.json"
     if done.exists() and (sel_dir / "scores.parquet").exists():
-        cost = json.loads(done.read_text())
+        cost = {**json.loads(done.read_text()), "dir": sel_dir.name}
         return pq.read_table(sel_dir / "scores.parquet").to_pydict(), cost
     costs = StageCosts()
     log(f"[{cfg.name}] scoring the pool with {spec.label}, seed {seed} ...")
@@ -430,18 +438,28 @@ def _selection(cfg: BenchConfig, data: BenchData, spec: MethodSpec, seed: int, b
             [str(p) for p in data.pool_files], str(data.val_file), budget=budget,
             method=spec.name, method_options=spec.options, task=cfg.task, model=model,
             strategy=cfg.strategy, seed=seed, out=sel_dir, max_length=cfg.max_length,
-            progress=progress, log=log,
+            progress=progress, log=log, workdir=out / "work",
         )
-    cost = {**costs.stages["select"], "method_info_keys": sorted(sel.manifest.get("method_info")
-                                                                  or {})}
+    info = sel.manifest.get("method_info") or {}
+    cost = {**costs.stages["select"], "dir": sel_dir.name,
+            "method_info": {k: v for k, v in info.items()
+                            if isinstance(v, (int, float, str, bool)) or v is None}}
     from finesift.store import write_json
 
     write_json(done, cost)
     return sel.columns, cost
 
 
-def _subset(columns: dict[str, Any], k: int, strategy: str, seed: int) -> list[int]:
+def _subset(columns: dict[str, Any], k: int, strategy: str, seed: int, *,
+            as_selected: bool = False) -> list[int]:
+    """The pool indices of a budget-``k`` subset cut from a score table; with
+    ``as_selected``, the selection the table was written with (in selection order)."""
     from finesift.select.strategies import select_indices
+
+    if as_selected:
+        rank = np.asarray(columns["selection_rank"], dtype=np.int64)
+        idx = np.flatnonzero(rank >= 0)
+        return idx[np.argsort(rank[idx])].tolist()
 
     scores = np.asarray(columns["score"], dtype=np.float64)
     base = None
@@ -527,32 +545,40 @@ def run_bench(
     n_done = n_skipped = n_failed = 0
     largest = max(budgets, key=lambda b: counts[b])
 
+    from finesift.methods.base import available
+
     for spec in cfg.methods:
+        per_budget = bool(getattr(available().get(spec.name), "uses_budget", False))
         for seed in seeds:
             todo = [b for b in budgets
                     if finished.get(run_key(spec.key, b, seed), {}).get("status") != "ok"]
             n_skipped += len(budgets) - len(todo)
             if not todo:
                 continue
-            try:
-                columns, sel_cost = _selection(cfg, data, spec, seed, largest, model, out_dir,
-                                               progress, log)
-                base = _base_figures(cfg, data, model, seed, labels, out_dir, log)
-            except FinesiftError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - a method crashed: record it, go on
-                for b in todo:
-                    _append(results_path, _failed_row(cfg, spec, b, counts[b], seed, exc))
-                    n_failed += 1
-                continue
-            for b in todo:
-                row = _one_run(cfg, data, spec, b, counts[b], seed, columns, sel_cost, base,
-                               by_id, model, finetune, labels, progress, log)
-                _append(results_path, row)
-                if row["status"] == "ok":
-                    n_done += 1
-                else:
-                    n_failed += 1
+            # one scoring per seed at the largest budget, or one per budget (HARP)
+            groups = [[b] for b in todo] if per_budget else [todo]
+            for group in groups:
+                try:
+                    columns, sel_cost = _selection(
+                        cfg, data, spec, seed, group[0] if per_budget else largest, model,
+                        out_dir, progress, log, per_budget=per_budget)
+                    base = _base_figures(cfg, data, model, seed, labels, out_dir, log)
+                except FinesiftError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a method crashed: record it, go on
+                    for b in group:
+                        _append(results_path, _failed_row(cfg, spec, b, counts[b], seed, exc))
+                        n_failed += 1
+                    continue
+                for b in group:
+                    row = _one_run(cfg, data, spec, b, counts[b], seed, columns, sel_cost,
+                                   base, by_id, model, finetune, labels, progress, log,
+                                   as_selected=per_budget)
+                    _append(results_path, row)
+                    if row["status"] == "ok":
+                        n_done += 1
+                    else:
+                        n_failed += 1
 
     rows = _ordered_rows(load_finished(results_path), cfg, budgets, seeds)
     add_improvements(rows)
@@ -601,8 +627,8 @@ def _failed_row(cfg: BenchConfig, spec: MethodSpec, budget: Any, k: int, seed: i
 
 
 def _one_run(cfg, data, spec, budget, k, seed, columns, sel_cost, base, by_id, model, finetune,
-             labels, progress, log) -> dict[str, Any]:
-    chosen = _subset(columns, k, cfg.strategy, seed)
+             labels, progress, log, as_selected: bool = False) -> dict[str, Any]:
+    chosen = _subset(columns, k, cfg.strategy, seed, as_selected=as_selected)
     ids = [columns["id"][i] for i in chosen]
     train = [by_id[i] for i in ids]
     comp = Counter(data.source_of.get(r.source, r.source) for r in train)
@@ -614,13 +640,34 @@ def _one_run(cfg, data, spec, budget, k, seed, columns, sel_cost, base, by_id, m
         "method_name": spec.name, "method_options": json.dumps(spec.options, sort_keys=True),
         "budget": str(budget), "budget_count": k, "seed": seed,
     }
+    info = sel_cost.get("method_info") or {}
+    row["method_info"] = info
+    for key in ("n_selected_by_harp", "train_evaluate_runs"):
+        if key in info:
+            row[key] = info[key]
+    base_loss = base.get("base_test_loss")
+    if not train:  # the method chose nothing: the model stays untouched
+        log(f"[{cfg.name}] {spec.label}, budget {budget}, seed {seed}: empty selection, "
+            "the untouched model's figures")
+        row.update({
+            "status": "ok", "test_loss": base_loss, "base_test_loss": base_loss,
+            "improvement_over_base_pct": 0.0, "test_f1": base.get("base_test_f1"),
+            "base_test_f1": base.get("base_test_f1"), "test_em": base.get("base_test_em"),
+            "base_test_em": base.get("base_test_em"), "n_train": 0, "composition": {},
+            **{f"n_from_{name}": 0 for name in sorted(set(data.source_of.values()))},
+            "select_seconds": sel_cost.get("seconds"),
+            "select_peak_rss_mb": sel_cost.get("peak_rss_mb"), "finetune_seconds": 0.0,
+            "eval_seconds": 0.0, "selected_ids": [],
+            "selection_dir": str(Path("selections") / Path(sel_cost.get("dir", "")).name),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })
+        return row
     try:
         res = finetune_and_evaluate(train, data.test, task=cfg.task, model=model, options=opts,
                                     labels=labels, measure_base=False, progress=progress)
     except Exception as exc:  # noqa: BLE001 - recorded; the next run goes on
         return {**_failed_row(cfg, spec, budget, k, seed, exc), **row, "status": "failed"}
     ft, ev = res.costs.get("finetune", {}), res.costs.get("eval", {})
-    base_loss = base.get("base_test_loss")
     row.update({
         "status": "ok",
         "test_loss": res.test_loss,
@@ -638,7 +685,7 @@ def _one_run(cfg, data, spec, budget, k, seed, columns, sel_cost, base, by_id, m
         "eval_seconds": ev.get("seconds"), "eval_peak_rss_mb": ev.get("peak_rss_mb"),
         "load_seconds": res.costs.get("load_model", {}).get("seconds"),
         "selected_ids": ids,
-        "selection_dir": str(Path("selections") / f"{spec.dirname}-seed{seed}"),
+        "selection_dir": str(Path("selections") / Path(sel_cost.get("dir", "")).name),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })
     return row
@@ -671,7 +718,7 @@ TABLE_COLUMNS = (
     "method", "budget", "budget_count", "seed", "status", "test_loss", "base_test_loss",
     "improvement_over_random_pct", "improvement_over_base_pct", "test_f1", "base_test_f1",
     "test_em", "base_test_em", "em_samples", "n_train", "n_test", "train_loss",
-    "select_seconds", "select_peak_rss_mb", "finetune_seconds", "finetune_peak_rss_mb",
+    "n_selected_by_harp", "train_evaluate_runs", "select_seconds", "select_peak_rss_mb", "finetune_seconds", "finetune_peak_rss_mb",
     "eval_seconds", "eval_peak_rss_mb", "load_seconds", "method_options", "selection_dir",
     "finished_at", "error",
 )

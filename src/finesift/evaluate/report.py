@@ -50,12 +50,13 @@ def metric_table(rows: list[dict[str, Any]], key: str, methods: list[str], budge
 
 
 def cost_table(rows: list[dict[str, Any]], methods: list[str]) -> list[list[str]]:
-    """Per method: mean selection (scoring) time and peak memory, fine-tune and eval time."""
+    """Per method: mean selection (scoring) time and peak memory, fine-tune and eval time,
+    the mean number of examples fine-tuned on, and HARP's train-evaluate runs."""
     out = []
     for m in methods:
         mine = [r for r in rows if r.get("method") == m and r.get("status") == "ok"]
-        # one scoring per (method, seed): count each once
-        per_seed = {r["seed"]: r for r in mine}.values()
+        # one scoring per selection folder (per seed; per budget and seed for HARP)
+        per_seed = {(r["seed"], r.get("selection_dir")): r for r in mine}.values()
 
         def avg(key: str, rs: Any) -> str:
             vals = [float(r[key]) for r in rs if r.get(key) is not None]
@@ -63,7 +64,8 @@ def cost_table(rows: list[dict[str, Any]], methods: list[str]) -> list[list[str]
 
         out.append([m, avg("select_seconds", per_seed), avg("select_peak_rss_mb", per_seed),
                     avg("finetune_seconds", mine), avg("finetune_peak_rss_mb", mine),
-                    avg("eval_seconds", mine), str(len(mine))])
+                    avg("eval_seconds", mine), avg("n_train", mine),
+                    avg("train_evaluate_runs", per_seed), str(len(mine))])
     return out
 
 
@@ -255,7 +257,7 @@ def write_report(out: Path, cfg: Any, rows: list[dict[str, Any]], *, budgets: li
     em = metric_table(rows, "test_em", methods, budget_keys, digits=3)
     costs = cost_table(rows, methods)
     cost_header = ["method", "select s", "select peak MiB", "fine-tune s", "fine-tune peak MiB",
-                   "eval s", "runs"]
+                   "eval s", "examples fine-tuned", "train-eval runs in selection", "runs"]
     hyper = finetune.hyperparameters()
     hyper_rows = [[k, str(v)] for k, v in hyper.items()]
     base = [r["base_test_loss"] for r in rows if r.get("base_test_loss") is not None]
@@ -304,7 +306,7 @@ def write_report(out: Path, cfg: Any, rows: list[dict[str, Any]], *, budgets: li
         md += ["## Exact match of the final answer, mean ± std", "", _md_table(header, em), ""]
     md += ["## Composition of the selected subsets (mean count per pool source)", "",
            _md_table(["method", "budget", *sources], comp_rows), "",
-           "## Cost per method (mean per run; selection = scoring the pool once per seed)", "",
+           "## Cost per method (mean per run; selection = scoring the pool once per seed, once per budget and seed for HARP)", "",
            _md_table(cost_header, costs), "",
            "## Fine-tuning hyperparameters (the same for every method)", "",
            _md_table(["hyperparameter", "value"], hyper_rows), "",
@@ -341,7 +343,7 @@ def write_report(out: Path, cfg: Any, rows: list[dict[str, Any]], *, budgets: li
                     "</figure>")
     body += ["<h2>Composition of the selected subsets (mean count per pool source)</h2>",
              _html_table(["method", "budget", *sources], comp_rows),
-             "<h2>Cost per method (mean per run; selection = scoring the pool once per seed)</h2>",
+             "<h2>Cost per method (mean per run; selection = scoring the pool once per seed, once per budget and seed for HARP)</h2>",
              _html_table(cost_header, costs),
              "<h2>Fine-tuning hyperparameters (the same for every method)</h2>",
              _html_table(["hyperparameter", "value"], hyper_rows),
