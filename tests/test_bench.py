@@ -274,3 +274,38 @@ def test_quick_bench_runs_harp_per_budget_and_reports_its_cost(tmp_path, write_j
     assert measured == rows[("harp-c", "6")]["train_evaluate_runs"]
     report = (out / "report.md").read_text()
     assert "train-eval runs" in report
+
+
+def test_quick_bench_tunes_finetuning_for_random_on_val(tmp_path, write_jsonl):
+    config = (CONFIG.replace("methods: [random, {tov: {mode: basic, lr: 3.0e-3, val_epochs: 2}}]",
+                             "methods: [random]")
+              .replace("seeds: [0, 1]", "seeds: [0]")
+              + "tune: {lr: [1.0e-5, 3.0e-2], epochs: [1]}\n")
+    cfg = make_suite(tmp_path, write_jsonl, config)
+    out = tmp_path / "out"
+    messages: list[str] = []
+    result = run_bench(cfg, out=out, quick=True, log=messages.append)
+    assert result.n_failed == 0
+    tuning = json.loads((out / "tuning.json").read_text())
+    points = list(tuning["points"].values())
+    assert len(points) == 2
+    best = min(points, key=lambda p: p["val_loss"])
+    # the tiny random model learns nothing in one epoch at lr 1e-5: the larger lr wins
+    assert best["params"] == {"epochs": 1, "lr": 3.0e-2}
+    setup = json.loads((out / "setup.json").read_text())
+    assert setup["finetune"]["lr"] == 3.0e-2
+    report = (out / "report.md").read_text()
+    assert "Tuned once for random selection" in report and "| yes |" in report
+    # resuming reuses the finished grid points
+    messages.clear()
+    run_bench(cfg, out=out, quick=True, log=messages.append)
+    assert not any("tuning for random:" in m for m in messages)
+
+
+def test_config_rejects_a_bad_tune_grid(tmp_path, write_jsonl):
+    cfg = make_suite(tmp_path, write_jsonl, CONFIG + "tune: {warmup: [1, 2]}\n")
+    with pytest.raises(ConfigError, match="tune.warmup: not tunable"):
+        load_config(cfg)
+    cfg = make_suite(tmp_path, write_jsonl, CONFIG + "tune: {lr: [-1.0]}\n")
+    with pytest.raises(ConfigError, match="lr must be positive"):
+        load_config(cfg)

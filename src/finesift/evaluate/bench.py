@@ -50,10 +50,11 @@ from finesift.data.records import Record
 from finesift.errors import FinesiftError, OptionError
 from finesift.evaluate.costs import StageCosts
 from finesift.evaluate.finetune import FinetuneOptions, finetune_and_evaluate, label_names
+from finesift.evaluate.tuning import check_grid, tune_for_random
 
 CONFIG_KEYS = ("name", "task", "model", "max_length", "pool", "target", "methods", "budgets",
                "seeds", "finetune")
-OPTIONAL_KEYS = ("strategy",)
+OPTIONAL_KEYS = ("strategy", "tune")
 
 # --quick: a tiny random model and this many records
 QUICK_POOL_PER_SOURCE = 24
@@ -119,6 +120,7 @@ class BenchConfig:
     seeds: list[int]
     finetune: FinetuneOptions
     strategy: str = "top"
+    tune: dict[str, list[Any]] | None = None
     raw: dict[str, Any] = field(default_factory=dict)
 
 
@@ -226,6 +228,7 @@ def load_config(path: str | Path) -> BenchConfig:
         methods = _method_specs(raw["methods"], path)
         for m in methods:
             get_method(m.name, m.options)  # unknown method or option: fail before any work
+        tune = check_grid(raw["tune"]) if raw.get("tune") is not None else None
     except OptionError as exc:
         raise ConfigError(path, str(exc)) from None
     return BenchConfig(
@@ -234,7 +237,7 @@ def load_config(path: str | Path) -> BenchConfig:
         val=_resolve(base, target["val"], "target.val", path),
         test=_resolve(base, target["test"], "target.test", path),
         methods=methods, budgets=list(budgets), seeds=list(seeds), finetune=finetune,
-        strategy=strategy, raw=raw,
+        strategy=strategy, tune=tune, raw=raw,
     )
 
 
@@ -537,13 +540,20 @@ def run_bench(
             counts[b] = parse_budget(b, len(data.pool))
         except OptionError as exc:
             raise ConfigError(cfg.path, f"budgets: {exc}") from None
-    check_same_setup(out_dir, cfg, model, finetune, data, quick)
     labels = label_names(cfg.task, model, [data.pool, data.val, data.test])
+    largest = max(budgets, key=lambda b: counts[b])
+    tuning = None
+    if cfg.tune:
+        finetune, tuning = tune_for_random(
+            cfg.tune, data.pool, data.val, task=cfg.task, model=model, base=finetune,
+            k=counts[largest], seed=seeds[0], labels=labels, out=out_dir, progress=progress,
+            log=lambda m: log(f"[{cfg.name}] {m}"))
+        log(f"[{cfg.name}] fine-tuning hyperparameters tuned for random: {tuning['chosen']}")
+    check_same_setup(out_dir, cfg, model, finetune, data, quick)
     by_id = {r.id: r for r in data.pool}
     results_path = out_dir / "results.jsonl"
     finished = load_finished(results_path)
     n_done = n_skipped = n_failed = 0
-    largest = max(budgets, key=lambda b: counts[b])
 
     from finesift.methods.base import available
 
@@ -585,7 +595,7 @@ def run_bench(
     seconds = time.perf_counter() - t0
     write_tables(out_dir, rows)
     write_report(out_dir, cfg, rows, budgets=budgets, seeds=seeds, finetune=finetune,
-                 model=model, quick=quick, data=data, seconds=seconds)
+                 model=model, quick=quick, data=data, seconds=seconds, tuning=tuning)
     return BenchResult(out_dir, rows, n_done, n_skipped, n_failed, seconds)
 
 

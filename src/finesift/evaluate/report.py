@@ -244,7 +244,7 @@ window.addEventListener('load', function () {
 
 def write_report(out: Path, cfg: Any, rows: list[dict[str, Any]], *, budgets: list,
                  seeds: list[int], finetune: Any, model: str | None, quick: bool, data: Any,
-                 seconds: float) -> tuple[Path, Path]:
+                 seconds: float, tuning: dict[str, Any] | None = None) -> tuple[Path, Path]:
     """Write ``report.md`` and ``report.html`` to ``out``; returns their paths."""
     methods = [m.label for m in cfg.methods]
     budget_keys = [str(b) for b in budgets]
@@ -260,6 +260,22 @@ def write_report(out: Path, cfg: Any, rows: list[dict[str, Any]], *, budgets: li
                    "eval s", "examples fine-tuned", "train-eval runs in selection", "runs"]
     hyper = finetune.hyperparameters()
     hyper_rows = [[k, str(v)] for k, v in hyper.items()]
+    tune_header: list[str] = []
+    tune_rows: list[list[str]] = []
+    tune_note = ("Not tuned: the config's `finetune` values as given (add a `tune` grid to "
+                 "tune them for random selection).")
+    if tuning:
+        keys = sorted(tuning["grid"])
+        tune_header = [*keys, "val loss", "val F1", "seconds", "chosen"]
+        for p in tuning["points"]:
+            f1 = p.get("val_f1")
+            tune_rows.append([str(p["params"][k]) for k in keys] + [
+                f"{p['val_loss']:.4f}", "-" if f1 is None else f"{f1:.3f}", str(p["seconds"]),
+                "yes" if p["params"] == tuning["chosen"] else ""])
+        tune_note = (f"Tuned once for random selection: each grid point fine-tuned on "
+                     f"{tuning['subset_size']} uniformly random pool examples (seed "
+                     f"{tuning['seed']}) and measured on the val set (never the test set); the "
+                     "lowest val log-loss was kept for every method.")
     base = [r["base_test_loss"] for r in rows if r.get("base_test_loss") is not None]
     n_ok = sum(r.get("status") == "ok" for r in rows)
     n_failed = sum(r.get("status") != "ok" for r in rows)
@@ -309,7 +325,8 @@ def write_report(out: Path, cfg: Any, rows: list[dict[str, Any]], *, budgets: li
            "## Cost per method (mean per run; selection = scoring the pool once per seed, once per budget and seed for HARP)", "",
            _md_table(cost_header, costs), "",
            "## Fine-tuning hyperparameters (the same for every method)", "",
-           _md_table(["hyperparameter", "value"], hyper_rows), "",
+           _md_table(["hyperparameter", "value"], hyper_rows), "", tune_note, "",
+           *([_md_table(tune_header, tune_rows), ""] if tune_rows else []),
            "Plots: see report.html.", ""]
     md_path = out / "report.md"
     with atomic_path(md_path) as tmp:
@@ -347,6 +364,8 @@ def write_report(out: Path, cfg: Any, rows: list[dict[str, Any]], *, budgets: li
              _html_table(cost_header, costs),
              "<h2>Fine-tuning hyperparameters (the same for every method)</h2>",
              _html_table(["hyperparameter", "value"], hyper_rows),
+             f"<p>{esc(tune_note)}</p>",
+             *([_html_table(tune_header, tune_rows)] if tune_rows else []),
              "<h2>Configuration</h2>",
              f"<pre>{esc(json.dumps(cfg.raw, indent=2, default=str))}</pre>"]
     page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
