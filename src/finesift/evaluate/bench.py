@@ -693,6 +693,8 @@ def _one_run(cfg, data, spec, budget, k, seed, columns, sel_cost, base, by_id, m
         "select_peak_rss_mb": sel_cost.get("peak_rss_mb"),
         "finetune_seconds": ft.get("seconds"), "finetune_peak_rss_mb": ft.get("peak_rss_mb"),
         "eval_seconds": ev.get("seconds"), "eval_peak_rss_mb": ev.get("peak_rss_mb"),
+        "select_cpu_seconds": sel_cost.get("cpu_seconds"),
+        "finetune_cpu_seconds": ft.get("cpu_seconds"), "eval_cpu_seconds": ev.get("cpu_seconds"),
         "load_seconds": res.costs.get("load_model", {}).get("seconds"),
         "selected_ids": ids,
         "selection_dir": str(Path("selections") / Path(sel_cost.get("dir", "")).name),
@@ -729,7 +731,8 @@ TABLE_COLUMNS = (
     "improvement_over_random_pct", "improvement_over_base_pct", "test_f1", "base_test_f1",
     "test_em", "base_test_em", "em_samples", "n_train", "n_test", "train_loss",
     "n_selected_by_harp", "train_evaluate_runs", "select_seconds", "select_peak_rss_mb", "finetune_seconds", "finetune_peak_rss_mb",
-    "eval_seconds", "eval_peak_rss_mb", "load_seconds", "method_options", "selection_dir",
+    "eval_seconds", "eval_peak_rss_mb", "load_seconds", "select_cpu_seconds",
+    "finetune_cpu_seconds", "eval_cpu_seconds", "method_options", "selection_dir",
     "finished_at", "error",
 )
 
