@@ -114,7 +114,7 @@ def select(
     pool: str | Path | Sequence[str | Path],
     target: str | Path | Sequence[str | Path],
     *,
-    budget: str | int,
+    budget: str | int | None,
     method: str = "tov",
     method_options: dict[str, Any] | None = None,
     task: str = "lm",
@@ -131,6 +131,11 @@ def select(
     progress: bool = False,
     log: Callable[[str], None] | None = None,
     workdir: str | Path | None = None,
+    num_shards: int = 1,
+    shard_index: int | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
+    ray_options: dict[str, Any] | None = None,
 ) -> Selection:
     """Score every pool example with ``method`` and pick ``budget`` of them.
 
@@ -156,6 +161,16 @@ def select(
         log: receives human-readable progress and warning messages.
         workdir: folder for resumable intermediate state (default ``OUT/.work``; methods
             keep their state in fingerprinted subfolders or files, so runs may share one).
+        num_shards, shard_index: score only shard ``shard_index`` of ``num_shards``
+            (see :mod:`finesift.store.chunks` for which examples a shard gets). A shard
+            run selects nothing: it writes the shard's ``scores.parquet`` and a shard
+            ``manifest.json`` to ``out`` (needed) for :func:`finesift.shards.merge`;
+            ``budget`` may be ``None``. Default: one unsharded run.
+        executor: ``local`` (default: score in this process) or ``ray`` (the method's
+            chunks are scored by Ray workers; ``tov`` only).
+        ray_address: the Ray cluster to join (default: start a local instance).
+        ray_options: ``num_cpus`` (local instance), ``workers``, ``cpus_per_worker``,
+            ``gpus_per_worker``; see :class:`finesift.executors.RayExecutor`.
     """
     from finesift.data.encode import build_label_map
     from finesift.data.readers import ReadReport, load_records
@@ -177,6 +192,14 @@ def select(
     if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
         raise OptionError(f"max_length must be a positive integer or None, got {max_length!r}")
     meth = get_method(method, method_options)  # fails fast on a bad name or option
+    shard = _shard_spec(num_shards, shard_index)
+    if shard is not None:
+        meth.check_shardable()
+        if out is None:
+            raise OptionError("a shard run (--shard-index) needs an output folder (--out)")
+    elif budget is None:
+        raise OptionError("a budget is needed (--budget), except in a shard run")
+    run_executor = _make_executor(meth, executor, ray_address, ray_options, device)
     out_dir = Path(out) if out is not None else None
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise OptionError(f"--out {out_dir}: exists and is not a folder")
@@ -189,7 +212,8 @@ def select(
         if rep.skipped:
             log(f"warning: skipped {sum(rep.skipped.values())} {role} record(s) while reading: "
                 f"{rep.skipped}")
-    parse_budget(budget, len(pool_records))  # early check against the raw pool size
+    if budget is not None:
+        parse_budget(budget, len(pool_records))  # early check against the raw pool size
     check_shapes(pool_records, task)  # before loading a model (an NER head needs tags)
     check_shapes(target_records, task)
 
@@ -223,7 +247,7 @@ def select(
                 f"no usable {role} records: all {enc.report.get('n_records')} were skipped "
                 f"({enc.report.get('skipped')})",
             )
-    k = parse_budget(budget, len(enc_pool.examples))
+    k = parse_budget(budget, len(enc_pool.examples)) if budget is not None else None
 
     ctx = MethodContext(
         pool=enc_pool.examples,
@@ -241,14 +265,39 @@ def select(
         workdir=(Path(workdir) if workdir is not None
                  else (out_dir / ".work") if out_dir is not None else None),
         log=log,
+        shard=shard,
+        executor=run_executor,
+        model_spec={"name": _model_name(model), "task": task, "labels": labels, "seed": seed},
     )
-    if meth.uses_budget:
+    if meth.uses_budget and k is not None:
         meth.bind_budget(k)
-    with watch.stage("score"):
-        result = meth.score(ctx)
+    try:
+        with watch.stage("score"):
+            result = meth.score(ctx)
+    finally:
+        if run_executor is not None:
+            run_executor.close()
     scores = np.asarray(result.scores, dtype=np.float64)
-    if scores.shape != (len(enc_pool.examples),) or not np.all(np.isfinite(scores)):
+    n_scored = len(enc_pool.examples) if result.rows is None else len(result.rows)
+    if scores.shape != (n_scored,) or not np.all(np.isfinite(scores)):
         raise RuntimeError(f"method {method} returned invalid scores (shape {scores.shape})")
+    if shard is not None:
+        from finesift.shards import write_shard
+
+        return write_shard(
+            out_dir, shard, enc_pool, enc_target, result,
+            run={"method": method, "method_options": _jsonable(meth.options), "task": task,
+                 "model": model_info, "seed": seed, "max_length": max_length,
+                 "template": template, "precision": precision, "batch_size": batch_size,
+                 "device": device, "format": fmt},
+            data={"pool": [file_fingerprint(p) for p in pool_paths],
+                  "target": [file_fingerprint(p) for p in target_paths],
+                  "pool_records": len(pool_records), "target_records": len(target_records),
+                  "pool_reading": read_pool.to_dict(), "target_reading": read_target.to_dict(),
+                  "pool_encoding": enc_pool.report, "target_encoding": enc_target.report,
+                  "labels": labels},
+            watch=watch, t_start=t_start,
+        )
 
     n_label = np.array([e.n_label_tokens for e in enc_pool.examples])
     with watch.stage("select"):
@@ -299,6 +348,7 @@ def select(
         "precision": precision,
         "batch_size": batch_size,
         "device": device,
+        "format": fmt,
         "data": {
             "pool": [file_fingerprint(p) for p in pool_paths],
             "target": [file_fingerprint(p) for p in target_paths],
@@ -330,6 +380,43 @@ def select(
         manifest=manifest,
         out=out_dir,
     )
+
+
+def _shard_spec(num_shards: int, shard_index: int | None):
+    from finesift.store.chunks import ShardSpec
+
+    if shard_index is None:
+        if num_shards != 1:
+            raise OptionError("--num-shards needs --shard-index (which shard this run scores)")
+        return None
+    return ShardSpec(num_shards, shard_index)
+
+
+def _make_executor(meth: Any, executor: str, ray_address: str | None,
+                   ray_options: dict[str, Any] | None, device: str):
+    from finesift.executors import make_executor
+    from finesift.methods import available
+
+    opts = dict(ray_options or {})
+    known = {"num_cpus", "workers", "cpus_per_worker", "gpus_per_worker"}
+    if set(opts) - known:
+        raise OptionError(f"unknown Ray option(s) {sorted(set(opts) - known)}; known: {sorted(known)}")
+    if executor == "local" and opts:
+        raise OptionError("Ray options need --executor ray")
+    made = make_executor(executor, ray_address=ray_address,
+                         **{f"ray_{k}": v for k, v in opts.items()}, device=device)
+    if made is not None and not meth.distributable:
+        can = ", ".join(n for n, c in available().items() if c.distributable)
+        raise OptionError(f"--executor {executor}: method {meth.name!r} scores in-process only "
+                          f"(methods that can use it: {can})")
+    return made
+
+
+def _model_name(model: str | None) -> str | None:
+    """``model`` as another process on a shared file system can load it (absolute path)."""
+    if model is not None and Path(model).expanduser().exists():
+        return str(Path(model).expanduser().resolve())
+    return model
 
 
 def _jsonable(options: Any) -> Any:

@@ -77,6 +77,22 @@ def _preview(record, width: int = 70) -> str:
     return text[:width] + ("..." if len(text) > width else "")
 
 
+def _check_proxy(method: str, proxy: str, options: dict[str, Any]) -> None:
+    """``--proxy`` is an option of the methods whose options have a ``proxy`` field."""
+    from finesift.methods import available
+
+    def takes_proxy(cls: Any) -> bool:
+        opt = getattr(cls, "Options", None)
+        return dataclasses.is_dataclass(opt) and "proxy" in {f.name for f in dataclasses.fields(opt)}
+
+    methods = available()
+    if method in methods and not takes_proxy(methods[method]):
+        supported = ", ".join(n for n, c in methods.items() if takes_proxy(c))
+        raise FinesiftError(f"--method {method} does not support --proxy (methods that do: {supported})")
+    if options.get("proxy", proxy) != proxy:
+        raise FinesiftError("--proxy and -o proxy=... disagree")
+
+
 def cmd_select(args: argparse.Namespace) -> int:
     from finesift.api import select
 
@@ -87,6 +103,18 @@ def cmd_select(args: argparse.Namespace) -> int:
         if options.get("envelope", args.envelope) != args.envelope:
             raise FinesiftError("--envelope and -o envelope=... disagree")
         options["envelope"] = args.envelope
+    if args.proxy is not None:
+        _check_proxy(args.method, args.proxy, options)
+        options["proxy"] = args.proxy
+    sharded = args.shard_index is not None
+    if args.budget is None and not sharded:
+        raise FinesiftError("--budget is required (except in a shard run: --shard-index)")
+    if args.budget is not None and sharded:
+        _eprint("warning: a shard run selects nothing; --budget is ignored (give it to merge)")
+    ray_options = {k: v for k, v in (
+        ("num_cpus", args.ray_num_cpus), ("workers", args.ray_workers),
+        ("cpus_per_worker", args.ray_cpus_per_worker),
+        ("gpus_per_worker", args.ray_gpus_per_worker)) if v is not None}
     sel = select(
         args.pool,
         args.target,
@@ -105,10 +133,30 @@ def cmd_select(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress=not args.no_progress,
         log=_eprint,
+        num_shards=args.num_shards,
+        shard_index=args.shard_index,
+        executor=args.executor,
+        ray_address=args.ray_address,
+        ray_options=ray_options,
     )
+    if sharded:
+        print(f"scored shard {args.shard_index} of {args.num_shards}: {len(sel.pool)} of "
+              f"{sel.manifest['shard']['pool_size']} pool examples")
+        print(f"wrote {args.out}/scores.parquet, manifest.json "
+              f"({sel.manifest['wall_seconds']:.0f} s); combine the shards with finesift merge")
+        return 0
     print(_summary(sel))
     print(f"wrote {args.out}/scores.parquet, selected.jsonl, manifest.json "
           f"({sel.manifest['wall_seconds']:.0f} s)")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from finesift.shards import merge
+
+    sel = merge(args.shards, args.out, budget=args.budget, strategy=args.strategy, log=_eprint)
+    print(_summary(sel))
+    print(f"wrote {args.out}/scores.parquet, selected.jsonl, manifest.json")
     return 0
 
 
@@ -198,9 +246,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="tov", help="selection method (see `finesift methods`)")
     p.add_argument("--pool", nargs="+", required=True, help="pool file(s)")
     p.add_argument("--target", nargs="+", required=True, help="target example file(s)")
-    p.add_argument("--budget", required=True, help="count (500) or share of the pool (10%%)")
+    p.add_argument("--budget", default=None,
+                   help="count (500) or share of the pool (10%%); required unless --shard-index")
     p.add_argument("--strategy", default="top", choices=["top", "length-binned", "score+random"])
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--num-shards", type=int, default=1,
+                   help="split the pool into N shards (with --shard-index; default 1)")
+    p.add_argument("--shard-index", type=int, default=None,
+                   help="score only shard I (0..N-1) and write its scores for finesift merge; "
+                        "chunk c of the length-sorted chunk grid belongs to shard c %% N")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="where the pool is scored: this process (default) or Ray workers (tov)")
+    p.add_argument("--ray-address", default=None,
+                   help="Ray cluster to join (default: start a local Ray instance)")
+    p.add_argument("--ray-num-cpus", type=int, default=None,
+                   help="CPUs of the local Ray instance (default: all)")
+    p.add_argument("--ray-workers", type=int, default=None,
+                   help="Ray workers (default: cluster GPUs / gpus per worker, else CPUs)")
+    p.add_argument("--ray-cpus-per-worker", type=float, default=None,
+                   help="CPUs (and torch threads) per Ray worker (default 1)")
+    p.add_argument("--ray-gpus-per-worker", type=float, default=None,
+                   help="GPUs per Ray worker (default 0; 1 = one worker per GPU, on cuda)")
     p.add_argument("--format", default=None,
                    choices=["jsonl", "json", "csv", "parquet", "hf", "conll"],
                    help="input format (default: from the file extension)")
@@ -209,8 +275,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--envelope", choices=["c", "e"], default=None,
                    help="harp: HARP-C (one best helpful leaf per domain counts, every harm "
                         "counts; default) or HARP-E (leaf effects add up)")
+    p.add_argument("--proxy", default=None, metavar="iprox:RHO",
+                   help="less/tracin: run on an IProX influence-preserving low-rank proxy of "
+                        "the model with compression ratio RHO in [0, 1), e.g. iprox:0.7")
     _add_common(p)
     p.set_defaults(func=cmd_select)
+
+    p = sub.add_parser("merge", help="combine shard runs (select --shard-index) and select")
+    p.add_argument("shards", nargs="+", metavar="SHARD_DIR", help="the shard runs' --out folders")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--budget", required=True, help="count (500) or share of the pool (10%%)")
+    p.add_argument("--strategy", default="top", choices=["top", "length-binned", "score+random"])
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("demo", help="ToV on bundled GSM8K + ShareGPT with SmolLM2")
     p.add_argument("--out", default=None, help="output folder (default: a temp folder)")

@@ -23,6 +23,7 @@ import numpy as np
 from finesift.data.records import Example, Record
 from finesift.engine.tasks import Task
 from finesift.errors import OptionError
+from finesift.store.chunks import ShardSpec
 
 
 @dataclass
@@ -42,6 +43,12 @@ class MethodContext:
         progress: show progress bars.
         workdir: a folder for resumable intermediate state (``None``: no resume).
         log: a callback for progress messages (the CLI prints them).
+        shard: score only this shard of the pool (``None``: all of it); only methods
+            with ``shardable = True`` accept one (see :mod:`finesift.store.chunks`).
+        executor: where chunks are scored: ``None`` (this process) or an executor of
+            :mod:`finesift.executors` (e.g. Ray workers).
+        model_spec: how another process loads ``model`` again: ``{"name", "task",
+            "labels", "seed"}`` as passed to :func:`finesift.models.loader.load_model`.
     """
 
     pool: list[Example]
@@ -58,6 +65,9 @@ class MethodContext:
     progress: bool = False
     workdir: Path | None = None
     log: Callable[[str], None] = field(default=lambda msg: None)
+    shard: ShardSpec | None = None
+    executor: Any = None
+    model_spec: dict[str, Any] | None = None
 
 
 @dataclass
@@ -73,6 +83,9 @@ class MethodResult:
             pool indices they chose, in order, at most the budget and possibly fewer.
             When given, it is the selection and no strategy is applied.
         info: figures for the manifest (timings, losses, counts).
+        rows: in a shard run, the pool positions ``scores`` and ``columns`` belong to
+            (sorted); ``None``: every pool example, in pool order. ``base_set`` always
+            holds positions in the whole pool.
     """
 
     scores: np.ndarray
@@ -80,6 +93,7 @@ class MethodResult:
     base_set: np.ndarray | None = None
     chosen: np.ndarray | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    rows: np.ndarray | None = None
 
 
 class Method(ABC):
@@ -91,9 +105,27 @@ class Method(ABC):
     #: the method's choice depends on the budget (it is told through :meth:`bind_budget`)
     uses_budget: ClassVar[bool] = False
     Options: ClassVar[type] = dict  # a dataclass type with defaults
+    #: each pool example's score is independent of the other pool examples and
+    #: :meth:`score` honours ``ctx.shard`` (scores only the shard's chunks, sets ``rows``)
+    shardable: ClassVar[bool] = False
+    #: why the method cannot be sharded (said in the error)
+    not_shardable_reason: ClassVar[str] = "its scores are not computed shard by shard"
+    #: :meth:`score` can hand its chunks to ``ctx.executor`` (e.g. Ray workers)
+    distributable: ClassVar[bool] = False
 
     def __init__(self, options: Any) -> None:
         self.options = options
+
+    def check_shardable(self) -> None:
+        """Raise :class:`OptionError` unless this method, with its options, gives every
+        shard's scores exactly as an unsharded run would."""
+        if not self.shardable:
+            can = ", ".join(n for n, c in available().items() if c.shardable)
+            raise OptionError(
+                f"method {self.name!r} cannot score the pool in shards: "
+                f"{self.not_shardable_reason}; run it without --num-shards "
+                f"(methods that can: {can})"
+            )
 
     def bind_budget(self, k: int) -> None:
         """Tell the method the run's budget (a count) before :meth:`score`; only called

@@ -283,6 +283,7 @@ class DSIR(Method):
     description = "importance resampling on hashed unigram+bigram counts (DSIR); no model"
     needs_model = False
     Options = DSIROptions
+    not_shardable_reason = "its raw-distribution n-gram model is fitted on the whole pool"
 
     def score(self, ctx: MethodContext) -> MethodResult:
         opts: DSIROptions = self.options

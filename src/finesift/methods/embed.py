@@ -223,6 +223,7 @@ class Embed(Method):
     description = "cosine similarity of embeddings (MiniLM or the model's own) to the target's"
     needs_model = False  # the instance says True for embedder=model (see __init__)
     Options = EmbedOptions
+    not_shardable_reason = "its embedding pass is not split on the shard grid yet"
 
     def __init__(self, options: EmbedOptions) -> None:
         super().__init__(options)

@@ -68,12 +68,23 @@ class Perplexity(Method):
     description = "the model's token-averaged loss on each example; lowest (default) or highest first"
     needs_model = True
     Options = PerplexityOptions
+    shardable = True  # the loss of x depends on x and the untouched model only
+
+    def check_shardable(self) -> None:
+        if self.options.order == "middle":
+            raise OptionError(
+                "perplexity with order=middle cannot score the pool in shards: its scores "
+                "are distances to the median loss of the whole pool; use order=lowest or "
+                "highest, or run it without --num-shards"
+            )
 
     def score(self, ctx: MethodContext) -> MethodResult:
-        loss = mean_losses(forward_logprobs(ctx, self.options.precision, self.name))
+        logprobs, rows = forward_logprobs(ctx, self.options.precision, self.name)
+        loss = mean_losses(logprobs)
         loss = np.nan_to_num(loss, nan=0.0)  # no label tokens: never produced by encoders
         return MethodResult(
             scores=order_scores(loss, self.options.order),
             columns={"loss": loss},
             info={"mean_loss": float(loss.mean()) if len(loss) else None},
+            rows=rows,
         )

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from finesift.methods.base import Method, MethodContext, MethodResult, register
+from finesift.store import chunks
+from finesift.store.chunks import shard_rows
 
 
 @dataclass
@@ -20,7 +22,13 @@ class RandomMethod(Method):
     description = "uniform random scores (seeded); the baseline"
     needs_model = False
     Options = RandomOptions
+    shardable = True  # a shard takes its rows of the one seeded draw for the whole pool
 
     def score(self, ctx: MethodContext) -> MethodResult:
         rng = np.random.default_rng([ctx.seed, 0x5E1EC7])
-        return MethodResult(scores=rng.random(len(ctx.pool)))
+        scores = rng.random(len(ctx.pool))
+        if ctx.shard is None:
+            return MethodResult(scores=scores)
+        lengths = [ctx.task.length(e) for e in ctx.pool]
+        rows = shard_rows(lengths, chunks.DEFAULT_CHUNK, ctx.shard)
+        return MethodResult(scores=scores[rows], rows=rows)

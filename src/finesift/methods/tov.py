@@ -59,6 +59,7 @@ from finesift.methods.base import (
     register,
     run_fingerprint,
 )
+from finesift.store.chunks import ChunkStore, chunk_grid, shard_chunk_ids
 
 MODES = ("basic", "interleaved", "parallel")
 TRANSFORMS = ("identity", "abs", "relu")
@@ -196,6 +197,11 @@ class ToV(Method):
     description = "Train on Validation: log-prob change of pool examples after fine-tuning on the target"
     needs_model = True
     Options = ToVOptions
+    # phi(x) depends on x and the trained adapters only; training sees the target and
+    # (interleaved/parallel) a base set drawn from the whole pool, which every shard
+    # run reads, so each shard trains the same adapters as the unsharded run.
+    shardable = True
+    distributable = True
 
     # -- helpers -------------------------------------------------------------------
     def _train(self, ctx, model, examples, *, lr, epochs, optimizer, seed, desc):
@@ -274,7 +280,7 @@ class ToV(Method):
             work = self._work_prefix(ctx)
             prog, base_idx = self._train_phase(ctx, model, work)
             t0 = time.perf_counter()
-            per_round = self._score_phase(ctx, model, prog.checkpoints, work)
+            per_round, rows = self._score_phase(ctx, model, prog.checkpoints, work)
             score_seconds = time.perf_counter() - t0
             n_trainable = int(sum(p.numel() for p in model.parameters() if p.requires_grad))
         finally:
@@ -292,7 +298,10 @@ class ToV(Method):
         }
         if base_idx is not None:
             info["base_set_size"] = len(base_idx)
-        return MethodResult(scores=scores, columns=columns, base_set=base_idx, info=info)
+        if ctx.executor is not None:
+            info["executor"] = ctx.executor.describe()
+        return MethodResult(scores=scores, columns=columns, base_set=base_idx, info=info,
+                            rows=rows if ctx.shard is not None else None)
 
     # -- phase 1: training ---------------------------------------------------------
     def _train_phase(
@@ -406,50 +415,171 @@ class ToV(Method):
         return prog, base_idx
 
     # -- phase 2: scoring ----------------------------------------------------------
-    def _score_phase(self, ctx: MethodContext, model, checkpoints, work: Path | None) -> np.ndarray:
-        """phi_k for every pool example and round k, shape (L, n).
+    def _score_phase(
+        self, ctx: MethodContext, model, checkpoints, work: Path | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """phi_k for the pool examples this run scores and every round k: ``(values, rows)``
+        with ``values`` of shape (L, len(rows)) and ``rows`` the sorted pool positions
+        (every position, or the shard's in a shard run).
 
-        The pool is cut into chunks of ``chunk_size`` examples (in length order, so
-        batches stay tight); each finished chunk is saved in the work folder and skipped
-        when a killed run is resumed.
+        The pool is cut into chunks of ``chunk_size`` examples in length order (the grid
+        of :mod:`finesift.store.chunks`); each finished chunk is saved in the work folder
+        and skipped when a killed run is resumed. Chunks are scored here one after the
+        other or, with ``ctx.executor``, by its workers (e.g. Ray), through the same
+        :func:`score_examples`.
         """
         o = self.options
         n, L = len(ctx.pool), len(checkpoints)
         precision = ctx.precision if o.score_precision == "auto" else o.score_precision
         lengths = np.array([ctx.task.length(e) for e in ctx.pool], dtype=np.int64)
-        order = np.argsort(-lengths, kind="stable")
-        out = np.empty((L, n), dtype=np.float64)
-        bar = tqdm(total=n * 2 * L, desc="tov: scoring the pool", unit="ex",
+        grid = chunk_grid(lengths, o.chunk_size)
+        ids = shard_chunk_ids(len(grid), ctx.shard)
+        rows = (np.sort(np.concatenate([grid[c] for c in ids])) if ids
+                else np.zeros(0, dtype=np.int64))
+        col = np.full(n, -1, dtype=np.int64)
+        col[rows] = np.arange(len(rows))
+        out = np.empty((L, len(rows)), dtype=np.float64)
+        store = ChunkStore(work)
+        bar = tqdm(total=len(rows) * 2 * L, desc="tov: scoring the pool", unit="ex",
                    disable=not ctx.progress, leave=False)
+
+        def done(c: int, vals: np.ndarray, *, saved: bool) -> None:
+            if not saved:
+                store.save(c, vals)
+            out[:, col[grid[c]]] = vals
+            if saved or ctx.executor is not None:
+                bar.update(len(grid[c]) * 2 * L)
+
         try:
-            for c, s0 in enumerate(range(0, n, o.chunk_size)):
-                idx = order[s0 : s0 + o.chunk_size]
-                path = work.with_name(f"{work.name}-chunk{c:06d}.npy") if work else None
-                vals = None
-                if path is not None and path.exists():
-                    loaded = np.load(path, allow_pickle=False)
-                    if loaded.shape == (L, len(idx)):
-                        vals = loaded
+            todo = []
+            for c in ids:
+                vals = store.load(c, (L, len(grid[c])))
                 if vals is None:
-                    exs = [ctx.pool[i] for i in idx]
-                    vals = np.empty((L, len(idx)), dtype=np.float64)
-                    for k, (before_state, after_state) in enumerate(checkpoints):
-                        passes = []
-                        for state in (before_state, after_state):
-                            load_trainable_state(model, state)
-                            passes.append(token_logprobs(
-                                model, ctx.task, exs, batch_size=ctx.batch_size,
-                                precision=precision, device=ctx.device, progress=False,
-                            ))
-                            bar.update(len(exs))
-                        vals[k] = tov_round_scores(passes[0], passes[1], o.transform)
-                    if path is not None:
-                        tmp = path.with_name(path.name + ".tmp.npy")
-                        np.save(tmp, vals, allow_pickle=False)
-                        os.replace(tmp, path)
+                    todo.append(c)
                 else:
-                    bar.update(len(idx) * 2 * L)
-                out[:, idx] = vals
+                    done(c, vals, saved=True)
+            if todo and ctx.executor is None:
+                for c in todo:
+                    vals = score_examples(
+                        model, ctx.task, checkpoints, [ctx.pool[i] for i in grid[c]],
+                        transform=o.transform, batch_size=ctx.batch_size,
+                        precision=precision, device=ctx.device, on_pass=bar.update,
+                    )
+                    done(c, vals, saved=False)
+            elif todo:
+                scorer = ToVChunkScorer.from_run(self, ctx, checkpoints, precision)
+                items = ((c, [ctx.pool[i] for i in grid[c]]) for c in todo)
+                for c, vals in ctx.executor.map_chunks(scorer, items):
+                    done(c, np.asarray(vals, dtype=np.float64), saved=False)
         finally:
             bar.close()
-        return out
+        return out, rows
+
+
+def score_examples(
+    model: torch.nn.Module,
+    task: Any,
+    checkpoints: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]],
+    examples: list[Any],
+    *,
+    transform: str = "identity",
+    batch_size: int = 8,
+    precision: str = "fp32",
+    device: str = "cpu",
+    on_pass: Any = None,
+) -> np.ndarray:
+    """ToV scores of ``examples`` at every round's adapter pair: shape (L, len(examples)).
+
+    For round k with checkpoint pair (theta_before, theta_after), two forward passes give
+    the label-token log-probs, and phi_k(x) = mean_t F(log p_t(after) - log p_t(before)).
+    This is the one scoring loop of ToV: the local run and Ray workers both call it.
+
+    Args:
+        model: the model with the adapter the checkpoints were taken from (a peft LoRA
+            model, or the plain model for ``adapter="full"``); its trainable parameters
+            are overwritten with each checkpoint in turn.
+        task: the :class:`~finesift.engine.tasks.Task` for the model.
+        checkpoints: ``[(theta_before, theta_after), ...]``, one pair per round, as
+            :func:`~finesift.engine.train.trainable_state` snapshots.
+        examples: the encoded examples (scored together, batched by length).
+        transform: F: ``identity`` (default), ``abs`` or ``relu``.
+        batch_size: rows per forward batch (default 8).
+        precision: ``fp32`` (default), ``bf16`` or ``auto``.
+        device: torch device (default ``cpu``).
+        on_pass: called with ``len(examples)`` after each forward pass (progress).
+    """
+    vals = np.empty((len(checkpoints), len(examples)), dtype=np.float64)
+    for k, (before_state, after_state) in enumerate(checkpoints):
+        passes = []
+        for state in (before_state, after_state):
+            load_trainable_state(model, state)
+            passes.append(token_logprobs(
+                model, task, examples, batch_size=batch_size,
+                precision=precision, device=device, progress=False,
+            ))
+            if on_pass is not None:
+                on_pass(len(examples))
+        vals[k] = tov_round_scores(passes[0], passes[1], transform)
+    return vals
+
+
+@dataclass
+class ToVChunkScorer:
+    """What a worker process needs to score ToV chunks: how to load the model and add the
+    adapter, the round checkpoints and the scoring settings (picklable; an executor
+    ships it once per worker, e.g. through Ray's object store).
+
+    Attributes:
+        model_spec: ``{"name", "task", "labels", "seed"}`` for
+            :func:`~finesift.models.loader.load_model` (a built-in name or a folder the
+            worker can read).
+        lora: the LoRA adapter settings, or ``None`` for ``adapter="full"``.
+        seed: the seed the adapter was created with.
+        task: the :class:`~finesift.engine.tasks.Task`.
+        checkpoints: the rounds' ``(theta_before, theta_after)`` snapshots.
+        transform, batch_size, precision: as for :func:`score_examples`.
+    """
+
+    model_spec: dict[str, Any]
+    lora: LoraOptions | None
+    seed: int
+    task: Any
+    checkpoints: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]
+    transform: str = "identity"
+    batch_size: int = 8
+    precision: str = "fp32"
+
+    @classmethod
+    def from_run(cls, method: ToV, ctx: MethodContext, checkpoints, precision: str):
+        if ctx.model_spec is None:
+            raise OptionError("tov: an executor needs ctx.model_spec (how workers load the model)")
+        o = method.options
+        lora = (LoraOptions(rank=o.lora_rank, alpha=o.lora_alpha, dropout=o.lora_dropout)
+                if o.adapter == "lora" else None)
+        cpu = [(_cpu(b), _cpu(a)) for b, a in checkpoints]
+        return cls(dict(ctx.model_spec), lora, ctx.seed, ctx.task, cpu, o.transform,
+                   ctx.batch_size, precision)
+
+    def build(self, device: str = "cpu"):
+        """Load the model on this worker; returns ``score(examples) -> (L, n) array``."""
+        from finesift.models.loader import load_model
+
+        spec = self.model_spec
+        model = load_model(spec.get("name"), spec["task"], labels=spec.get("labels"),
+                           seed=int(spec.get("seed", 0))).model
+        if self.lora is not None:
+            model = add_lora(model, spec["task"], self.lora, seed=self.seed)
+        model.to(device)
+        checkpoints = [({k: v.to(device) for k, v in b.items()},
+                        {k: v.to(device) for k, v in a.items()}) for b, a in self.checkpoints]
+
+        def score(examples: list[Any]) -> np.ndarray:
+            return score_examples(model, self.task, checkpoints, examples,
+                                  transform=self.transform, batch_size=self.batch_size,
+                                  precision=self.precision, device=device)
+
+        return score
+
+
+def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in state.items()}

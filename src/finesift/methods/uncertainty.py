@@ -14,10 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from finesift.engine.scoring import token_logprobs
 from finesift.errors import OptionError
 from finesift.methods.base import Method, MethodContext, MethodResult, register
+from finesift.store import chunks
+from finesift.store.chunks import chunk_grid, shard_chunk_ids
 
 LOGP_MAX = -1e-8
 """log p is clamped to at most this (p <= 1 - 1e-8), keeping log(1 - p) >= -18.4:
@@ -66,20 +69,44 @@ class UncertaintyOptions:
             )
 
 
-def forward_logprobs(ctx: MethodContext, precision: str, desc: str) -> list[np.ndarray]:
-    """Label-token log-probs of every pool example under ``ctx.model`` (one pass)."""
+def forward_logprobs(
+    ctx: MethodContext, precision: str, desc: str
+) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """Label-token log-probs under ``ctx.model`` (one pass): ``(logprobs, rows)``.
+
+    The pool is scored chunk by chunk on the grid of :mod:`finesift.store.chunks`
+    (``chunks.DEFAULT_CHUNK`` examples in length order), so a shard run (``ctx.shard``) gives
+    exactly the values an unsharded run gives its examples. ``rows`` is ``None`` (every
+    pool example, in pool order) or, in a shard run, the shard's sorted pool positions.
+    """
     if ctx.model is None:
         raise OptionError(f"{desc} needs the model, but none was loaded")
-    return token_logprobs(
-        ctx.model,
-        ctx.task,
-        ctx.pool,
-        batch_size=ctx.batch_size,
-        precision=ctx.precision if precision == "run" else precision,
-        device=ctx.device,
-        progress=ctx.progress,
-        desc=desc,
-    )
+    lengths = np.array([ctx.task.length(e) for e in ctx.pool], dtype=np.int64)
+    grid = chunk_grid(lengths, chunks.DEFAULT_CHUNK)
+    ids = shard_chunk_ids(len(grid), ctx.shard)
+    scored = np.concatenate([grid[c] for c in ids]) if ids else np.zeros(0, dtype=np.int64)
+    out: list[np.ndarray | None] = [None] * len(ctx.pool)
+    bar = tqdm(total=len(scored), desc=desc, disable=not ctx.progress, leave=False, unit="ex")
+    try:
+        for c in ids:
+            lps = token_logprobs(
+                ctx.model,
+                ctx.task,
+                [ctx.pool[i] for i in grid[c]],
+                batch_size=ctx.batch_size,
+                precision=ctx.precision if precision == "run" else precision,
+                device=ctx.device,
+                progress=False,
+            )
+            for i, lp in zip(grid[c], lps, strict=True):
+                out[i] = lp
+            bar.update(len(grid[c]))
+    finally:
+        bar.close()
+    if ctx.shard is None:
+        return out, None  # type: ignore[return-value]
+    rows = np.sort(scored).astype(np.int64)
+    return [out[i] for i in rows], rows  # type: ignore[misc]
 
 
 @register
@@ -88,9 +115,10 @@ class Uncertainty(Method):
     description = "max-uncertainty: mean over label tokens of log[p(1-p)] under the model"
     needs_model = True
     Options = UncertaintyOptions
+    shardable = True  # psi(x) depends on x and the untouched model only
 
     def score(self, ctx: MethodContext) -> MethodResult:
-        logprobs = forward_logprobs(ctx, self.options.precision, self.name)
+        logprobs, rows = forward_logprobs(ctx, self.options.precision, self.name)
         psi = uncertainty_scores(logprobs)
         loss = np.array([-float(np.mean(lp)) if len(lp) else 0.0 for lp in logprobs])
-        return MethodResult(scores=psi, columns={"loss": loss})
+        return MethodResult(scores=psi, columns={"loss": loss}, rows=rows)
