@@ -49,6 +49,7 @@ def add_lora(model: torch.nn.Module, task: str, options: LoraOptions, *, seed: i
     torch.manual_seed(seed)
     kwargs: dict[str, Any] = {}
     targets = options.target_modules
+    factored = any(getattr(m, "finesift_factored", False) for m in model.modules())
     if task == "ner":
         kwargs["task_type"] = "TOKEN_CLS"
         # the head is "classifier" (BERT-like) or "score" (decoder models); it is trained
@@ -56,7 +57,7 @@ def add_lora(model: torch.nn.Module, task: str, options: LoraOptions, *, seed: i
         head = next((h for h in ("classifier", "score") if hasattr(model, h)), None)
         if head:
             kwargs["modules_to_save"] = [head]
-            if targets == "all-linear":
+            if targets == "all-linear" and not factored:
                 targets = sorted({
                     name.rsplit(".", 1)[-1]
                     for name, mod in model.named_modules()
@@ -64,6 +65,18 @@ def add_lora(model: torch.nn.Module, task: str, options: LoraOptions, *, seed: i
                 })
     else:
         kwargs["task_type"] = "CAUSAL_LM"
+    if targets == "all-linear" and factored:
+        # an IProX proxy (finesift.methods.iprox): peft's "all-linear" matches by the last
+        # name component, which would also hit factored layers (not nn.Linear) that share a
+        # name with a kept-full layer; list every linear by its full name instead (the A
+        # and B factors of factored layers, every kept-full linear, no LM head or head)
+        skip = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        head_name = kwargs.get("modules_to_save", [None])[0]
+        targets = sorted(
+            name for name, mod in model.named_modules()
+            if isinstance(mod, torch.nn.Linear) and mod is not skip
+            and not (head_name and name.startswith(head_name))
+        )
     cfg = LoraConfig(
         r=options.rank,
         lora_alpha=options.alpha,

@@ -21,6 +21,10 @@ Both share one pipeline:
 Differences from the LESS code: its Adam direction omits bias correction and puts eps
 inside the square root; here the bias-corrected form of the Adam update is used.
 
+With ``proxy="iprox:RHO"`` everything above runs on an IProX proxy of the model
+(:mod:`finesift.methods.iprox`, built before the LoRA adapter is added; cached in the
+work folder), and the proxy's parameter counts and stage timings join the manifest.
+
 With a work folder, the warm-up checkpoints and every gradient feature are kept on disk
 (memory-mapped ``.npy`` per checkpoint and split, written chunk by chunk, each chunk
 marked done once flushed), so a killed run resumes from the last finished chunk.
@@ -55,6 +59,7 @@ from finesift.methods.base import (
     register,
     run_fingerprint,
 )
+from finesift.methods.iprox import build_proxy, parse_proxy
 
 _STATE_VERSION = 1
 
@@ -77,6 +82,11 @@ class GradInfluenceOptions:
         chunk_size: examples whose gradients are projected together (and stored as one
             resumable chunk); the projection blocks are generated once per chunk.
         lora_rank, lora_alpha, lora_dropout: the warm-up LoRA adapter.
+        proxy: ``""`` (default: the model itself) or ``iprox:RHO[,KEY=VALUE...]``: run on
+            an IProX influence-preserving proxy of the model with compression ratio RHO
+            (see :mod:`finesift.methods.iprox`; KEY is an :class:`IProxOptions` field,
+            e.g. ``iprox:0.5,align_epochs=1``). The LoRA adapter then goes on the proxy's
+            factors.
     """
 
     warmup_fraction: float = 0.05
@@ -92,6 +102,7 @@ class GradInfluenceOptions:
     lora_rank: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
+    proxy: str = ""
 
     def validate(self) -> None:
         if not 0 < self.warmup_fraction <= 1:
@@ -108,6 +119,9 @@ class GradInfluenceOptions:
             )
         if not self.lr > 0:
             raise OptionError("lr must be > 0")
+        if not isinstance(self.proxy, str):
+            raise OptionError(f"proxy must be a string such as 'iprox:0.7', got {self.proxy!r}")
+        parse_proxy(self.proxy)
 
 
 @dataclass
@@ -272,11 +286,24 @@ class _GradInfluence(Method):
         if ctx.model is None:
             raise OptionError(f"{self.name} needs a model")
         lora = LoraOptions(rank=o.lora_rank, alpha=o.lora_alpha, dropout=o.lora_dropout)
-        model = add_lora(ctx.model, ctx.model_task, lora, seed=ctx.seed)
+        base, proxy_info = ctx.model, {}
+        spec = parse_proxy(o.proxy)
+        if spec is not None:
+            # a new model: ctx.model is left as it was (bench and api reuse it)
+            cache = None
+            if ctx.workdir is not None:
+                fp = run_fingerprint(f"iprox-v{_STATE_VERSION}", spec, ctx)
+                cache = Path(ctx.workdir) / f"iprox-{fp}" / "proxy.pt"
+            base, proxy_info = build_proxy(
+                ctx.model, ctx.task, ctx.pool, spec, model_task=ctx.model_task, seed=ctx.seed,
+                batch_size=ctx.batch_size, device=ctx.device, cache=cache, log=ctx.log)
+        model = add_lora(base, ctx.model_task, lora, seed=ctx.seed)
         try:
-            return self._score(ctx, model)
+            result = self._score(ctx, model)
         finally:
             model.unload()
+        result.info.update(proxy_info)
+        return result
 
     def _score(self, ctx: MethodContext, model) -> MethodResult:
         o = self.options

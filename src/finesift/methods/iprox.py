@@ -1,0 +1,718 @@
+"""IProX influence-preserving proxies (Chen et al., arXiv 2602.17835, ICLR 2026).
+
+A proxy is a low-rank factorisation of the target model itself, on which ``less`` or
+``tracin`` then run (``--proxy iprox:RHO``):
+
+* every ``nn.Linear`` of the attention and MLP blocks, W (m x n), becomes a
+  :class:`FactoredLinear` ``A (m x r) @ B (r x n)`` (+ the original bias), with
+  r = round((1 - rho) * m * n / (m + n)) rounded up to a multiple of ``block_size``
+  (:func:`proxy_rank`); embeddings, the LM head and classification heads stay as they are.
+* Stage 1, IPSVD (:func:`ipsvd_factors`): A and B minimise
+  ||C_delta^{1/2} (W - A B) C_h^{1/2}||_F, with C_h = E[h h^T] over the layer's inputs
+  and C_delta = E[delta delta^T] over the gradients of the model's loss w.r.t. the
+  layer's outputs, both estimated on a seeded probe set drawn from the pool
+  (:func:`layer_covariances`). The covariances are whitened with damped symmetric
+  square roots (eigendecomposition; damping = ``damping`` x the mean eigenvalue), the
+  whitened W = C_delta^{1/2} W C_h^{1/2} gets a truncated SVD P S Q^T, and
+  A = C_delta^{-1/2} P_r S_r^{1/2}, B = S_r^{1/2} Q_r^T C_h^{-1/2} (singular values split
+  symmetrically, as in the reference code). By Eckart-Young this is the exact minimiser
+  of the damped weighted error.
+* Stage 2, gradient alignment (:func:`align_proxy`): ``align_epochs`` epochs of AdamW on
+  the factors only, over the probe set, minimising
+  mean over factored layers of 0.5 * [(1 - cos(grad_A, grad_W B^T)) + (1 - cos(grad_B, A^T grad_W))]
+  + lambda * tau^2 * KL(target || proxy) on the label-position logits at temperature tau,
+  where grad_A, grad_B are the proxy's factor gradients (kept in the graph: a double
+  backward) and grad_W the full model's weight gradient on the same batch.
+
+Where this differs from the reference code (csr16/IProX):
+
+* Rank rule: a layer is kept full where r >= min(m, n) (as in the reference) **and also**
+  where the factors would not have fewer parameters than W (r (m + n) >= m n), and every
+  layer is kept full at rho = 0. Without this, rho = 0 would factor every layer at about
+  half its rank for no saving; with it, rho = 0 reproduces the model exactly. Ranks are
+  rounded up to the block multiple, as in the reference.
+* Covariances: the reference whitens with thin SVDs of the probe matrices, which restricts
+  W to the span of at most ``max_probes`` probe tokens, with an absolute ridge of 1e-3.
+  Here the full covariances are eigendecomposed and the damping is relative to the mean
+  eigenvalue (scale-free: the loss scale does not change the result).
+* Probe tokens: the reference samples k tokens per sequence from the non-padding ones and
+  caps each layer at ``max_probes`` columns; so does this (``probe_tokens``), seeded.
+* The model's loss is finesift's: the mean over examples of each example's token-averaged
+  label NLL (the loss ``less`` differentiates). The KL term is averaged over label tokens,
+  as in the reference.
+* LoRA on the proxy (decided here; the reference repository does not show its LESS
+  step): the warm-up adapter goes on the A and B factors of each factored layer (their
+  ``up``/``down`` ``nn.Linear`` modules) and on every kept-full linear. The LoRA
+  gradients of a factor are linear images of that factor's gradient, which is what
+  Stage 2 aligns with the full model's.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from finesift.engine.batching import shuffled_batches, sorted_batches
+from finesift.engine.tasks import Task, unwrap
+from finesift.errors import OptionError
+
+_CACHE_VERSION = 1
+#: names of heads that are never factored (they are not part of the attention/MLP blocks)
+_HEAD_NAMES = ("lm_head", "classifier", "score", "pooler", "cls", "qa_outputs")
+
+
+# -- options ---------------------------------------------------------------------------
+
+
+@dataclass
+class IProxOptions:
+    """How an IProX proxy is built.
+
+    Attributes:
+        rho: compression ratio in [0, 1): a factored layer keeps about (1 - rho) of W's
+            parameters (default 0.5). 0 keeps every layer full (the proxy is the model).
+        block_size: ranks are rounded up to a multiple of this (default 8).
+        probe_examples: pool examples drawn (seeded) for the probe set of both stages
+            (default 64).
+        probe_tokens: at most this many tokens per layer enter the covariance estimates
+            (sampled per sequence among non-padding tokens; default 4096).
+        damping: added to every eigenvalue of C_h and C_delta, relative to their mean
+            eigenvalue, before the square roots (default 0.01).
+        align_epochs: Stage 2 epochs over the probe set (default 2; 0 = IPSVD only).
+        align_lr: AdamW learning rate of Stage 2 (default 1e-4, the reference's).
+        align_weight_decay: AdamW weight decay of Stage 2 (default 0.01, the reference's).
+        align_batch_size: probe examples per Stage 2 step (default 8).
+        kl_weight: lambda, the weight of tau^2 KL(target || proxy) (default 0.1).
+        tau: the KL temperature (default 2).
+        cov_memory_mb: covariance accumulators of at most this size are held at once;
+            layers are split into groups, one probe pass each (default 1024).
+    """
+
+    rho: float = 0.5
+    block_size: int = 8
+    probe_examples: int = 64
+    probe_tokens: int = 4096
+    damping: float = 0.01
+    align_epochs: int = 2
+    align_lr: float = 1e-4
+    align_weight_decay: float = 0.01
+    align_batch_size: int = 8
+    kl_weight: float = 0.1
+    tau: float = 2.0
+    cov_memory_mb: int = 1024
+
+    def validate(self) -> None:
+        if not 0 <= self.rho < 1:
+            raise OptionError(f"iprox: rho must be in [0, 1), got {self.rho}")
+        if min(self.block_size, self.probe_examples, self.probe_tokens,
+               self.align_batch_size, self.cov_memory_mb) < 1:
+            raise OptionError(
+                "iprox: block_size, probe_examples, probe_tokens, align_batch_size and "
+                "cov_memory_mb must be >= 1"
+            )
+        if self.align_epochs < 0:
+            raise OptionError("iprox: align_epochs must be >= 0")
+        if not self.damping > 0:
+            raise OptionError("iprox: damping must be > 0")
+        if not (self.align_lr > 0 and self.tau > 0 and self.kl_weight >= 0
+                and self.align_weight_decay >= 0):
+            raise OptionError("iprox: align_lr and tau must be > 0, kl_weight and "
+                              "align_weight_decay >= 0")
+
+
+def parse_proxy(spec: str) -> IProxOptions | None:
+    """Parse a ``proxy`` option: ``""`` (no proxy) or ``iprox:RHO[,KEY=VALUE...]``,
+    e.g. ``iprox:0.7`` or ``iprox:0.5,align_epochs=1,block_size=16``."""
+    spec = (spec or "").strip()
+    if not spec:
+        return None
+    usage = "expected iprox:RHO with 0 <= RHO < 1, e.g. iprox:0.7 (or iprox:0.7,align_epochs=1)"
+    kind, sep, rest = spec.partition(":")
+    if kind.strip().lower() != "iprox" or not sep or not rest.strip():
+        raise OptionError(f"proxy {spec!r}: {usage}")
+    parts = [p.strip() for p in rest.split(",")]
+    try:
+        rho = float(parts[0])
+    except ValueError:
+        raise OptionError(f"proxy {spec!r}: RHO {parts[0]!r} is not a number; {usage}") from None
+    if not math.isfinite(rho):
+        raise OptionError(f"proxy {spec!r}: {usage}")
+    known = {f.name: f for f in fields(IProxOptions)}
+    values: dict[str, Any] = {"rho": rho}
+    defaults = IProxOptions()
+    for item in parts[1:]:
+        key, eq, val = item.partition("=")
+        key = key.strip()
+        if not eq or key not in known or key == "rho":
+            raise OptionError(
+                f"proxy {spec!r}: {item!r} is not KEY=VALUE with KEY one of "
+                f"{', '.join(k for k in known if k != 'rho')}"
+            )
+        typ = type(getattr(defaults, key))
+        try:
+            values[key] = typ(float(val)) if typ is int and "." not in val else typ(val)
+        except ValueError:
+            raise OptionError(f"proxy {spec!r}: {key}={val!r} is not a number") from None
+    opts = IProxOptions(**values)
+    try:
+        opts.validate()
+    except OptionError as e:
+        raise OptionError(f"proxy {spec!r}: {e}") from None
+    return opts
+
+
+# -- the factored layer ----------------------------------------------------------------
+
+
+def proxy_rank(m: int, n: int, rho: float, block_size: int = 8) -> int | None:
+    """The rank of W (m x n) in a proxy of compression ``rho``, or ``None`` where the
+    layer stays full.
+
+    r = round((1 - rho) m n / (m + n)), rounded up to a multiple of ``block_size``
+    (at least one block); ``None`` where r >= min(m, n) or the factors would not be
+    smaller than W (r (m + n) >= m n), and always for rho = 0 (no compression: rounding
+    r to the nearest integer could otherwise factor a layer for a saving of a few
+    parameters).
+    """
+    if rho <= 0:
+        return None
+    raw = round((1 - rho) * m * n / (m + n))
+    r = max(1, math.ceil(raw / block_size)) * block_size
+    if r >= min(m, n) or r * (m + n) >= m * n:
+        return None
+    return r
+
+
+class FactoredLinear(torch.nn.Module):
+    """``y = A (B x) + b``: ``down`` (B, r x n, no bias) then ``up`` (A, m x r, with
+    the original layer's bias). Both are ``nn.Linear``, so LoRA and the per-example
+    gradient code see them as ordinary linear layers."""
+
+    finesift_factored = True
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool,
+                 dtype: torch.dtype = torch.float32, device: Any = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.down = torch.nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
+        self.up = torch.nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
+
+    @property
+    def A(self) -> torch.nn.Parameter:
+        return self.up.weight
+
+    @property
+    def B(self) -> torch.nn.Parameter:
+        return self.down.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+def proxy_targets(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """The linears of the attention and MLP blocks: every ``nn.Linear`` except the
+    output embeddings (LM head) and heads (classifier, score, pooler)."""
+    base = unwrap(model)
+    out_emb = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    out: dict[str, torch.nn.Linear] = {}
+    for name, mod in base.named_modules():
+        if not isinstance(mod, torch.nn.Linear) or mod is out_emb:
+            continue
+        if any(part in _HEAD_NAMES for part in name.split(".")):
+            continue
+        out[name] = mod
+    return out
+
+
+def _set_module(root: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attr, new)
+
+
+def param_count(model: torch.nn.Module) -> int:
+    """Parameters of a model (shared/tied tensors counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+# -- batches and losses ----------------------------------------------------------------
+
+
+def label_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], model_task: str):
+    """``(logits, targets, row)`` at every label position, like :class:`CausalLMTask`
+    (LM head only on positions that predict a label) or the token classifier's."""
+    labels = batch["labels"]
+    if model_task == "lm":
+        tgt = labels[:, 1:]
+        sel = tgt != -100
+        base = unwrap(model)
+        decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+        head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+        if decoder is not None and head is not None:
+            hidden = decoder(input_ids=batch["input_ids"],
+                             attention_mask=batch["attention_mask"]).last_hidden_state
+            logits = head(hidden[:, :-1][sel])
+        else:
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            logits = out.logits[:, :-1][sel]
+        return logits.float(), tgt[sel], torch.nonzero(sel, as_tuple=True)[0]
+    sel = labels != -100
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return out.logits[sel].float(), labels[sel], torch.nonzero(sel, as_tuple=True)[0]
+
+
+def batch_loss(logits: torch.Tensor, targets: torch.Tensor, row: torch.Tensor, n: int):
+    """Mean over the ``n`` rows of each row's token-averaged label NLL."""
+    nll = F.cross_entropy(logits, targets, reduction="none")
+    counts = torch.bincount(row, minlength=n).clamp_min(1).float()
+    per = torch.zeros(n, device=nll.device).index_add(0, row, nll) / counts
+    return per.mean()
+
+
+def _math_sdpa():
+    """Scaled-dot-product attention on the math backend (it has a double backward)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(SDPBackend.MATH)
+    except ImportError:  # pragma: no cover - old torch
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+class _grads_on:
+    """Temporarily set ``requires_grad`` on some parameters (restored on exit)."""
+
+    def __init__(self, params: Sequence[torch.nn.Parameter]) -> None:
+        self.params = list(params)
+
+    def __enter__(self):
+        self.flags = [p.requires_grad for p in self.params]
+        for p in self.params:
+            p.requires_grad_(True)
+        return self
+
+    def __exit__(self, *exc):
+        for p, f in zip(self.params, self.flags, strict=True):
+            p.requires_grad_(f)
+
+
+# -- Stage 1: covariances and IPSVD ----------------------------------------------------
+
+
+@dataclass
+class Covariances:
+    """E[h h^T] (n x n) over a layer's inputs and E[delta delta^T] (m x m) over its
+    output gradients, with the number of tokens each was estimated from."""
+
+    c_h: torch.Tensor
+    c_delta: torch.Tensor
+    tokens: int
+
+
+def _probe_positions(batch: dict[str, torch.Tensor], k: int, gen: torch.Generator):
+    """A (B, T) mask of at most ``k`` random non-padding positions per row."""
+    mask = batch["attention_mask"].bool()
+    out = torch.zeros_like(mask)
+    for i in range(mask.shape[0]):
+        valid = torch.nonzero(mask[i], as_tuple=True)[0]
+        if len(valid) > k:
+            valid = valid[torch.randperm(len(valid), generator=gen)[:k]]
+        out[i, valid] = True
+    return out
+
+
+def layer_covariances(
+    model: torch.nn.Module,
+    task: Task,
+    examples: Sequence[Any],
+    layers: dict[str, torch.nn.Linear],
+    *,
+    model_task: str,
+    probe_tokens: int = 4096,
+    batch_size: int = 8,
+    seed: int = 0,
+    memory_mb: int = 1024,
+    device: str = "cpu",
+) -> dict[str, Covariances]:
+    """C_h and C_delta of every layer in ``layers`` on ``examples``.
+
+    delta is the gradient of :func:`batch_loss` (times the batch size: the sum of
+    per-example losses, so every example weighs the same) w.r.t. the layer output. At
+    most ``probe_tokens`` tokens per layer are used (k = ceil(probe_tokens / n) random
+    non-padding tokens per sequence, seeded). Layers that read the same input tensor
+    (q/k/v, gate/up) share one C_h. Accumulators of at most ``memory_mb`` are held at
+    once; more layers mean more passes over the examples. ``model`` is not changed
+    (``requires_grad`` flags are restored).
+    """
+    names = list(layers)
+    k = max(1, math.ceil(probe_tokens / max(1, len(examples))))
+    # groups of layers whose accumulators fit the memory budget (float32)
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name in names:
+        mod = layers[name]
+        size = 4 * (mod.in_features**2 + mod.out_features**2)
+        if groups[-1] and used + size > memory_mb * (1 << 20):
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += size
+    lengths = [task.length(e) for e in examples]
+    order = sorted_batches(examples, lengths, batch_size=batch_size, max_tokens=4096)
+    result: dict[str, Covariances] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for group in groups:
+            result.update(_covariance_pass(model, task, examples, order, layers, group, k,
+                                           probe_tokens, seed, model_task, device))
+    finally:
+        model.train(was_training)
+    return result
+
+
+def _covariance_pass(model, task, examples, order, layers, group, k, probe_tokens, seed,
+                     model_task, device) -> dict[str, Covariances]:
+    gen = torch.Generator().manual_seed(seed)
+    sh: dict[str, torch.Tensor] = {}
+    sd: dict[str, torch.Tensor] = {}
+    count = {n: 0 for n in group}
+    alias: dict[str, str] = {}  # layer -> the layer whose C_h it shares
+    state: dict[str, Any] = {}
+    handles = []
+
+    def make_hook(name: str):
+        def fwd(mod, inputs, output):
+            if count[name] >= probe_tokens:
+                return
+            x = inputs[0]
+            key = (x.data_ptr(), tuple(x.shape))
+            first = state["inputs"].setdefault(key, name)
+            if state["first_batch"] and first != name:
+                alias[name] = first
+            pos = state["pos"]
+            take = min(int(pos.sum()), probe_tokens - count[name])
+            if name not in alias:
+                h = x.detach()[pos][:take].float()
+                acc = sh.get(name)
+                sh[name] = h.T @ h if acc is None else acc.addmm_(h.T, h)
+            if output.requires_grad:
+                def bwd(g, name=name, take=take):
+                    d = g.detach()[pos][:take].float()
+                    acc = sd.get(name)
+                    sd[name] = d.T @ d if acc is None else acc.addmm_(d.T, d)
+                output.register_hook(bwd)
+            count[name] += take
+        return fwd
+
+    for name in group:
+        handles.append(layers[name].register_forward_hook(make_hook(name)))
+    weights = [layers[n].weight for n in group]
+    try:
+        with _grads_on(weights), torch.enable_grad():
+            for b, idx in enumerate(order):
+                if all(count[n] >= probe_tokens for n in group):
+                    break
+                batch = {kk: v.to(device) for kk, v in task.collate([examples[i] for i in idx]).items()}
+                state.update(pos=_probe_positions(batch, k, gen).to(device), inputs={},
+                             first_batch=b == 0)
+                logits, tgt, row = label_logits(model, batch, model_task)
+                loss = batch_loss(logits, tgt, row, len(idx)) * len(idx)
+                live = [w for w in weights if w.requires_grad]
+                torch.autograd.grad(loss, live, allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for name in group:
+        toks = count[name]
+        src = alias.get(name, name)
+        if toks == 0 or src not in sh or name not in sd:
+            raise OptionError(f"iprox: no probe tokens reached layer {name!r}")
+        out[name] = Covariances(sh[src].double() / count[src], sd[name].double() / toks, toks)
+    return out
+
+
+def damped_sqrt(c: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(S, S^-1)``: the symmetric square root of ``c + damping * mean_eig(c) I`` and its
+    inverse, by eigendecomposition (float64)."""
+    c = c.double()
+    c = 0.5 * (c + c.T)
+    s, U = torch.linalg.eigh(c)
+    s = s.clamp_min(0)
+    s = s + damping * max(float(s.mean()), 1e-30)
+    r = s.sqrt()
+    return (U * r) @ U.T, (U / r) @ U.T
+
+
+def ipsvd_factors(W: torch.Tensor, cov: Covariances, rank: int, damping: float = 0.01):
+    """IPSVD: ``(A, B)`` of rank ``rank`` minimising
+    ||S_delta (W - A B) S_h||_F with S = the damped square roots of the covariances
+    (float64)."""
+    S_h, S_h_inv = damped_sqrt(cov.c_h, damping)
+    S_d, S_d_inv = damped_sqrt(cov.c_delta, damping)
+    Wt = S_d @ W.double() @ S_h
+    P, sv, Qh = torch.linalg.svd(Wt, full_matrices=False)
+    root = sv[:rank].sqrt()
+    A = S_d_inv @ (P[:, :rank] * root)
+    B = (root[:, None] * Qh[:rank]) @ S_h_inv
+    return A, B
+
+
+def weighted_error(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, cov: Covariances,
+                   damping: float | None = None) -> float:
+    """||C_delta^{1/2} (W - A B) C_h^{1/2}||_F^2 = tr(E^T C_delta E C_h) (damped as in
+    :func:`damped_sqrt` when ``damping`` is given)."""
+    E = W.double() - A.double() @ B.double()
+    c_h, c_d = cov.c_h.double(), cov.c_delta.double()
+    if damping is not None:
+        c_h = c_h + damping * torch.diagonal(c_h).mean() * torch.eye(len(c_h), dtype=c_h.dtype)
+        c_d = c_d + damping * torch.diagonal(c_d).mean() * torch.eye(len(c_d), dtype=c_d.dtype)
+    return float(torch.trace(E.T @ c_d @ E @ c_h))
+
+
+# -- Stage 2: gradient alignment -------------------------------------------------------
+
+
+def _pairs(target: torch.nn.Module, proxy: torch.nn.Module):
+    """``[(name, target nn.Linear, proxy FactoredLinear)]`` for every factored layer."""
+    tmods = dict(unwrap(target).named_modules())
+    return [(name, tmods[name], mod) for name, mod in unwrap(proxy).named_modules()
+            if isinstance(mod, FactoredLinear)]
+
+
+def _alignment_terms(target, proxy, pairs, batch, n, model_task, tau, create_graph):
+    """``(align, kl)`` on one batch; ``align`` stays in the graph of the factors when
+    ``create_graph``."""
+    weights = [t.weight for _, t, _ in pairs]
+    with _grads_on(weights), torch.enable_grad():
+        t_logits, tgt, row = label_logits(target, batch, model_task)
+        g_w = torch.autograd.grad(batch_loss(t_logits, tgt, row, n), weights)
+    t_logits = t_logits.detach()
+    factors = [f for _, _, p in pairs for f in (p.A, p.B)]
+    with _math_sdpa(), _grads_on(factors), torch.enable_grad():
+        p_logits, tgt, row = label_logits(proxy, batch, model_task)
+        p_loss = batch_loss(p_logits, tgt, row, n)
+        g_p = torch.autograd.grad(p_loss, factors, create_graph=create_graph, allow_unused=True)
+        terms = []
+        for j, (_, _, p) in enumerate(pairs):
+            gA, gB = g_p[2 * j], g_p[2 * j + 1]
+            gW = g_w[j].detach().to(p.A.dtype)
+            gA = torch.zeros_like(p.A) if gA is None else gA
+            gB = torch.zeros_like(p.B) if gB is None else gB
+            # the full model's gradient projected onto the factors; A and B stay in the
+            # graph here too, as in the reference code
+            cos_a = F.cosine_similarity(gA.reshape(-1).float(), (gW @ p.B.T).reshape(-1).float(),
+                                        dim=0, eps=1e-8)
+            cos_b = F.cosine_similarity(gB.reshape(-1).float(), (p.A.T @ gW).reshape(-1).float(),
+                                        dim=0, eps=1e-8)
+            terms.append(0.5 * ((1 - cos_a) + (1 - cos_b)))
+        align = torch.stack(terms).mean() if terms else p_loss.new_zeros(())
+        t_logp = F.log_softmax(t_logits / tau, dim=-1)
+        p_logp = F.log_softmax(p_logits / tau, dim=-1)
+        kl = (t_logp.exp() * (t_logp - p_logp)).sum(-1).mean() * tau**2
+    return align, kl
+
+
+def alignment_loss(target, proxy, task: Task, examples: Sequence[Any], *, model_task: str,
+                   opts: IProxOptions, device: str = "cpu") -> dict[str, float]:
+    """Mean alignment loss, KL term and total over ``examples`` (no update)."""
+    pairs = _pairs(target, proxy)
+    lengths = [task.length(e) for e in examples]
+    sums = {"align": 0.0, "kl": 0.0}
+    total = 0
+    for idx in sorted_batches(examples, lengths, batch_size=opts.align_batch_size,
+                              max_tokens=4096):
+        batch = {k: v.to(device) for k, v in task.collate([examples[i] for i in idx]).items()}
+        align, kl = _alignment_terms(target, proxy, pairs, batch, len(idx), model_task,
+                                     opts.tau, create_graph=False)
+        sums["align"] += float(align.detach()) * len(idx)
+        sums["kl"] += float(kl.detach()) * len(idx)
+        total += len(idx)
+    out = {k: v / max(1, total) for k, v in sums.items()}
+    out["total"] = out["align"] + opts.kl_weight * out["kl"]
+    return out
+
+
+def align_proxy(target, proxy, task: Task, examples: Sequence[Any], *, model_task: str,
+                opts: IProxOptions, seed: int = 0, device: str = "cpu",
+                log: Callable[[str], None] = lambda m: None) -> list[float]:
+    """Stage 2: ``opts.align_epochs`` epochs of AdamW on the proxy's factors (only).
+    Returns the mean training loss of each epoch. ``target`` is not changed."""
+    pairs = _pairs(target, proxy)
+    if not pairs or opts.align_epochs == 0:
+        return []
+    for p in proxy.parameters():
+        p.requires_grad_(False)
+    factors = [f for _, _, p in pairs for f in (p.A, p.B)]
+    for f in factors:
+        f.requires_grad_(True)
+    opt = torch.optim.AdamW(factors, lr=opts.align_lr, weight_decay=opts.align_weight_decay)
+    rng = np.random.default_rng([seed, 0x1970])
+    t_training, p_training = target.training, proxy.training
+    target.eval()
+    proxy.eval()  # no dropout: the proxy's gradients should match the model's as it is used
+    losses = []
+    try:
+        for epoch in range(opts.align_epochs):
+            tot, cnt = 0.0, 0
+            for idx in shuffled_batches(len(examples), batch_size=opts.align_batch_size, rng=rng):
+                batch = {k: v.to(device)
+                         for k, v in task.collate([examples[i] for i in idx]).items()}
+                align, kl = _alignment_terms(target, proxy, pairs, batch, len(idx), model_task,
+                                             opts.tau, create_graph=True)
+                loss = align + opts.kl_weight * kl
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                tot += float(loss.detach()) * len(idx)
+                cnt += len(idx)
+            losses.append(tot / max(1, cnt))
+            log(f"iprox: alignment epoch {epoch + 1}/{opts.align_epochs}: loss {losses[-1]:.4f}")
+    finally:
+        for f in factors:
+            f.requires_grad_(False)
+            f.grad = None
+        target.train(t_training)
+        proxy.train(p_training)
+    return losses
+
+
+# -- building a proxy ------------------------------------------------------------------
+
+
+def factorize(model: torch.nn.Module, ranks: dict[str, int]) -> torch.nn.Module:
+    """A deep copy of ``model`` whose layers in ``ranks`` are :class:`FactoredLinear`
+    (factors initialised by plain truncated SVD; IPSVD overwrites them)."""
+    proxy = copy.deepcopy(model)
+    base = unwrap(proxy)
+    for name, r in ranks.items():
+        old = base.get_submodule(name)
+        new = FactoredLinear(old.in_features, old.out_features, r, old.bias is not None,
+                             dtype=old.weight.dtype, device=old.weight.device)
+        with torch.no_grad():
+            U, s, Vh = torch.linalg.svd(old.weight.double(), full_matrices=False)
+            root = s[:r].sqrt()
+            new.up.weight.copy_(U[:, :r] * root)
+            new.down.weight.copy_(root[:, None] * Vh[:r])
+            if old.bias is not None:
+                new.up.bias.copy_(old.bias)
+        _set_module(base, name, new)
+    proxy.eval()
+    return proxy
+
+
+def plan_ranks(model: torch.nn.Module, opts: IProxOptions) -> tuple[dict[str, int], list[str]]:
+    """``({layer: rank} for factored layers, [layers kept full])``."""
+    ranks, full = {}, []
+    for name, mod in proxy_targets(model).items():
+        r = proxy_rank(mod.out_features, mod.in_features, opts.rho, opts.block_size)
+        if r is None:
+            full.append(name)
+        else:
+            ranks[name] = r
+    return ranks, full
+
+
+def probe_indices(n_pool: int, opts: IProxOptions, seed: int) -> np.ndarray:
+    """The probe set: ``probe_examples`` pool indices drawn with the run's seed."""
+    rng = np.random.default_rng([seed, 0x1B50])
+    return np.sort(rng.choice(n_pool, size=min(n_pool, opts.probe_examples), replace=False))
+
+
+def build_proxy(
+    model: torch.nn.Module,
+    task: Task,
+    pool: Sequence[Any],
+    opts: IProxOptions,
+    *,
+    model_task: str = "lm",
+    seed: int = 0,
+    batch_size: int = 8,
+    device: str = "cpu",
+    cache: Path | None = None,
+    log: Callable[[str], None] = lambda m: None,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """An IProX proxy of ``model`` (a new model; ``model`` is left as it was) and figures
+    for the manifest: parameter counts and ratio, layers factored and kept, seconds of
+    each stage, alignment losses. With ``cache`` (a file), a proxy built before with the
+    same inputs is loaded from it, and a new one is saved there."""
+    opts.validate()
+    if model_task not in ("lm", "ner"):
+        raise OptionError(f"iprox supports the lm and ner tasks, not {model_task!r}")
+    ranks, full = plan_ranks(model, opts)
+    info: dict[str, Any] = {"proxy": f"iprox:{opts.rho:g}", "proxy_options": asdict(opts),
+                            "proxy_layers_factored": len(ranks), "proxy_layers_full": len(full)}
+    if cache is not None and cache.exists():
+        blob = torch.load(cache, weights_only=True)
+        proxy = factorize(model, blob["ranks"])
+        with torch.no_grad():
+            pm = dict(unwrap(proxy).named_parameters())
+            for k, v in blob["factors"].items():
+                pm[k].copy_(v)
+        info.update(blob["info"])
+        info["proxy_cached"] = True
+        log(f"iprox: proxy loaded from {cache}")
+        return proxy, info
+    t0 = time.perf_counter()
+    probe = [pool[i] for i in probe_indices(len(pool), opts, seed)]
+    layers = proxy_targets(model)
+    covs = {}
+    if ranks:
+        log(f"iprox: probe pass for {len(ranks)} layers on {len(probe)} examples")
+        covs = layer_covariances(model, task, probe, {n: layers[n] for n in ranks},
+                                 model_task=model_task, probe_tokens=opts.probe_tokens,
+                                 batch_size=batch_size, seed=seed,
+                                 memory_mb=opts.cov_memory_mb, device=device)
+    t1 = time.perf_counter()
+    proxy = factorize(model, ranks)
+    pmods = dict(unwrap(proxy).named_modules())
+    with torch.no_grad():
+        for name, r in ranks.items():
+            A, B = ipsvd_factors(layers[name].weight, covs[name], r, opts.damping)
+            pmods[name].up.weight.copy_(A)
+            pmods[name].down.weight.copy_(B)
+    del covs
+    t2 = time.perf_counter()
+    losses = align_proxy(model, proxy, task, probe, model_task=model_task, opts=opts,
+                         seed=seed, device=device, log=log) if ranks else []
+    t3 = time.perf_counter()
+    for p in proxy.parameters():
+        p.requires_grad_(False)
+    full_params, proxy_params = param_count(model), param_count(proxy)
+    info.update({
+        "proxy_parameters": proxy_params,
+        "full_parameters": full_params,
+        "proxy_param_ratio": round(proxy_params / full_params, 4),
+        "proxy_probe_examples": len(probe),
+        "proxy_seconds_probe": round(t1 - t0, 3),
+        "proxy_seconds_ipsvd": round(t2 - t1, 3),
+        "proxy_seconds_align": round(t3 - t2, 3),
+        "proxy_align_epoch_losses": [round(x, 6) for x in losses],
+        "proxy_cached": False,
+    })
+    if cache is not None:
+        import os
+
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        factors = {k: v.detach().clone() for k, v in unwrap(proxy).named_parameters()
+                   if k.rsplit(".", 2)[0] in ranks}
+        tmp = cache.with_suffix(".tmp")
+        torch.save({"version": _CACHE_VERSION, "ranks": ranks, "factors": factors,
+                    "info": {k: v for k, v in info.items() if k != "proxy_cached"}}, tmp)
+        os.replace(tmp, cache)
+    return proxy, info

@@ -1,0 +1,309 @@
+"""IProX proxies: rho = 0 reproduces the model; the rank rule; IPSVD beats plain truncated
+SVD on the weighted error it minimises; alignment lowers the alignment loss; less on a
+proxy still ranks planted near-copies first; bad ``--proxy`` values are refused cleanly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_less import FAST, ctx_for
+from test_tov_planted import Data
+
+from finesift.engine.train import LoraOptions, add_lora
+from finesift.errors import OptionError
+from finesift.methods import _gradients as G
+from finesift.methods import get_method
+from finesift.methods import iprox as I
+from finesift.testing import tiny_causal_lm
+
+# the tiny Llama has 32 x 32, 16 x 32 and 64 x 32 linears: block 4 keeps them factorable
+SMALL = {"block_size": 4, "probe_examples": 32, "align_lr": 1e-4}
+
+
+@pytest.fixture(scope="module")
+def data() -> Data:
+    return Data()
+
+
+def _logits_and_grads(model, data: Data, examples):
+    """Label logits and the gradient of the loss w.r.t. the input embeddings and every
+    parameter of the model's embedding / head (shared by model and proxy)."""
+    batch = data.task.collate(examples)
+    emb = model.get_input_embeddings().weight
+    flag = emb.requires_grad
+    emb.requires_grad_(True)
+    try:
+        logits, tgt, row = I.label_logits(model, batch, "lm")
+        loss = I.batch_loss(logits, tgt, row, len(examples))
+        (g,) = torch.autograd.grad(loss, [emb])
+    finally:
+        emb.requires_grad_(flag)
+    return logits.detach(), g
+
+
+# -- rank rule -------------------------------------------------------------------------
+
+
+def test_rank_formula_and_kept_full_rule():
+    # r = round((1 - rho) m n / (m + n)), rounded up to a multiple of the block
+    assert I.proxy_rank(576, 1536, 0.5, 8) == 216  # 209.45 -> 209 -> 216
+    assert I.proxy_rank(576, 1536, 0.5, 1) == 209
+    assert I.proxy_rank(576, 576, 0.8, 16) == 64  # 57.6 -> 58 -> 64
+    assert I.proxy_rank(192, 576, 0.7, 8) == 48  # 43.2 -> 43 -> 48
+    # at least one block
+    assert I.proxy_rank(64, 64, 0.99, 8) == 8
+    # kept full where r >= min(m, n) ...
+    assert I.proxy_rank(16, 4096, 0.5, 32) is None  # r = 8 -> 32 >= 16
+    assert I.proxy_rank(16, 4096, 0.5, 8) == 8
+    # ... and where the factors would not be smaller than W:
+    assert I.proxy_rank(64, 64, 0.05, 8) is None  # 30.4 -> 30 -> 32 < 64, 32 * 128 = 64 * 64
+    assert I.proxy_rank(64, 64, 0.2, 8) is None  # 25.6 -> 26 -> 32 (block rounding)
+    assert I.proxy_rank(64, 64, 0.2, 2) == 26
+    assert I.proxy_rank(64, 64, 0.3, 8) == 24  # 22.4 -> 22 -> 24
+    # rho = 0 keeps every layer
+    for m, n in [(32, 32), (16, 32), (64, 32), (576, 1536), (192, 576), (100, 7)]:
+        assert I.proxy_rank(m, n, 0.0, 1) is None
+        assert I.proxy_rank(m, n, 0.0, 8) is None
+    assert I.proxy_rank(64, 32, 0.01, 1) == 21  # 21.1 -> 21: 2016 < 2048 parameters
+    # every factored layer is smaller than W
+    for m, n in [(576, 1536), (192, 576), (32, 64)]:
+        for rho in (0.3, 0.5, 0.8):
+            r = I.proxy_rank(m, n, rho, 4)
+            assert r is not None and r * (m + n) < m * n
+
+
+def test_plan_covers_the_blocks_not_embeddings_or_head(data: Data):
+    model = tiny_causal_lm(len(data.tok))
+    ranks, full = I.plan_ranks(model, I.IProxOptions(rho=0.5, block_size=4))
+    assert full == [] and len(ranks) == 14  # 7 linears in each of 2 blocks
+    assert all(".self_attn." in n or ".mlp." in n for n in ranks)
+    assert ranks["model.layers.0.self_attn.q_proj"] == 8  # 32 x 32: 8 -> 8
+    assert ranks["model.layers.1.mlp.down_proj"] == 12  # 32 x 64: 10.67 -> 11 -> 12
+    ranks16, full16 = I.plan_ranks(model, I.IProxOptions(rho=0.5, block_size=16))
+    # block 16: attention layers are kept (q: 16 x 64 = 32 x 32, no saving; k: 16 >= 16),
+    # the MLP's 64 x 32 layers factored at 16 (1536 < 2048 parameters)
+    assert sorted(ranks16) == sorted(n for n in ranks if ".mlp." in n)
+    assert set(ranks16.values()) == {16} and len(full16) == 8
+
+
+# -- rho = 0 and full rank reproduce the model -----------------------------------------
+
+
+def test_rho_zero_proxy_reproduces_logits_and_gradients(data: Data):
+    model = tiny_causal_lm(len(data.tok), seed=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    proxy, info = I.build_proxy(model, data.task, data.pool, I.IProxOptions(rho=0.0, **SMALL))
+    assert proxy is not model and info["proxy_layers_factored"] == 0
+    assert info["proxy_param_ratio"] == 1.0
+    exs = data.pool[:5] + data.target[:3]
+    lm, gm = _logits_and_grads(model, data, exs)
+    lp, gp = _logits_and_grads(proxy, data, exs)
+    torch.testing.assert_close(lp, lm, rtol=0, atol=0)
+    torch.testing.assert_close(gp, gm, rtol=0, atol=0)
+    # per-example LoRA gradients (what less uses) are the same too
+    flat = []
+    for m in (model, proxy):
+        lora = add_lora(m, "lm", LoraOptions(rank=4, dropout=0.0), seed=0)
+        with torch.no_grad():
+            for p in lora.parameters():
+                if p.requires_grad:
+                    p.add_(0.05)
+        params = G.trainable_linear_params(lora)
+        flat.append(G.batched_grads(lora, data.task, exs, params, batch_size=8)[0])
+        lora.unload()
+    torch.testing.assert_close(flat[1], flat[0], rtol=0, atol=0)
+    # the caller's model is untouched
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_full_rank_factors_reproduce_the_layers(data: Data):
+    """The factored layer itself is exact at full rank: IPSVD factors of rank min(m, n)
+    rebuild W, and a model of such layers gives the model's logits and gradients."""
+    model = tiny_causal_lm(len(data.tok), seed=4)
+    layers = I.proxy_targets(model)
+    covs = I.layer_covariances(model, data.task, data.pool[:16], layers, model_task="lm")
+    ranks = {n: min(m.in_features, m.out_features) for n, m in layers.items()}
+    proxy = I.factorize(model, ranks)
+    pm = dict(proxy.named_modules())
+    with torch.no_grad():
+        for n, r in ranks.items():
+            A, B = I.ipsvd_factors(layers[n].weight, covs[n], r)
+            torch.testing.assert_close((A @ B).float(), layers[n].weight, atol=1e-5, rtol=1e-4)
+            pm[n].up.weight.copy_(A)
+            pm[n].down.weight.copy_(B)
+    exs = data.pool[:4]
+    lm, gm = _logits_and_grads(model, data, exs)
+    lp, gp = _logits_and_grads(proxy, data, exs)
+    torch.testing.assert_close(lp, lm, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gp, gm, atol=1e-6, rtol=1e-3)
+
+
+# -- Stage 1 ---------------------------------------------------------------------------
+
+
+def test_covariances_match_a_direct_computation(data: Data):
+    """C_h and C_delta from the hooks equal the mean outer products of the layer's
+    inputs and of the loss gradient w.r.t. its outputs, computed directly."""
+    model = tiny_causal_lm(len(data.tok), seed=1)
+    exs = data.pool[:6]
+    name = "model.layers.1.mlp.down_proj"
+    layer = model.get_submodule(name)
+    covs = I.layer_covariances(model, data.task, exs, {name: layer}, model_task="lm",
+                               batch_size=8)
+    saved = {}
+    h = layer.register_forward_hook(lambda m, i, o: saved.update(x=i[0], y=o))
+    batch = data.task.collate(exs)
+    logits, tgt, row = I.label_logits(model, batch, "lm")
+    h.remove()
+    loss = I.batch_loss(logits, tgt, row, len(exs)) * len(exs)
+    (dy,) = torch.autograd.grad(loss, saved["y"])
+    x = saved["x"].detach().reshape(-1, layer.in_features).double()
+    d = dy.reshape(-1, layer.out_features).double()
+    assert covs[name].tokens == len(x)  # all sequences have the same length, no padding
+    torch.testing.assert_close(covs[name].c_h, x.T @ x / len(x), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(covs[name].c_delta, d.T @ d / len(d), rtol=1e-4, atol=1e-12)
+    assert covs[name].c_delta.abs().max() > 0
+
+
+def test_probe_tokens_bound_the_estimate(data: Data):
+    model = tiny_causal_lm(len(data.tok))
+    layers = dict(list(I.proxy_targets(model).items())[:3])
+    covs = I.layer_covariances(model, data.task, data.pool[:20], layers, model_task="lm",
+                               probe_tokens=50)
+    assert all(c.tokens == 50 for c in covs.values())
+    # q, k and v read the same input: one shared C_h
+    q, k, v = (covs[n] for n in layers)
+    assert torch.equal(q.c_h, k.c_h) and torch.equal(q.c_h, v.c_h)
+    assert q.c_delta.shape == (32, 32) and k.c_delta.shape == (16, 16)
+
+
+def test_ipsvd_beats_truncated_svd_on_the_weighted_error(data: Data):
+    model = tiny_causal_lm(len(data.tok), seed=2)
+    # a trained-looking model: make the input covariance of each layer anisotropic
+    layers = I.proxy_targets(model)
+    covs = I.layer_covariances(model, data.task, data.pool[:40], layers, model_task="lm")
+    wins = 0
+    for name, layer in layers.items():
+        W = layer.weight.detach().double()
+        r = I.proxy_rank(layer.out_features, layer.in_features, 0.5, 4)
+        A, B = I.ipsvd_factors(W, covs[name], r, damping=0.01)
+        U, s, Vh = torch.linalg.svd(W, full_matrices=False)
+        As, Bs = U[:, :r] * s[:r], Vh[:r]
+        ip = I.weighted_error(W, A, B, covs[name], damping=0.01)
+        sv = I.weighted_error(W, As, Bs, covs[name], damping=0.01)
+        assert ip <= sv * (1 + 1e-9), name  # the exact minimiser of the damped error
+        # and on the undamped covariances too, by a clear margin on most layers
+        ip0, sv0 = (I.weighted_error(W, a, b, covs[name]) for a, b in ((A, B), (As, Bs)))
+        wins += ip0 < 0.95 * sv0
+        # plain SVD is the best on the unweighted error: the two do differ
+        assert torch.linalg.norm(W - A @ B) >= torch.linalg.norm(W - As @ Bs) - 1e-9
+    assert wins >= len(layers) - 2
+
+
+# -- Stage 2 ---------------------------------------------------------------------------
+
+
+def test_alignment_lowers_the_alignment_loss_on_the_probe_set(data: Data):
+    model = tiny_causal_lm(len(data.tok))
+    opts = I.IProxOptions(rho=0.5, align_epochs=0, **SMALL)
+    probe = [data.pool[i] for i in I.probe_indices(len(data.pool), opts, seed=0)]
+    proxy0, _ = I.build_proxy(model, data.task, data.pool, opts)
+    aligned, info = I.build_proxy(model, data.task, data.pool,
+                                  I.IProxOptions(rho=0.5, align_epochs=3, **SMALL))
+    kw = {"model_task": "lm", "opts": opts}
+    before = I.alignment_loss(model, proxy0, data.task, probe, **kw)
+    after = I.alignment_loss(model, aligned, data.task, probe, **kw)
+    assert after["total"] < before["total"] - 0.02
+    assert len(info["proxy_align_epoch_losses"]) == 3
+    # IPSVD alone already aligns better than plain truncated SVD
+    svd = I.factorize(model, I.plan_ranks(model, opts)[0])
+    assert before["align"] < I.alignment_loss(model, svd, data.task, probe, **kw)["align"]
+    # only the factors moved
+    sd0, sd1 = proxy0.state_dict(), aligned.state_dict()
+    moved = {k for k in sd0 if not torch.equal(sd0[k], sd1[k])}
+    assert moved and all(k.endswith(("up.weight", "down.weight")) for k in moved)
+
+
+# -- less on a proxy -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rho", [0.5, 0.8])
+def test_less_on_a_proxy_ranks_planted_near_copies_first(data: Data, rho):
+    proxy = f"iprox:{rho},block_size=4,probe_examples=32,align_epochs=1"
+    res = get_method("less", {**FAST, "proxy": proxy}).score(ctx_for(data))
+    assert np.isfinite(res.scores).all()
+    assert data.hits(res.scores) >= 14  # chance: 2 of the top 20
+    info = res.info
+    assert info["proxy"] == f"iprox:{rho}" and info["proxy_layers_factored"] == 14
+    assert info["proxy_parameters"] < info["full_parameters"]
+    assert {"proxy_seconds_probe", "proxy_seconds_ipsvd", "proxy_seconds_align"} <= set(info)
+
+
+def test_rho_zero_proxy_gives_the_same_less_scores(data: Data):
+    plain = get_method("less", FAST).score(ctx_for(data))
+    prox = get_method("less", {**FAST, "proxy": "iprox:0"}).score(ctx_for(data))
+    np.testing.assert_allclose(prox.scores, plain.scores, rtol=1e-5, atol=1e-9)
+
+
+def test_proxy_is_cached_in_the_work_folder_and_the_model_is_untouched(data: Data, tmp_path):
+    opts = {**FAST, "proxy": "iprox:0.5,block_size=4,probe_examples=16,align_epochs=1"}
+    ctx = ctx_for(data, workdir=tmp_path)
+    before = {k: v.clone() for k, v in ctx.model.state_dict().items()}
+    first = get_method("tracin", opts).score(ctx)
+    assert all(torch.equal(before[k], v) for k, v in ctx.model.state_dict().items())
+    assert not any(isinstance(m, I.FactoredLinear) for m in ctx.model.modules())
+    cached = list(tmp_path.glob("iprox-*/proxy.pt"))
+    assert len(cached) == 1 and first.info["proxy_cached"] is False
+    # less with the same proxy loads it instead of building it again
+    second = get_method("less", opts).score(ctx_for(data, workdir=tmp_path))
+    assert second.info["proxy_cached"] is True
+    assert second.info["proxy_parameters"] == first.info["proxy_parameters"]
+    assert data.hits(second.scores) >= 14
+
+
+def test_lora_on_a_proxy_adapts_the_factors_and_kept_full_layers(data: Data):
+    model = tiny_causal_lm(len(data.tok))
+    ranks, _ = I.plan_ranks(model, I.IProxOptions(rho=0.5, block_size=4))
+    ranks.pop("model.layers.0.self_attn.q_proj")  # one layer kept full
+    proxy = I.factorize(model, ranks)
+    lora = add_lora(proxy, "lm", LoraOptions(rank=2), seed=0)
+    names = [n for n, _, _ in G.trainable_linear_params(lora)]
+    assert any("layers.0.self_attn.q_proj.lora_A" in n for n in names)
+    assert any("layers.0.self_attn.k_proj.up.lora_A" in n for n in names)
+    assert any("layers.1.mlp.down_proj.down.lora_B" in n for n in names)
+    assert not any("lm_head" in n for n in names)
+    assert len(names) == 2 * (1 + 2 * 13)
+    lora.unload()
+
+
+# -- options and CLI -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["iprox", "iprox:", "iprox:abc", "iprox:1.0", "iprox:-0.1",
+                                 "svd:0.5", "iprox:0.5,foo=1", "iprox:0.5,block_size=0",
+                                 "iprox:0.5,align_epochs", "iprox:nan"])
+def test_bad_proxy_specs_are_refused(bad):
+    with pytest.raises(OptionError, match="proxy"):
+        get_method("less", {"proxy": bad})
+
+
+def test_proxy_spec_parses_extra_options():
+    o = I.parse_proxy("iprox:0.7,align_epochs=1,block_size=16,kl_weight=0.5")
+    assert (o.rho, o.align_epochs, o.block_size, o.kl_weight) == (0.7, 1, 16, 0.5)
+    assert I.parse_proxy("") is None
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--method", "less", "--proxy", "iprox:2"], "rho must be in"),
+    (["--method", "less", "--proxy", "lowrank:0.5"], "expected iprox:RHO"),
+    (["--method", "tov", "--proxy", "iprox:0.5"], "does not support --proxy"),
+])
+def test_cli_proxy_errors_are_clean(lm_data, tmp_path, capsys, argv, msg):
+    from finesift.cli import main
+
+    code = main(["select", "--pool", *map(str, lm_data.pool), "--target", str(lm_data.target),
+                 "--budget", "5", "--out", str(tmp_path / "o"), *argv])
+    err = capsys.readouterr().err
+    assert code != 0 and msg in err
+    assert "Traceback" not in err
