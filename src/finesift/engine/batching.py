@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -14,6 +14,7 @@ def sorted_batches(
     *,
     batch_size: int,
     max_tokens: int | None = None,
+    max_rows: Callable[[int], int] | None = None,
 ) -> Iterator[list[int]]:
     """Yield lists of indices into ``examples``, longest first, deterministic.
 
@@ -22,18 +23,24 @@ def sorted_batches(
         lengths: length of each item.
         batch_size: maximum rows per batch.
         max_tokens: if set, also cap rows * longest length per batch.
+        max_rows: if set, also cap rows at ``max_rows(longest)`` (e.g.
+            :meth:`finesift.engine.budget.TokenBudget.rows_for`). Lengths only shrink
+            within a batch, so the first item's length is the batch's longest.
     """
     order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
     batch: list[int] = []
     longest = 0
+    cap = batch_size
     for i in order.tolist():
         n = int(lengths[i])
         grow = max(longest, n)
         if batch and (
-            len(batch) >= batch_size or (max_tokens is not None and grow * (len(batch) + 1) > max_tokens)
+            len(batch) >= cap or (max_tokens is not None and grow * (len(batch) + 1) > max_tokens)
         ):
             yield batch
             batch, grow = [], n
+        if not batch:
+            cap = batch_size if max_rows is None else max(1, min(batch_size, int(max_rows(grow))))
         batch.append(i)
         longest = grow
     if batch:

@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from finesift.engine.batching import sorted_batches
+from finesift.engine.budget import MAX_AUTO_ROWS, TokenBudget, parse_batch_size
 from finesift.engine.precision import autocast
 from finesift.engine.tasks import Task
 
@@ -24,7 +25,7 @@ def token_logprobs(
     task: Task,
     examples: Sequence[Any],
     *,
-    batch_size: int = 8,
+    batch_size: int | str = 8,
     max_tokens: int | None = 4096,
     precision: str = "auto",
     device: str = "cpu",
@@ -34,14 +35,20 @@ def token_logprobs(
     """Log-prob of each label token, per example (float32 arrays, in input order).
 
     Examples are processed longest first in batches of similar length; the result is
-    returned in the order of ``examples``.
+    returned in the order of ``examples``. Each example's values do not depend on the
+    batching (up to float rounding of the kernels).
 
     Args:
         model: the model (may be a peft model; its current adapter weights are used).
         task: the :class:`Task` that batches examples and computes label log-probs.
         examples: the encoded examples.
-        batch_size: rows per batch.
-        max_tokens: cap on rows x longest length per batch (keeps memory flat).
+        batch_size: rows per batch (default 8); or ``"auto"``: as many rows as fit
+            :data:`finesift.engine.budget.DEFAULT_MEMORY` (1 GiB) of activations, or
+            ``"auto:SIZE"`` (e.g. ``"auto:4GiB"``) for another limit, so batches of
+            short examples hold more rows than batches of long ones
+            (:class:`finesift.engine.budget.TokenBudget`).
+        max_tokens: with an integer ``batch_size``, a cap on rows x longest length per
+            batch (default 4096; keeps memory flat). Ignored with ``"auto"``.
         precision: ``auto``, ``bf16`` or ``fp32``.
         device: torch device.
         progress: show a progress bar on stderr.
@@ -50,9 +57,18 @@ def token_logprobs(
     model.eval()
     out: list[np.ndarray | None] = [None] * len(examples)
     lengths = [task.length(e) for e in examples]
+    rows, memory = parse_batch_size(batch_size)
+    max_rows = None
+    if memory is not None:
+        budget = TokenBudget.for_model(
+            model, memory, head_chunk=getattr(task, "head_chunk", 0) or 0
+        )
+        rows, max_tokens, max_rows = MAX_AUTO_ROWS, None, budget.rows_for
     bar = tqdm(total=len(examples), desc=desc, disable=not progress, leave=False, unit="ex")
     try:
-        for idx in sorted_batches(examples, lengths, batch_size=batch_size, max_tokens=max_tokens):
+        for idx in sorted_batches(
+            examples, lengths, batch_size=rows, max_tokens=max_tokens, max_rows=max_rows
+        ):
             batch = _to(task.collate([examples[i] for i in idx]), device)
             with autocast(precision, device):
                 logp, row = task.label_logprobs(model, batch)

@@ -76,8 +76,15 @@ class CausalLMTask(TokenTask):
     """Causal LM: log p(token_t | tokens_<t) at every label position.
 
     The LM head runs only on the hidden states of positions that predict a label, so a
-    long prompt with a short answer costs little more than its transformer pass.
+    long prompt with a short answer costs little more than its transformer pass; it runs
+    on at most ``head_chunk`` label positions at a time (default 256), so the
+    vocabulary-sized logits never take more than ``head_chunk x vocab`` floats whatever
+    the batch (0 or None: all label positions at once).
     """
+
+    def __init__(self, pad_token_id: int, head_chunk: int | None = 256) -> None:
+        super().__init__(pad_token_id)
+        self.head_chunk = int(head_chunk) if head_chunk else 0
 
     def label_logprobs(self, model, batch):
         labels = batch["labels"]
@@ -91,14 +98,24 @@ class CausalLMTask(TokenTask):
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
             ).last_hidden_state
             h = hidden[:, :-1][sel]
-            logits = head(h).float()
+            del hidden
+            tgt = target[sel]
+            step = self.head_chunk or max(1, len(h))
+            parts = [
+                _label_logp(head(h[s : s + step]), tgt[s : s + step])
+                for s in range(0, len(h), step)
+            ]
+            logp = torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
         else:  # generic fallback: full logits
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            logits = out.logits[:, :-1][sel].float()
-        tgt = target[sel]
-        logp = torch.log_softmax(logits, dim=-1).gather(1, tgt[:, None]).squeeze(1)
+            logp = _label_logp(out.logits[:, :-1][sel], target[sel])
         row = torch.nonzero(sel, as_tuple=True)[0]
         return logp, row
+
+
+def _label_logp(logits: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    """log-softmax of ``logits`` (in fp32) at the ``tgt`` column of each row."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(1, tgt[:, None]).squeeze(1)
 
 
 class TokenClassificationTask(TokenTask):
