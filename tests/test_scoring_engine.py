@@ -126,3 +126,33 @@ def test_batch_size_option_parsing():
     for bad in (0, -3, "many", "auto:lots", "auto:0", True):
         with pytest.raises(OptionError):
             parse_batch_size(bad)
+
+
+def test_auto_batch_size_reaches_other_callers_as_a_fixed_size():
+    lengths = [5] * 20
+    batches = list(sorted_batches(lengths, lengths, batch_size="auto"))
+    assert [len(b) for b in batches] == [8, 8, 4]
+    assert [len(b) for b in sorted_batches(lengths, lengths, batch_size="7")] == [7, 7, 6]
+
+
+def test_cli_batch_size_auto_gives_the_same_scores(lm_data, tiny_lm_dir, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    from finesift.cli import main
+
+    cols = {}
+    for bs in ("3", "auto", "auto:300KiB"):
+        out = tmp_path / bs.replace(":", "_")
+        argv = ["select", "--pool", *map(str, lm_data.pool), "--target", str(lm_data.target),
+                "--out", str(out), "--model", str(tiny_lm_dir), "--no-progress",
+                "--method", "perplexity", "--budget", "5", "--precision", "fp32",
+                "--batch-size", bs]
+        assert main(argv) == 0
+        cols[bs] = pq.read_table(out / "scores.parquet").to_pydict()
+    ref = cols["3"]
+    assert len(ref["score"]) == len(lm_data.usable)
+    for bs, got in cols.items():
+        np.testing.assert_allclose(got["score"], ref["score"], rtol=0, atol=1e-5, err_msg=bs)
+    with pytest.raises(SystemExit):
+        main(["select", "--pool", str(lm_data.pool[0]), "--batch-size", "lots"])
+    assert "auto:SIZE" in capsys.readouterr().err

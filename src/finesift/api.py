@@ -126,14 +126,14 @@ def select(
     max_length: int | None = 512,
     template: str = "auto",
     precision: str = "auto",
-    batch_size: int = 8,
+    batch_size: int | str = 8,
     device: str = "cpu",
     progress: bool = False,
     log: Callable[[str], None] | None = None,
     workdir: str | Path | None = None,
     num_shards: int = 1,
     shard_index: int | None = None,
-    executor: str = "local",
+    executor: Any = "local",
     ray_address: str | None = None,
     ray_options: dict[str, Any] | None = None,
 ) -> Selection:
@@ -155,7 +155,9 @@ def select(
         max_length: truncate encoded examples to this many tokens (``None``: no limit).
         template: ``auto`` (the tokenizer's chat template if it has one), ``chat``, ``plain``.
         precision: ``auto`` (bf16 where the CPU is fast at it), ``bf16`` or ``fp32``.
-        batch_size: rows per scoring batch.
+        batch_size: rows per scoring batch (default 8); ``"auto"`` sizes each batch to
+            1 GiB of activations (more rows for short examples), ``"auto:4GiB"`` to
+            another limit (:class:`finesift.engine.budget.TokenBudget`).
         device: torch device.
         progress: show progress bars on stderr.
         log: receives human-readable progress and warning messages.
@@ -167,7 +169,8 @@ def select(
             ``manifest.json`` to ``out`` (needed) for :func:`finesift.shards.merge`;
             ``budget`` may be ``None``. Default: one unsharded run.
         executor: ``local`` (default: score in this process) or ``ray`` (the method's
-            chunks are scored by Ray workers; ``tov`` only).
+            chunks are scored by Ray workers; ``tov`` only), or an executor object of
+            :mod:`finesift.executors` (e.g. a configured ``RayExecutor``).
         ray_address: the Ray cluster to join (default: start a local instance).
         ray_options: ``num_cpus`` (local instance), ``workers``, ``cpus_per_worker``,
             ``gpus_per_worker``; see :class:`finesift.executors.RayExecutor`.
@@ -187,8 +190,11 @@ def select(
         raise OptionError(f"--task must be 'lm' or 'ner', got {task!r}")
     if precision not in ("auto", "bf16", "fp32"):
         raise OptionError(f"precision must be 'auto', 'bf16' or 'fp32', got {precision!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise OptionError(f"batch size must be a positive integer, got {batch_size!r}")
+    from finesift.engine.budget import parse_batch_size
+
+    parse_batch_size(batch_size)  # OptionError unless a positive int, 'auto' or 'auto:SIZE'
+    if isinstance(batch_size, str) and batch_size.strip().isdigit():
+        batch_size = int(batch_size)
     if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
         raise OptionError(f"max_length must be a positive integer or None, got {max_length!r}")
     meth = get_method(method, method_options)  # fails fast on a bad name or option
@@ -397,6 +403,11 @@ def _make_executor(meth: Any, executor: str, ray_address: str | None,
     from finesift.executors import make_executor
     from finesift.methods import available
 
+    if not isinstance(executor, str):  # an executor object
+        made = executor
+        if not meth.distributable:
+            raise OptionError(f"method {meth.name!r} scores in-process only; it takes no executor")
+        return made
     opts = dict(ray_options or {})
     known = {"num_cpus", "workers", "cpus_per_worker", "gpus_per_worker"}
     if set(opts) - known:

@@ -16,6 +16,18 @@ from typing import Any
 from finesift.errors import FinesiftError
 
 
+def _batch_size(value: str) -> int | str:
+    """argparse type of --batch-size: a positive int, 'auto' or 'auto:SIZE'."""
+    from finesift.engine.budget import parse_batch_size
+    from finesift.errors import OptionError
+
+    try:
+        rows, _ = parse_batch_size(value)
+    except OptionError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return rows if rows is not None else value.strip().lower()
+
+
 def _parse_options(pairs: list[str] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in pairs or []:
@@ -40,7 +52,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="built-in model (smollm2-135m, minilm-l6) or a local model folder")
     p.add_argument("--max-length", type=int, default=512, help="truncate examples (tokens)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per scoring batch")
+    p.add_argument("--batch-size", type=_batch_size, default=8,
+                   help="rows per scoring batch (default 8); 'auto' fills 1 GiB of activations "
+                        "per batch (more rows for short examples), 'auto:4GiB' another limit")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--template", choices=["auto", "chat", "plain"], default="auto",
                    help="how chat and prompt/completion records are rendered")

@@ -7,12 +7,14 @@ from typing import Any
 
 import numpy as np
 
+AUTO_FALLBACK_ROWS = 8
+
 
 def sorted_batches(
     examples: Sequence[Any],
     lengths: Sequence[int],
     *,
-    batch_size: int,
+    batch_size: int | str,
     max_tokens: int | None = None,
     max_rows: Callable[[int], int] | None = None,
 ) -> Iterator[list[int]]:
@@ -21,12 +23,19 @@ def sorted_batches(
     Args:
         examples: the items (only their count is used).
         lengths: length of each item.
-        batch_size: maximum rows per batch.
+        batch_size: maximum rows per batch. ``"auto"``/``"auto:SIZE"`` (the scoring
+            option, see :mod:`finesift.engine.budget`) reaching a caller that has no
+            memory model (gradients, embeddings) means :data:`AUTO_FALLBACK_ROWS` rows.
         max_tokens: if set, also cap rows * longest length per batch.
         max_rows: if set, also cap rows at ``max_rows(longest)`` (e.g.
             :meth:`finesift.engine.budget.TokenBudget.rows_for`). Lengths only shrink
             within a batch, so the first item's length is the batch's longest.
     """
+    if not isinstance(batch_size, int):
+        from finesift.engine.budget import parse_batch_size
+
+        rows, _ = parse_batch_size(batch_size)
+        batch_size = AUTO_FALLBACK_ROWS if rows is None else rows
     order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
     batch: list[int] = []
     longest = 0

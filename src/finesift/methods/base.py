@@ -39,7 +39,8 @@ class MethodContext:
         seed: the run's seed.
         precision: ``auto``, ``bf16`` or ``fp32``.
         device: torch device.
-        batch_size: rows per scoring batch.
+        batch_size: rows per scoring batch, or ``"auto"``/``"auto:SIZE"`` (sized to a
+            memory limit, see :class:`finesift.engine.budget.TokenBudget`).
         progress: show progress bars.
         workdir: a folder for resumable intermediate state (``None``: no resume).
         log: a callback for progress messages (the CLI prints them).
@@ -61,7 +62,7 @@ class MethodContext:
     seed: int = 0
     precision: str = "auto"
     device: str = "cpu"
-    batch_size: int = 8
+    batch_size: int | str = 8
     progress: bool = False
     workdir: Path | None = None
     log: Callable[[str], None] = field(default=lambda msg: None)
