@@ -49,13 +49,39 @@ def test_tov_on_two_ray_workers_equals_the_local_run(lm_data, tiny_lm_dir: Path,
     assert len(list((dist / ".work").glob("tov-*-chunk*.npy"))) == 10
 
 
-def test_ray_shard_run_merges_with_a_local_shard(lm_data, tiny_lm_dir: Path, tmp_path: Path):
+@pytest.fixture(scope="module")
+def ray_instance():
+    """A local Ray instance the next tests share (the executor then neither starts nor
+    stops one)."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_ray_errors_are_clear(ray_instance, tiny_lm_dir: Path):
+    from finesift.engine.tasks import CausalLMTask
+    from finesift.errors import FinesiftError, OptionError
+    from finesift.executors import RayExecutor
+    from finesift.methods.tov import ToVChunkScorer
+
+    scorer = ToVChunkScorer({"name": str(tiny_lm_dir / "gone"), "task": "lm"}, None, 0,
+                            CausalLMTask(0), [])
+    with pytest.raises(FinesiftError, match="Ray worker could not start: .*gone"):
+        list(RayExecutor(workers=1).map_chunks(scorer, [(0, [])]))
+    with pytest.raises(OptionError, match="need 3 CPUs; the cluster has 2"):
+        list(RayExecutor(workers=3).map_chunks(scorer, [(0, [])]))
+    assert list(RayExecutor(workers=1).map_chunks(scorer, [])) == []
+    assert ray.is_initialized()  # not ours to stop
+
+
+def test_ray_shard_run_merges_with_a_local_shard(ray_instance, lm_data, tiny_lm_dir: Path,
+                                                 tmp_path: Path):
     """A shard scored on Ray and one scored locally merge into the unsharded run."""
     full = tmp_path / "full"
     assert main(argv(lm_data, tiny_lm_dir, full)) == 0
     s0, s1 = tmp_path / "s0", tmp_path / "s1"
     assert main(argv(lm_data, tiny_lm_dir, s0, "--num-shards", "2", "--shard-index", "0",
-                     "--executor", "ray", "--ray-num-cpus", "2", "--ray-workers", "2")) == 0
+                     "--executor", "ray", "--ray-workers", "2")) == 0
     assert main(argv(lm_data, tiny_lm_dir, s1, "--num-shards", "2", "--shard-index", "1")) == 0
     merged = tmp_path / "merged"
     assert main(["merge", str(s0), str(s1), "--out", str(merged), "--budget", "12"]) == 0

@@ -16,6 +16,7 @@ it; ``auto`` finds a local one) the run joins that cluster.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Iterable, Iterator
@@ -23,23 +24,29 @@ from typing import Any
 
 import numpy as np
 
-from finesift.errors import OptionError
+from finesift.errors import FinesiftError, OptionError
 
 EXECUTORS = ("local", "ray")
 
 
 class LocalExecutor:
-    """Chunks scored one after the other in this process (with the model already loaded).
+    """Chunks scored one after the other in this process by a scorer built as a worker
+    builds it (the model loaded again from its name or folder). Methods score with the
+    model already in memory when ``ctx.executor`` is ``None`` (the default); this class
+    runs the worker path without Ray.
 
-    Methods treat ``ctx.executor is None`` the same way; this class exists so callers
-    can pass an executor object uniformly.
+    Args:
+        device: torch device of the scorer (default ``cpu``).
     """
 
     name = "local"
 
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
+
     def map_chunks(self, scorer: Any, items: Iterable[tuple[int, list[Any]]]
                    ) -> Iterator[tuple[int, np.ndarray]]:
-        fn = scorer.build("cpu")
+        fn = scorer.build(self.device)
         for cid, examples in items:
             yield cid, fn(examples)
 
@@ -156,12 +163,29 @@ class RayExecutor:
             return n
         return max(1, math.floor(res.get("CPU", 1) / self.cpus_per_worker))
 
+    def _check_fits(self, n: int) -> None:
+        """Refuse a request the cluster can never satisfy (Ray would wait forever)."""
+        res = self._ray().cluster_resources()
+        for kind, per in (("CPU", self.cpus_per_worker), ("GPU", self.gpus_per_worker)):
+            if per > 0 and n * per > res.get(kind, 0) + 1e-9:
+                raise OptionError(
+                    f"ray: {n} worker(s) x {per:g} {kind} need {n * per:g} {kind}s; the "
+                    f"cluster has {res.get(kind, 0):g} (lower --ray-workers or the per-worker "
+                    f"{kind} count)"
+                )
+
     # -- work ----------------------------------------------------------------------
     def map_chunks(self, scorer: Any, items: Iterable[tuple[int, list[Any]]]
                    ) -> Iterator[tuple[int, np.ndarray]]:
         """Score every chunk of ``items`` on the actors; yields results as they finish."""
+        it = iter(items)
+        first = next(it, None)
+        if first is None:  # nothing to score: no actors
+            return
+        it = itertools.chain([first], it)
         ray = self._ray()
         n = self.n_workers()
+        self._check_fits(n)
         self._n_workers = n
         worker_cls = ray.remote(num_cpus=self.cpus_per_worker,
                                 num_gpus=self.gpus_per_worker)(_ChunkWorker)
@@ -169,10 +193,12 @@ class RayExecutor:
         threads = max(1, math.floor(self.cpus_per_worker))
         actors = [worker_cls.remote(scorer_ref, self.device, threads) for _ in range(n)]
         try:
-            self._nodes = ray.get([a.where.remote() for a in actors])
+            try:
+                self._nodes = ray.get([a.where.remote() for a in actors])
+            except ray.exceptions.RayError as exc:
+                raise FinesiftError(f"a Ray worker could not start: {_cause(exc)}") from None
             load = dict.fromkeys(range(n), 0)
             pending: dict[Any, tuple[int, int]] = {}  # ref -> (chunk id, actor)
-            it = iter(items)
             exhausted = False
             while True:
                 while not exhausted and min(load.values()) < self.max_in_flight:
@@ -189,7 +215,12 @@ class RayExecutor:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 cid, a = pending.pop(ready[0])
                 load[a] -= 1
-                yield cid, ray.get(ready[0])
+                try:
+                    result = ray.get(ready[0])
+                except ray.exceptions.RayError as exc:
+                    raise FinesiftError(f"a Ray worker failed on chunk {cid}: {_cause(exc)}"
+                                        ) from None
+                yield cid, result
         finally:
             for a in actors:
                 ray.kill(a)
@@ -214,6 +245,13 @@ class RayExecutor:
 
             ray.shutdown()
             self._started = False
+
+
+def _cause(exc: BaseException) -> str:
+    """The worker-side error of a Ray exception, in one line."""
+    cause = getattr(exc, "cause", None) or exc
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[-1] if text else ''}"
 
 
 def make_executor(
