@@ -127,9 +127,15 @@ def _convert_smollm(gguf: Path, dest: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "SOURCE").write_text(f"{gguf}\n{gguf.stat().st_size}\n")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
+        if (dest / "model.safetensors").exists():
+            return  # another process (e.g. a Ray worker on this node) finished first
+        if dest.exists():  # an incomplete folder of another version
+            shutil.rmtree(dest, ignore_errors=True)
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            if not (dest / "model.safetensors").exists():
+                raise  # else another process put its (identical) conversion there first
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
