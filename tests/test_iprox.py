@@ -201,6 +201,22 @@ def test_ipsvd_beats_truncated_svd_on_the_weighted_error(data: Data):
     assert wins >= len(layers) - 2
 
 
+def test_cholesky_whitening_gives_the_eigh_factors(data: Data):
+    """Whitening with Cholesky factors (the default) and with symmetric square roots
+    (eigendecomposition) give the same A and B, up to the signs of singular vectors."""
+    model = tiny_causal_lm(len(data.tok), seed=2)
+    layers = dict(list(I.proxy_targets(model).items())[4:7])  # gate, up, down of block 0
+    covs = I.layer_covariances(model, data.task, data.pool[:20], layers, model_task="lm")
+    for name, layer in layers.items():
+        r = I.proxy_rank(layer.out_features, layer.in_features, 0.5, 4)
+        A, B = I.ipsvd_factors(layer.weight, covs[name], r, whitening="cholesky")
+        Ae, Be = I.ipsvd_factors(layer.weight, covs[name], r, whitening="eigh")
+        sign = torch.sign((A * Ae).sum(0))
+        torch.testing.assert_close(A * sign, Ae, atol=1e-8, rtol=1e-6)
+        torch.testing.assert_close(B * sign[:, None], Be, atol=1e-8, rtol=1e-6)
+        torch.testing.assert_close(A @ B, Ae @ Be, atol=1e-10, rtol=1e-8)
+
+
 # -- Stage 2 ---------------------------------------------------------------------------
 
 

@@ -11,12 +11,13 @@ A proxy is a low-rank factorisation of the target model itself, on which ``less`
   ||C_delta^{1/2} (W - A B) C_h^{1/2}||_F, with C_h = E[h h^T] over the layer's inputs
   and C_delta = E[delta delta^T] over the gradients of the model's loss w.r.t. the
   layer's outputs, both estimated on a seeded probe set drawn from the pool
-  (:func:`layer_covariances`). The covariances are whitened with damped symmetric
-  square roots (eigendecomposition; damping = ``damping`` x the mean eigenvalue), the
-  whitened W = C_delta^{1/2} W C_h^{1/2} gets a truncated SVD P S Q^T, and
-  A = C_delta^{-1/2} P_r S_r^{1/2}, B = S_r^{1/2} Q_r^T C_h^{-1/2} (singular values split
-  symmetrically, as in the reference code). By Eckart-Young this is the exact minimiser
-  of the damped weighted error.
+  (:func:`layer_covariances`). The covariances are damped (+ ``damping`` x their mean
+  eigenvalue), W is whitened, W~ = C_delta^{1/2} W C_h^{1/2} = P S Q^T (truncated SVD),
+  and A = C_delta^{-1/2} P_r S_r^{1/2}, B = S_r^{1/2} Q_r^T C_h^{-1/2} (singular values
+  split symmetrically, as in the reference code). By Eckart-Young this is the exact
+  minimiser of the damped weighted error. The square roots can be taken by
+  eigendecomposition (``whitening="eigh"``); by default Cholesky factors are used, which
+  give the same A and B (see :func:`ipsvd_factors`) for far less work.
 * Stage 2, gradient alignment (:func:`align_proxy`): ``align_epochs`` epochs of AdamW on
   the factors only, over the probe set, minimising
   mean over factored layers of 0.5 * [(1 - cos(grad_A, grad_W B^T)) + (1 - cos(grad_B, A^T grad_W))]
@@ -37,6 +38,12 @@ Where this differs from the reference code (csr16/IProX):
   eigenvalue (scale-free: the loss scale does not change the result).
 * Probe tokens: the reference samples k tokens per sequence from the non-padding ones and
   caps each layer at ``max_probes`` columns; so does this (``probe_tokens``), seeded.
+* One probe set (``probe_examples`` pool examples) serves both stages; the reference
+  draws a 1% sample of the training data and uses a 10% split of it for IPSVD and the
+  rest for alignment.
+* Stage 2 defaults: the reference's AdamW (lr 1e-4, weight decay 0.01) and tau = 2;
+  2 epochs instead of its 5 (CPU cost; ``align_epochs``); lambda = 0.1 (its function's
+  default; its script's default is 0). The proxy runs in eval mode (no dropout).
 * The model's loss is finesift's: the mean over examples of each example's token-averaged
   label NLL (the loss ``less`` differentiates). The KL term is averaged over label tokens,
   as in the reference.
@@ -94,7 +101,7 @@ class IProxOptions:
         kl_weight: lambda, the weight of tau^2 KL(target || proxy) (default 0.1).
         tau: the KL temperature (default 2).
         cov_memory_mb: covariance accumulators of at most this size are held at once;
-            layers are split into groups, one probe pass each (default 1024).
+            layers are split into groups, one probe pass each (default 2048).
     """
 
     rho: float = 0.5
@@ -108,7 +115,7 @@ class IProxOptions:
     align_batch_size: int = 8
     kl_weight: float = 0.1
     tau: float = 2.0
-    cov_memory_mb: int = 1024
+    cov_memory_mb: int = 2048
 
     def validate(self) -> None:
         if not 0 <= self.rho < 1:
@@ -345,7 +352,7 @@ def layer_covariances(
     probe_tokens: int = 4096,
     batch_size: int = 8,
     seed: int = 0,
-    memory_mb: int = 1024,
+    memory_mb: int = 2048,
     device: str = "cpu",
 ) -> dict[str, Covariances]:
     """C_h and C_delta of every layer in ``layers`` on ``examples``.
@@ -397,25 +404,20 @@ def _covariance_pass(model, task, examples, order, layers, group, k, probe_token
 
     def make_hook(name: str):
         def fwd(mod, inputs, output):
-            if count[name] >= probe_tokens:
-                return
             x = inputs[0]
             key = (x.data_ptr(), tuple(x.shape))
             first = state["inputs"].setdefault(key, name)
             if state["first_batch"] and first != name:
                 alias[name] = first
-            pos = state["pos"]
-            take = min(int(pos.sum()), probe_tokens - count[name])
+            take = min(state["n_pos"], probe_tokens - count[name])
+            if take <= 0:
+                return
             if name not in alias:
-                h = x.detach()[pos][:take].float()
+                h = x.detach()[state["pos"]][:take].float()
                 acc = sh.get(name)
                 sh[name] = h.T @ h if acc is None else acc.addmm_(h.T, h)
             if output.requires_grad:
-                def bwd(g, name=name, take=take):
-                    d = g.detach()[pos][:take].float()
-                    acc = sd.get(name)
-                    sd[name] = d.T @ d if acc is None else acc.addmm_(d.T, d)
-                output.register_hook(bwd)
+                state["outputs"].append((name, output, take))
             count[name] += take
         return fwd
 
@@ -428,22 +430,35 @@ def _covariance_pass(model, task, examples, order, layers, group, k, probe_token
                 if all(count[n] >= probe_tokens for n in group):
                     break
                 batch = {kk: v.to(device) for kk, v in task.collate([examples[i] for i in idx]).items()}
-                state.update(pos=_probe_positions(batch, k, gen).to(device), inputs={},
+                pos = _probe_positions(batch, k, gen).to(device)
+                state.update(pos=pos, n_pos=int(pos.sum()), inputs={}, outputs=[],
                              first_batch=b == 0)
                 logits, tgt, row = label_logits(model, batch, model_task)
                 loss = batch_loss(logits, tgt, row, len(idx)) * len(idx)
-                live = [w for w in weights if w.requires_grad]
-                torch.autograd.grad(loss, live, allow_unused=True)
+                outs = state.pop("outputs")
+                if not outs:
+                    continue
+                # gradients w.r.t. the layer outputs only (no weight gradients computed)
+                deltas = torch.autograd.grad(loss, [o for _, o, _ in outs], allow_unused=True)
+                for (name, out, take), g in zip(outs, deltas, strict=True):
+                    g = torch.zeros_like(out) if g is None else g
+                    d = g.detach()[pos][:take].float()
+                    acc = sd.get(name)
+                    sd[name] = d.T @ d if acc is None else acc.addmm_(d.T, d)
+                del outs, deltas, loss, logits
     finally:
         for h in handles:
             h.remove()
     out = {}
+    c_h: dict[str, torch.Tensor] = {}
     for name in group:
         toks = count[name]
         src = alias.get(name, name)
-        if toks == 0 or src not in sh or name not in sd:
+        if toks == 0 or (src not in sh and src not in c_h) or name not in sd:
             raise OptionError(f"iprox: no probe tokens reached layer {name!r}")
-        out[name] = Covariances(sh[src].double() / count[src], sd[name].double() / toks, toks)
+        if src not in c_h:  # layers reading the same input share one tensor
+            c_h[src] = sh.pop(src).double() / count[src]
+        out[name] = Covariances(c_h[src], sd.pop(name).double() / toks, toks)
     return out
 
 
@@ -452,24 +467,58 @@ def damped_sqrt(c: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Te
     inverse, by eigendecomposition (float64)."""
     c = c.double()
     c = 0.5 * (c + c.T)
+    lam = damping * max(float(torch.diagonal(c).mean()), 1e-30)  # mean eigenvalue
     s, U = torch.linalg.eigh(c)
-    s = s.clamp_min(0)
-    s = s + damping * max(float(s.mean()), 1e-30)
+    s = s.clamp_min(0) + lam
     r = s.sqrt()
     return (U * r) @ U.T, (U / r) @ U.T
 
 
-def ipsvd_factors(W: torch.Tensor, cov: Covariances, rank: int, damping: float = 0.01):
-    """IPSVD: ``(A, B)`` of rank ``rank`` minimising
-    ||S_delta (W - A B) S_h||_F with S = the damped square roots of the covariances
-    (float64)."""
-    S_h, S_h_inv = damped_sqrt(cov.c_h, damping)
-    S_d, S_d_inv = damped_sqrt(cov.c_delta, damping)
-    Wt = S_d @ W.double() @ S_h
-    P, sv, Qh = torch.linalg.svd(Wt, full_matrices=False)
+def damped_cholesky(c: torch.Tensor, damping: float) -> torch.Tensor:
+    """The Cholesky factor L (lower) of ``c + damping * mean_eig(c) I`` (float64); the mean
+    eigenvalue is trace / n."""
+    c = c.double()
+    c = 0.5 * (c + c.T)
+    lam = damping * max(float(torch.diagonal(c).mean()), 1e-30)
+    return torch.linalg.cholesky(c + lam * torch.eye(len(c), dtype=c.dtype))
+
+
+def ipsvd_factors(W: torch.Tensor, cov: Covariances, rank: int, damping: float = 0.01,
+                  roots: dict[int, Any] | None = None, whitening: str = "cholesky"):
+    """IPSVD: ``(A, B)`` of rank ``rank`` minimising ||S_delta (W - A B) S_h||_F with S the
+    damped symmetric square roots of the covariances (float64).
+
+    ``whitening="eigh"`` whitens with the square roots themselves (eigendecomposition):
+    W~ = S_d W S_h = P Sigma Q^T, A = S_d^-1 P_r Sigma_r^1/2, B = Sigma_r^1/2 Q_r^T S_h^-1.
+    ``"cholesky"`` (default) whitens with the Cholesky factors of the same damped
+    covariances, C = L L^T. L^T = U S for an orthogonal U, so L_d^T W L_h = U_d W~ U_h^T
+    has the singular values of W~ and singular vectors U_d P, U_h Q, and
+    A = L_d^-T U_d P_r Sigma_r^1/2 = S_d^-1 P_r Sigma_r^1/2: the same factors (up to the
+    signs of singular vectors), at a fraction of the cost (no eigendecompositions of the
+    up to 1536 x 1536 covariances of SmolLM2's MLP). ``roots`` caches the whitening
+    factors by covariance tensor (layers that share an input share C_h).
+    """
+    roots = {} if roots is None else roots
+    if whitening not in ("cholesky", "eigh"):
+        raise OptionError(f"whitening must be 'cholesky' or 'eigh', got {whitening!r}")
+    for c in (cov.c_h, cov.c_delta):
+        if (id(c), whitening) not in roots:
+            roots[(id(c), whitening)] = (damped_cholesky(c, damping) if whitening == "cholesky"
+                                         else damped_sqrt(c, damping))
+    Wd = W.double()
+    if whitening == "eigh":
+        S_h, S_h_inv = roots[(id(cov.c_h), "eigh")]
+        S_d, S_d_inv = roots[(id(cov.c_delta), "eigh")]
+        P, sv, Qh = torch.linalg.svd(S_d @ Wd @ S_h, full_matrices=False)
+        root = sv[:rank].sqrt()
+        return S_d_inv @ (P[:, :rank] * root), (root[:, None] * Qh[:rank]) @ S_h_inv
+    L_h = roots[(id(cov.c_h), "cholesky")]
+    L_d = roots[(id(cov.c_delta), "cholesky")]
+    P, sv, Qh = torch.linalg.svd(L_d.T @ Wd @ L_h, full_matrices=False)
     root = sv[:rank].sqrt()
-    A = S_d_inv @ (P[:, :rank] * root)
-    B = (root[:, None] * Qh[:rank]) @ S_h_inv
+    # A = L_d^-T P_r Sigma^1/2 (solve L_d^T A = .), B = Sigma^1/2 Q_r^T L_h^-1 (B L_h = .)
+    A = torch.linalg.solve_triangular(L_d.T, P[:, :rank] * root, upper=True)
+    B = torch.linalg.solve_triangular(L_h, root[:, None] * Qh[:rank], upper=False, left=False)
     return A, B
 
 
@@ -681,13 +730,18 @@ def build_proxy(
     t1 = time.perf_counter()
     proxy = factorize(model, ranks)
     pmods = dict(unwrap(proxy).named_modules())
+    roots: dict[Any, Any] = {}
     with torch.no_grad():
         for name, r in ranks.items():
-            A, B = ipsvd_factors(layers[name].weight, covs[name], r, opts.damping)
+            if (id(covs[name].c_h), "cholesky") not in roots:
+                roots.clear()  # layers sharing an input are consecutive (q/k/v, gate/up)
+            A, B = ipsvd_factors(layers[name].weight, covs[name], r, opts.damping, roots)
+            roots.pop((id(covs[name].c_delta), "cholesky"), None)
             pmods[name].up.weight.copy_(A)
             pmods[name].down.weight.copy_(B)
     del covs
     t2 = time.perf_counter()
+    log(f"iprox: covariances {t1 - t0:.1f} s, IPSVD of {len(ranks)} layers {t2 - t1:.1f} s")
     losses = align_proxy(model, proxy, task, probe, model_task=model_task, opts=opts,
                          seed=seed, device=device, log=log) if ranks else []
     t3 = time.perf_counter()
