@@ -155,6 +155,13 @@ def test_merge_errors_name_the_folder(tov_runs, lm_data, tiny_lm_dir: Path, tmp_
     assert str(full) in err and "not a shard run" in err
     err = merge(shards[0], tmp_path / "nowhere")
     assert str(tmp_path / "nowhere") in err
+    # scores that are not the ones the manifest was written for
+    swapped = tmp_path / "swapped"
+    swapped.mkdir()
+    (swapped / "manifest.json").write_bytes((shards[1] / "manifest.json").read_bytes())
+    (swapped / "scores.parquet").write_bytes((shards[2] / "scores.parquet").read_bytes())
+    err = merge(shards[0], swapped, shards[2])
+    assert str(swapped) in err and "not the file its manifest.json was written for" in err
     # a shard of another run (another seed)
     other = tmp_path / "other1"
     assert main(argv(lm_data, tiny_lm_dir, other, *TOV, "--num-shards", "3",

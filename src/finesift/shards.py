@@ -139,7 +139,12 @@ def write_shard(
         "versions": package_versions(),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
+    stale = out_dir / "manifest.json"
+    if stale.exists():  # a rerun: no old manifest may vouch for the new scores
+        stale.unlink()
     write_parquet(out_dir / "scores.parquet", columns)
+    # the manifest is written last and names the scores file it belongs to
+    manifest["shard"]["scores_sha256"] = file_fingerprint(out_dir / "scores.parquet")["sha256"]
     write_json(out_dir / "manifest.json", manifest)
     return Selection(selected=[], scores=scores, pool=recs, columns=columns,
                      manifest=manifest, out=out_dir)
@@ -164,6 +169,10 @@ def _read_shard(folder: Path) -> dict[str, Any]:
                                       "shard entry; was it run with --shard-index?)")
     if not (folder / "scores.parquet").exists():
         raise InputError(str(folder), "has no scores.parquet")
+    want = man["shard"].get("scores_sha256")
+    if want and file_fingerprint(folder / "scores.parquet")["sha256"] != want:
+        raise InputError(str(folder), "scores.parquet is not the file its manifest.json was "
+                                      "written for (changed or replaced since)")
     return man
 
 
