@@ -256,6 +256,7 @@ def test_shard_option_errors(lm_data, tiny_lm_dir: Path, tmp_path: Path, capsys)
         (["--num-shards", "3", "--shard-index", "3"], "--shard-index must be in 0..2"),
         ([], "--budget is required"),
         (["--executor", "ray", "--method", "random", "--budget", "5"], "in-process only"),
+        (["--device", "gpu7", "--budget", "5"], "not a torch device"),
     ]
     for extra, message in cases:
         capsys.readouterr()

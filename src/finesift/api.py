@@ -198,6 +198,7 @@ def select(
     if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
         raise OptionError(f"max_length must be a positive integer or None, got {max_length!r}")
     meth = get_method(method, method_options)  # fails fast on a bad name or option
+    _check_device(device)
     shard = _shard_spec(num_shards, shard_index)
     if shard is not None:
         meth.check_shardable()
@@ -386,6 +387,18 @@ def select(
         manifest=manifest,
         out=out_dir,
     )
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise OptionError(f"--device {device!r}: not a torch device (cpu, cuda, cuda:1, ...)"
+                          ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise OptionError(f"--device {device}: this torch build or machine has no CUDA GPU")
 
 
 def _shard_spec(num_shards: int, shard_index: int | None):

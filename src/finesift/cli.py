@@ -147,6 +147,7 @@ def cmd_select(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress=not args.no_progress,
         log=_eprint,
+        device=args.device,
         num_shards=args.num_shards,
         shard_index=args.shard_index,
         executor=args.executor,
@@ -269,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-index", type=int, default=None,
                    help="score only shard I (0..N-1) and write its scores for finesift merge; "
                         "chunk c of the length-sorted chunk grid belongs to shard c %% N")
+    p.add_argument("--device", default="cpu",
+                   help="torch device of this process: cpu (default), cuda, cuda:1, ... "
+                        "(Ray GPU workers always use their own GPU)")
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="where the pool is scored: this process (default) or Ray workers (tov)")
     p.add_argument("--ray-address", default=None,
