@@ -265,6 +265,31 @@ def test_shard_option_errors(lm_data, tiny_lm_dir: Path, tmp_path: Path, capsys)
         assert rc == 2 and message in err, (extra, err)
 
 
+def test_another_model_in_the_same_folder_does_not_resume(lm_data, tiny_lm_dir: Path,
+                                                          tmp_path: Path):
+    """The resume fingerprint covers the model: same data and options, another model (same
+    tokenizer, other weights) in the same --out folder scores afresh."""
+    import shutil
+
+    from finesift.testing import tiny_causal_lm, tiny_tokenizer
+
+    other = tmp_path / "other_model"
+    shutil.copytree(tiny_lm_dir, other)
+    tiny_causal_lm(len(tiny_tokenizer(EXTRA_LM_WORDS)), seed=1).save_pretrained(
+        other, safe_serialization=True)
+    common = {"method": "tov", "precision": "fp32",
+              "method_options": {"mode": "basic", "lr": 3e-3, "chunk_size": 16}}
+    a = select(lm_data.pool, lm_data.target, budget=8, out=tmp_path / "o",
+               model=str(tiny_lm_dir), **common)
+    b = select(lm_data.pool, lm_data.target, budget=8, out=tmp_path / "o", model=str(other),
+               **common)
+    fresh = select(lm_data.pool, lm_data.target, budget=8, out=tmp_path / "fresh",
+                   model=str(other), **common)
+    assert not np.array_equal(a.scores, b.scores)
+    assert np.array_equal(b.scores, fresh.scores)
+    assert len(list((tmp_path / "o" / ".work").glob("tov-*.pt"))) == 2
+
+
 # -- kill -9 -----------------------------------------------------------------------------
 
 KILL_POOL = 400

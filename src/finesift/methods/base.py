@@ -198,9 +198,25 @@ def get_method(name: str, options: dict[str, Any] | None = None) -> Method:
     return cls(options_from_dict(cls, options))
 
 
+def model_identity(spec: dict[str, Any] | None) -> str:
+    """The model a run uses, for resume fingerprints: its name or folder, task, head labels
+    and seed, and for a folder the name, size and modification time of its weight files
+    (so a model retrained into the same folder does not resume another model's state)."""
+    if spec is None:
+        return "model:unknown"
+    parts: list[Any] = [spec.get(k) for k in ("name", "task", "labels", "seed")]
+    name = spec.get("name")
+    if name is not None and Path(str(name)).is_dir():
+        for f in sorted(Path(str(name)).glob("*.safetensors")):
+            st = f.stat()
+            parts.append([f.name, st.st_size, st.st_mtime_ns])
+    return json.dumps(parts, default=str)
+
+
 def run_fingerprint(tag: str, options: Any, ctx: MethodContext) -> str:
-    """A short hash of a method's options, seed, precision and every encoded example:
-    the name under which a method keeps resumable state in ``ctx.workdir``.
+    """A short hash of a method's options, seed, precision, model (see
+    :func:`model_identity`) and every encoded example: the name under which a method
+    keeps resumable state in ``ctx.workdir``.
 
     Args:
         tag: the method and the version of its saved-state format, e.g. ``"tov-v3"``.
@@ -211,6 +227,8 @@ def run_fingerprint(tag: str, options: Any, ctx: MethodContext) -> str:
     h.update(f"{tag}|".encode())
     h.update(json.dumps(dataclasses.asdict(options), sort_keys=True).encode())
     h.update(f"{ctx.seed}|{ctx.precision}|{len(ctx.pool)}|{len(ctx.target)}".encode())
+    if ctx.model_spec is not None:  # None (a context built by hand): hashed as before
+        h.update(model_identity(ctx.model_spec).encode())
     for ex in itertools.chain(ctx.pool, ctx.target):
         h.update(np.asarray(ex.input_ids).tobytes())
         h.update(np.asarray(ex.labels).tobytes())
