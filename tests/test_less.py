@@ -40,7 +40,7 @@ def ctx_for(data: Data, workdir=None, target_records=None, seed=0) -> MethodCont
 # -- projection ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian", "sparse"])
 def test_projection_preserves_inner_products_within_the_jl_bound(kind):
     n_points, P, d = 20, 3000, 2048
     rng = np.random.default_rng(1)
@@ -49,7 +49,7 @@ def test_projection_preserves_inner_products_within_the_jl_bound(kind):
     x[1] = 0.6 * x[0] + 0.8 * x[1]  # a correlated pair, so not every product is ~0
     x[1] /= np.linalg.norm(x[1])
     # small blocks: the matrix is generated in many seeded pieces
-    proj = G.Projector(P, d, kind, seed=3, block_elems=d * 256)
+    proj = G.Projector(P, d, kind, seed=3, block_elems=(8 if kind == "sparse" else d) * 256)
     assert proj.n_blocks == math.ceil(P / 256)
     y = proj(torch.from_numpy(x).float()).double().numpy()
     err = np.abs(y @ y.T - x @ x.T).max()
@@ -57,10 +57,26 @@ def test_projection_preserves_inner_products_within_the_jl_bound(kind):
     # and it is a real projection: a far too small d breaks the bound's spirit
     assert err > 1e-3
     # seeded and chunk-independent: the same rows projected alone give the same result
-    again = G.Projector(P, d, kind, seed=3, block_elems=d * 256, cache_elems=0)
+    again = G.Projector(P, d, kind, seed=3, block_elems=(8 if kind == "sparse" else d) * 256,
+                        cache_elems=0)
     np.testing.assert_allclose(again(torch.from_numpy(x[:3]).float()).numpy(), y[:3], atol=1e-5)
     other = G.Projector(P, d, kind, seed=4, block_elems=d * 256)
     assert not np.allclose(other(torch.from_numpy(x[:3]).float()).numpy(), y[:3])
+
+
+def test_sparse_projection_is_the_dense_matrix_it_describes():
+    P, d, s = 50, 32, 4
+    proj = G.Projector(P, d, "sparse", seed=0, sparsity=s)
+    pos, val = proj.sparse_block(0)
+    R = torch.zeros(P, d)
+    R[torch.arange(P)[:, None], pos] = val
+    # one nonzero per block of d / s outputs, each +-1/sqrt(s): unit-norm rows
+    assert torch.all((R != 0).reshape(P, s, d // s).sum(-1) == 1)
+    np.testing.assert_allclose(R.norm(dim=1).numpy(), 1.0, rtol=1e-6)
+    x = torch.randn(3, P)
+    np.testing.assert_allclose(proj(x).numpy(), (x @ R).numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(OptionError, match="multiple"):
+        G.Projector(P, 30, "sparse", sparsity=4)
 
 
 def test_projection_entries_have_the_right_scale():
@@ -189,9 +205,18 @@ def test_subtasks_take_the_max_of_per_subtask_means(data: Data, runs):
 
 
 def test_bad_options_are_refused():
-    for bad in ({"projection": "sparse"}, {"proj_dim": 0}, {"warmup_fraction": 0}):
+    for bad in ({"projection": "dense"}, {"proj_dim": 0}, {"warmup_fraction": 0},
+                {"projection": "sparse", "proj_dim": 100, "sparsity": 8}):
         with pytest.raises(OptionError):
             get_method("less", bad)
+
+
+def test_sparse_projection_keeps_the_planted_ranking(data: Data, runs):
+    """``projection=sparse`` ranks the planted helpful examples like the dense default."""
+    dense = runs["less"]
+    sparse = get_method("less", {**FAST, "projection": "sparse"}).score(ctx_for(data))
+    assert data.hits(sparse.scores) >= 14
+    assert data.hits(dense.scores) >= 14
 
 
 # -- resume ----------------------------------------------------------------------------

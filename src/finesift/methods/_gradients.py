@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -177,14 +178,26 @@ def _block_seed(seed: int, block: int) -> int:
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
-class Projector:
-    """A seeded dense random projection R (P x d) applied block by block.
+PROJECTIONS = ("rademacher", "gaussian", "sparse")
 
-    Entries are +-1/sqrt(d) (``rademacher``) or N(0, 1/d) (``gaussian``), so
-    E[<R^T x, R^T y>] = <x, y>. R is never materialised whole unless it is small: rows
-    are cut into blocks of at most ``block_elems`` entries, each generated from its own
-    seeded generator (so any block can be regenerated independently). Blocks are kept in
-    memory when the whole matrix has at most ``cache_elems`` entries.
+
+class Projector:
+    """A seeded random projection R (P x d) applied block by block.
+
+    ``rademacher``: entries +-1/sqrt(d); ``gaussian``: N(0, 1/d). Both are dense, so
+    projecting one example costs 2 P d FLOPs and the entries of R are generated again for
+    every chunk of examples unless R is small. ``sparse``: a block sparse JL transform
+    (Kane and Nelson 2014; TRAK's CUDA projector on GPUs plays the same role): the d
+    outputs are cut into ``sparsity`` = s blocks of d / s, and every input coordinate
+    lands in one random position of each block with a random sign, scaled 1/sqrt(s); a
+    projection then costs s additions per input coordinate instead of d multiply-adds.
+    All three satisfy E[<R^T x, R^T y>] = <x, y>.
+
+    R is never materialised whole unless it is small: rows are cut into blocks of at
+    most ``block_elems`` entries (dense) or ``block_elems // s`` rows (sparse), each
+    generated from its own seeded generator (so any block can be regenerated
+    independently). Blocks are kept in memory when the whole matrix has at most
+    ``cache_elems`` stored entries (P d dense, P s sparse).
     """
 
     def __init__(
@@ -196,15 +209,58 @@ class Projector:
         *,
         block_elems: int = 1 << 22,
         cache_elems: int = 1 << 26,
+        sparsity: int = 8,
     ) -> None:
-        if kind not in ("rademacher", "gaussian"):
-            raise OptionError(f"projection must be 'rademacher' or 'gaussian', got {kind!r}")
+        if kind not in PROJECTIONS:
+            raise OptionError(f"projection must be one of {', '.join(PROJECTIONS)}, got {kind!r}")
         self.n_in, self.dim, self.kind, self.seed = int(n_in), int(dim), kind, int(seed)
-        self.rows = max(1, block_elems // self.dim)
+        self.sparsity = int(sparsity)
+        if kind == "sparse":
+            if self.sparsity < 1 or self.dim % self.sparsity:
+                raise OptionError(f"sparse projection: proj_dim {self.dim} must be a multiple of "
+                                  f"sparsity {self.sparsity}")
+            self.rows = max(1, block_elems // self.sparsity)
+            stored = self.n_in * self.sparsity
+        else:
+            self.rows = max(1, block_elems // self.dim)
+            stored = self.n_in * self.dim
         self.n_blocks = math.ceil(self.n_in / self.rows)
-        self.cache: dict[int, torch.Tensor] | None = (
-            {} if self.n_in * self.dim <= cache_elems else None
-        )
+        self.cache: dict[int, Any] | None = {} if stored <= cache_elems else None
+
+    def sparse_block(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``j * rows ...`` of a ``sparse`` R: output positions (rows, s) and the
+        signed values (rows, s)."""
+        r0 = j * self.rows
+        rows = min(self.rows, self.n_in - r0)
+        s = self.sparsity
+        width = self.dim // s
+        gen = torch.Generator().manual_seed(_block_seed(self.seed, j))
+        pos = torch.randint(0, width, (rows, s), generator=gen, dtype=torch.int64)
+        pos += torch.arange(s, dtype=torch.int64) * width
+        sign = torch.randint(0, 2, (rows, s), generator=gen, dtype=torch.int64)
+        val = sign.float().mul_(2.0 / math.sqrt(s)).sub_(1.0 / math.sqrt(s))
+        return pos, val
+
+    def sparse_block_t(self, j: int) -> torch.Tensor:
+        """The transpose of rows ``j * rows ...`` of a ``sparse`` R as a CSR matrix
+        (d, rows), built directly (sorted by output position, no coalescing)."""
+        if self.cache is not None and j in self.cache:
+            return self.cache[j]
+        pos, val = self.sparse_block(j)
+        rows = pos.shape[0]
+        flat = pos.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.dim)
+        crow = torch.zeros(self.dim + 1, dtype=torch.int64)
+        torch.cumsum(counts, 0, out=crow[1:])
+        col = torch.div(order, self.sparsity, rounding_mode="floor")
+        with warnings.catch_warnings():  # "sparse CSR support is in beta state"
+            warnings.simplefilter("ignore", UserWarning)
+            mat = torch.sparse_csr_tensor(crow, col, val.reshape(-1)[order], (self.dim, rows),
+                                          check_invariants=False)
+        if self.cache is not None:
+            self.cache[j] = mat
+        return mat
 
     def block(self, j: int) -> torch.Tensor:
         if self.cache is not None and j in self.cache:
@@ -231,8 +287,14 @@ class Projector:
         """Project rows of ``x`` (n, P) to (n, d)."""
         if x.shape[1] != self.n_in:
             raise ValueError(f"expected {self.n_in} columns, got {x.shape[1]}")
-        out = torch.zeros(x.shape[0], self.dim, dtype=torch.float32)
         x = x.float()
+        if self.kind == "sparse":  # (d, rows) CSR @ (rows, n) dense, block by block
+            out_t = torch.zeros(self.dim, x.shape[0], dtype=torch.float32)
+            for j in range(self.n_blocks):
+                r0 = j * self.rows
+                out_t += self.sparse_block_t(j) @ x[:, r0 : r0 + self.rows].T.contiguous()
+            return out_t.T.contiguous()
+        out = torch.zeros(x.shape[0], self.dim, dtype=torch.float32)
         for j in range(self.n_blocks):
             r0 = j * self.rows
             out += x[:, r0 : r0 + self.rows] @ self.block(j)

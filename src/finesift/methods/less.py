@@ -78,7 +78,10 @@ class GradInfluenceOptions:
         batch_size: warm-up training batch size.
         weight_decay: AdamW weight decay.
         proj_dim: d, the projected gradient dimension (default 8192).
-        projection: ``rademacher`` or ``gaussian``.
+        projection: ``rademacher`` (default) or ``gaussian`` (dense, as in LESS), or
+            ``sparse``: a block sparse JL transform with ``sparsity`` nonzeros per input
+            coordinate, far cheaper on CPU (see ``_gradients.Projector``).
+        sparsity: nonzeros per input coordinate of the ``sparse`` projection (default 8).
         chunk_size: examples whose gradients are projected together (and stored as one
             resumable chunk); the projection blocks are generated once per chunk.
         lora_rank, lora_alpha, lora_dropout: the warm-up LoRA adapter.
@@ -98,6 +101,7 @@ class GradInfluenceOptions:
     weight_decay: float = 0.0
     proj_dim: int = 8192
     projection: str = "rademacher"
+    sparsity: int = 8
     chunk_size: int = 32
     lora_rank: int = 16
     lora_alpha: int = 32
@@ -107,8 +111,12 @@ class GradInfluenceOptions:
     def validate(self) -> None:
         if not 0 < self.warmup_fraction <= 1:
             raise OptionError("warmup_fraction must be in (0, 1]")
-        if self.projection not in ("rademacher", "gaussian"):
-            raise OptionError(f"projection must be 'rademacher' or 'gaussian', got {self.projection!r}")
+        if self.projection not in G.PROJECTIONS:
+            raise OptionError(f"projection must be one of {', '.join(G.PROJECTIONS)}, "
+                              f"got {self.projection!r}")
+        if self.projection == "sparse" and (self.sparsity < 1 or self.proj_dim % self.sparsity):
+            raise OptionError(f"projection sparse: proj_dim ({self.proj_dim}) must be a "
+                              f"multiple of sparsity ({self.sparsity})")
         if self.lr_schedule not in ("linear", "constant"):
             raise OptionError("lr_schedule must be 'linear' or 'constant'")
         if min(self.warmup_epochs, self.proj_dim, self.batch_size, self.chunk_size,
@@ -315,7 +323,8 @@ class _GradInfluence(Method):
             work = Path(ctx.workdir) / f"{self.name}-{self._fingerprint(ctx)}"
             work.mkdir(parents=True, exist_ok=True)
         ckpts, info = self._warmup(ctx, model, names, work / "warmup.pt" if work else None)
-        projector = G.Projector(P, o.proj_dim, o.projection, seed=ctx.seed)
+        projector = G.Projector(P, o.proj_dim, o.projection, seed=ctx.seed,
+                                sparsity=o.sparsity)
         groups = subtask_groups(ctx)
         n, K = len(ctx.pool), len(ckpts)
         per_ckpt = np.empty((K, n, len(ctx.target)), dtype=np.float64)
