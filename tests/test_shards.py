@@ -27,7 +27,15 @@ from finesift.api import select
 from finesift.cli import main
 from finesift.errors import OptionError
 from finesift.store import chunks
-from finesift.store.chunks import ChunkStore, ShardSpec, chunk_grid, shard_chunk_ids, shard_rows
+from finesift.store.chunks import (
+    ChunkStore,
+    ShardSpec,
+    chunk_grid,
+    pack_ragged,
+    shard_chunk_ids,
+    shard_rows,
+    unpack_ragged,
+)
 
 TOV = ["--method", "tov", "--precision", "fp32", "-o", "mode=interleaved", "-o", "rounds=2",
        "-o", "base_size=30", "-o", "lr=3e-3", "-o", "chunk_size=8"]
@@ -76,6 +84,11 @@ def test_chunk_store_ignores_damaged_and_partial_files(tmp_path: Path):
     assert store.load(2, (2, 3)) is None
     assert sorted(p.name for p in tmp_path.glob("tov-*-chunk*.npy")) == [
         "tov-abc-chunk000000.npy", "tov-abc-chunk000002.npy"]
+    ragged = [np.array([-0.5, -1.25], dtype=np.float32), np.zeros(0, np.float32),
+              np.array([-3.0], dtype=np.float32)]
+    packed = pack_ragged(ragged)
+    assert [a.tolist() for a in unpack_ragged(packed, 3)] == [a.tolist() for a in ragged]
+    assert unpack_ragged(packed, 2) is None and unpack_ragged(packed[:-1], 3) is None
 
 
 # -- shard runs and merge ------------------------------------------------------------------
@@ -389,3 +402,33 @@ def test_sigkill_during_training_and_scoring_resumes_exactly(kill_data: Path, ti
         assert got[col] == want[col], col  # exactly
     assert (out / "selected.jsonl").read_bytes() == (ref / "selected.jsonl").read_bytes()
     assert len(chunk_files()) == n_chunks
+
+
+def test_single_pass_methods_resume_at_the_chunk(lm_data, tiny_lm_dir: Path, tmp_path: Path,
+                                                monkeypatch):
+    """uncertainty (and perplexity, same pass) save each scored chunk; a killed run rescores
+    only the unfinished chunks and gives the uninterrupted scores exactly."""
+    import finesift.methods.uncertainty as unc
+
+    monkeypatch.setattr(chunks, "DEFAULT_CHUNK", 16)  # 79 examples -> 5 chunks
+    common = {"method": "uncertainty", "model": str(tiny_lm_dir), "precision": "fp32"}
+    ref = select(lm_data.pool, lm_data.target, budget=8, **common)
+    real = unc.token_logprobs
+    calls = []
+
+    def die_on_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as if killed while scoring chunk 3
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(unc, "token_logprobs", die_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        select(lm_data.pool, lm_data.target, budget=8, out=tmp_path / "o", **common)
+    assert len(list((tmp_path / "o" / ".work").glob("logprobs-*-chunk*.npy"))) == 2
+    calls.clear()
+    monkeypatch.setattr(unc, "token_logprobs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    resumed = select(lm_data.pool, lm_data.target, budget=8, out=tmp_path / "o", **common)
+    assert len(calls) == 3  # chunks 3, 4 and 5 only
+    assert np.array_equal(resumed.scores, ref.scores)
+    assert np.array_equal(resumed.columns["loss"], ref.columns["loss"])

@@ -12,15 +12,28 @@ the token and where it finds it unlikely. Higher psi = more uncertain = selected
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from finesift.engine.scoring import token_logprobs
 from finesift.errors import OptionError
-from finesift.methods.base import Method, MethodContext, MethodResult, register
+from finesift.methods.base import (
+    Method,
+    MethodContext,
+    MethodResult,
+    register,
+    run_fingerprint,
+)
 from finesift.store import chunks
-from finesift.store.chunks import chunk_grid, shard_chunk_ids
+from finesift.store.chunks import (
+    ChunkStore,
+    chunk_grid,
+    pack_ragged,
+    shard_chunk_ids,
+    unpack_ragged,
+)
 
 LOGP_MAX = -1e-8
 """log p is clamped to at most this (p <= 1 - 1e-8), keeping log(1 - p) >= -18.4:
@@ -78,9 +91,16 @@ def forward_logprobs(
     (``chunks.DEFAULT_CHUNK`` examples in length order), so a shard run (``ctx.shard``) gives
     exactly the values an unsharded run gives its examples. ``rows`` is ``None`` (every
     pool example, in pool order) or, in a shard run, the shard's sorted pool positions.
+    With ``ctx.workdir`` every finished chunk is saved (atomically), so a killed run
+    resumes at the first unfinished chunk.
     """
     if ctx.model is None:
         raise OptionError(f"{desc} needs the model, but none was loaded")
+    prec = ctx.precision if precision == "run" else precision
+    store = ChunkStore(None)
+    if ctx.workdir is not None:
+        key = run_fingerprint(f"logprobs-v1-{prec}-{ctx.batch_size}", _NoOptions(), ctx)
+        store = ChunkStore(Path(ctx.workdir) / f"logprobs-{key}")
     lengths = np.array([ctx.task.length(e) for e in ctx.pool], dtype=np.int64)
     grid = chunk_grid(lengths, chunks.DEFAULT_CHUNK)
     ids = shard_chunk_ids(len(grid), ctx.shard)
@@ -89,15 +109,19 @@ def forward_logprobs(
     bar = tqdm(total=len(scored), desc=desc, disable=not ctx.progress, leave=False, unit="ex")
     try:
         for c in ids:
-            lps = token_logprobs(
-                ctx.model,
-                ctx.task,
-                [ctx.pool[i] for i in grid[c]],
-                batch_size=ctx.batch_size,
-                precision=ctx.precision if precision == "run" else precision,
-                device=ctx.device,
-                progress=False,
-            )
+            saved = store.load(c, None)
+            lps = unpack_ragged(saved, len(grid[c])) if saved is not None else None
+            if lps is None:
+                lps = token_logprobs(
+                    ctx.model,
+                    ctx.task,
+                    [ctx.pool[i] for i in grid[c]],
+                    batch_size=ctx.batch_size,
+                    precision=prec,
+                    device=ctx.device,
+                    progress=False,
+                )
+                store.save(c, pack_ragged(lps))
             for i, lp in zip(grid[c], lps, strict=True):
                 out[i] = lp
             bar.update(len(grid[c]))
@@ -107,6 +131,11 @@ def forward_logprobs(
         return out, None  # type: ignore[return-value]
     rows = np.sort(scored).astype(np.int64)
     return [out[i] for i in rows], rows  # type: ignore[misc]
+
+
+@dataclass
+class _NoOptions:
+    """The forward pass has no options of its own (the fingerprint tag names them)."""
 
 
 @register

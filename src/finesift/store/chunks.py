@@ -72,6 +72,27 @@ def shard_chunk_ids(n_chunks: int, shard: ShardSpec | None) -> list[int]:
     return [c for c in range(n_chunks) if c % shard.num_shards == shard.index]
 
 
+def pack_ragged(arrays: list[np.ndarray]) -> np.ndarray:
+    """One float32 array holding ragged float32 arrays: their n lengths (exact below
+    2**24), then their values."""
+    counts = np.array([len(a) for a in arrays], dtype=np.float32)
+    values = [np.asarray(a, dtype=np.float32) for a in arrays]
+    return np.concatenate([counts, *values]) if arrays else np.zeros(0, dtype=np.float32)
+
+
+def unpack_ragged(packed: np.ndarray, n: int, dtype: type = np.float32) -> list[np.ndarray] | None:
+    """The ``n`` arrays of :func:`pack_ragged` (``None`` if ``packed`` does not hold n)."""
+    if len(packed) < n:
+        return None
+    counts = packed[:n]
+    if (counts < 0).any() or (counts != np.round(counts)).any():
+        return None
+    counts = counts.astype(np.int64)
+    if int(counts.sum()) != len(packed) - n:
+        return None
+    return [a.astype(dtype) for a in np.split(packed[n:], np.cumsum(counts)[:-1])] if n else []
+
+
 def shard_rows(lengths: np.ndarray | list[int], chunk_size: int, shard: ShardSpec | None) -> np.ndarray:
     """Sorted pool positions a run scores (every position when ``shard`` is ``None``)."""
     grid = chunk_grid(lengths, chunk_size)
@@ -102,8 +123,9 @@ class ChunkStore:
             return None
         return self.prefix.with_name(f"{self.prefix.name}-chunk{chunk:06d}.npy")
 
-    def load(self, chunk: int, shape: tuple[int, ...]) -> np.ndarray | None:
-        """The saved result of ``chunk`` if it exists and has ``shape``, else ``None``."""
+    def load(self, chunk: int, shape: tuple[int, ...] | None) -> np.ndarray | None:
+        """The saved result of ``chunk`` if it exists and has ``shape`` (``None``: any
+        shape), else ``None``."""
         path = self.path(chunk)
         if path is None or not path.exists():
             return None
@@ -111,7 +133,7 @@ class ChunkStore:
             arr = np.load(path, allow_pickle=False)
         except (OSError, ValueError, EOFError):
             return None
-        return arr if arr.shape == tuple(shape) else None
+        return arr if shape is None or arr.shape == tuple(shape) else None
 
     def save(self, chunk: int, values: np.ndarray) -> None:
         """Write ``values`` for ``chunk`` (atomically; no-op without a prefix)."""
