@@ -1,0 +1,96 @@
+"""benchmarks/throughput.py and memory_scale.py stay runnable (tiny model, seconds).
+
+No timing is asserted: the scripts print figures; these tests check that they run, that
+their FLOP count equals torch's own count of the forward pass, and the JSON they write.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def throughput():
+    return _load("throughput")
+
+
+def test_forward_flops_equal_torch_flop_counter(throughput):
+    """2*P*T + attention + the LM head at label positions = what torch counts for the
+    scoring pass (eager attention: full L x L score matrices, so causal=False)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from finesift.engine.scoring import token_logprobs
+    from finesift.engine.tasks import task_for
+
+    model, tok, _ = throughput.load(quick=True)
+    model.set_attn_implementation("eager")
+    dims = throughput.model_dims(model)
+    exs = throughput.make_examples(tok, 6, 24)
+    task = task_for("lm", tok)
+    with FlopCounterMode(display=False) as fc:
+        token_logprobs(model, task, exs, batch_size=3, precision="fp32")
+    counted = fc.get_total_flops()
+    lengths = [len(e) for e in exs]
+    labels = [int(e.n_label_tokens) for e in exs]
+    assert counted == throughput.forward_flops(dims, lengths, labels, causal=False)
+    # the causal count is the smaller one; the head counts label positions only
+    assert throughput.forward_flops(dims, lengths, labels) < counted
+    no_head = throughput.forward_flops(dims, lengths, [0] * len(exs), causal=False)
+    assert counted - no_head == 2 * dims["d_model"] * dims["vocab"] * sum(labels)
+
+
+def test_make_examples_exact_length_and_labels(throughput):
+    _, tok, _ = throughput.load(quick=True)
+    exs = throughput.make_examples(tok, 5, 20)
+    for e in exs:
+        assert len(e.input_ids) == 20 and e.n_label_tokens == 10
+        assert (e.labels[:10] == -100).all()
+        np.testing.assert_array_equal(e.labels[10:], e.input_ids[10:])
+
+
+def test_throughput_quick_runs_and_writes_json(throughput, tmp_path, capsys):
+    out = tmp_path / "t.json"
+    n = torch.get_num_threads()
+    try:
+        assert throughput.main(["--quick", "--threads", "1", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(n)
+    text = capsys.readouterr().out
+    assert "FLOPs = 2*P*T" in text and "| bf16 | 16 |" in text and "| fp32 | 32 |" in text
+    res = json.loads(out.read_text())
+    assert set(res["peaks"]) == {"bf16", "fp32"}
+    assert len(res["rows"]) == 4
+    for r in res["rows"]:
+        assert r["achieved_flops"] > 0 and r["peak_flops"] == res["peaks"][r["precision"]]["flops"]
+        assert r["ratio_to_peak"] == pytest.approx(r["achieved_flops"] / r["peak_flops"])
+        assert r["tokens_per_s"] == pytest.approx(r["examples_per_s"] * r["tokens_per_example"])
+
+
+def test_memory_scale_tiny_runs(tmp_path, monkeypatch):
+    mem = _load("memory_scale")
+    monkeypatch.setenv("FINESIFT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "m.json"
+    assert mem.main(["--model", "tiny", "--sizes", "30", "60", "--threads", "1",
+                     "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["pool_examples"] for r in rows] == [30, 60]
+    for r in rows:
+        assert r["scoring_calls"] >= 1 and r["scored_tokens"] > 10 * r["pool_examples"]
+        assert r["peak_rss_mib"] >= r["scoring_peak_mib"] >= r["rss_before_scoring_mib"] > 0
