@@ -157,7 +157,7 @@ def cmd_select(args: argparse.Namespace) -> int:
     if sharded:
         if not sel.pool:
             _eprint(f"warning: shard {args.shard_index} got no examples: the pool has fewer "
-                    f"chunks than shards (smaller -o chunk_size or fewer shards spread it)")
+                    f"chunks than shards (use fewer shards; tov: or a smaller -o chunk_size)")
         print(f"scored shard {args.shard_index} of {args.num_shards}: {len(sel.pool)} of "
               f"{sel.manifest['shard']['pool_size']} pool examples")
         print(f"wrote {args.out}/scores.parquet, manifest.json "
