@@ -300,6 +300,14 @@ def test_quick_bench_tunes_finetuning_for_random_on_val(tmp_path, write_jsonl):
     messages.clear()
     run_bench(cfg, out=out, quick=True, log=messages.append)
     assert not any("tuning for random:" in m for m in messages)
+    # a report written without running anything keeps the tuning table and the rows
+    (out / "report.md").unlink()
+    again = run_bench(cfg, out=out, quick=True, report_only=True)
+    assert again.n_done == 0 and len(again.rows) == len(result.rows)
+    report = (out / "report.md").read_text()
+    assert "| yes |" in report and "measured time of the finished runs" in report
+    with pytest.raises(ConfigError, match="no benchmark results"):
+        run_bench(cfg, out=tmp_path / "empty", quick=True, report_only=True)
 
 
 def test_config_rejects_a_bad_tune_grid(tmp_path, write_jsonl):

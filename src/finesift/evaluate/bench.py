@@ -50,7 +50,7 @@ from finesift.data.records import Record
 from finesift.errors import FinesiftError, OptionError
 from finesift.evaluate.costs import StageCosts
 from finesift.evaluate.finetune import FinetuneOptions, finetune_and_evaluate, label_names
-from finesift.evaluate.tuning import check_grid, tune_for_random
+from finesift.evaluate.tuning import check_grid, finished_tuning, tune_for_random
 
 CONFIG_KEYS = ("name", "task", "model", "max_length", "pool", "target", "methods", "budgets",
                "seeds", "finetune")
@@ -502,6 +502,7 @@ def run_bench(
     quick: bool = False,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    report_only: bool = False,
 ) -> BenchResult:
     """Run every method x budget x seed of a config (skipping finished runs) and report.
 
@@ -511,6 +512,8 @@ def run_bench(
         quick: a tiny random model and a handful of records (a smoke run).
         progress: show progress bars on stderr.
         log: receives progress messages.
+        report_only: run nothing; write the tables and reports from the finished runs
+            (e.g. while another invocation is still running).
     """
     from finesift.evaluate.report import write_report
     from finesift.select.strategies import parse_budget
@@ -543,7 +546,15 @@ def run_bench(
     labels = label_names(cfg.task, model, [data.pool, data.val, data.test])
     largest = max(budgets, key=lambda b: counts[b])
     tuning = None
-    if cfg.tune:
+    if report_only:
+        setup_path = out_dir / "setup.json"
+        if not setup_path.exists():
+            raise ConfigError(cfg.path, f"--report-only: {out_dir} holds no benchmark results")
+        finetune = FinetuneOptions(**{**finetune.__dict__,
+                                      **json.loads(setup_path.read_text())["finetune"]})
+        if cfg.tune:
+            tuning = finished_tuning(out_dir, cfg.tune, finetune)
+    elif cfg.tune:
         finetune, tuning = tune_for_random(
             cfg.tune, data.pool, data.val, task=cfg.task, model=model, base=finetune,
             k=counts[largest], seed=seeds[0], labels=labels, out=out_dir, progress=progress,
@@ -557,7 +568,7 @@ def run_bench(
 
     from finesift.methods.base import available
 
-    for spec in cfg.methods:
+    for spec in ([] if report_only else cfg.methods):
         per_budget = bool(getattr(available().get(spec.name), "uses_budget", False))
         for seed in seeds:
             todo = [b for b in budgets

@@ -60,6 +60,8 @@ def register_eval_commands(sub: Any) -> None:
     p.add_argument("--quick", action="store_true",
                    help="tiny random model and a handful of records (a CI smoke run)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: write the tables and reports from the finished runs")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("bench-data", help="build the data files of a shipped benchmark suite")
@@ -100,7 +102,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from finesift.evaluate.bench import run_bench
 
     result = run_bench(args.config, out=args.out, quick=args.quick,
-                       progress=not args.no_progress, log=_eprint)
+                       progress=not args.no_progress, log=_eprint,
+                       report_only=args.report_only)
     print(f"{result.n_done} run(s) done ({result.n_skipped} already finished, "
           f"{result.n_failed} failed) in {result.seconds:.0f} s")
     for name in ("results.csv", "results.json", "report.md", "report.html"):

@@ -69,6 +69,26 @@ def cost_table(rows: list[dict[str, Any]], methods: list[str]) -> list[list[str]
     return out
 
 
+def _measured_time(rows: list[dict[str, Any]], tuning: dict[str, Any] | None) -> str:
+    """Wall and CPU time summed over the stages of the finished runs: each selection once
+    (it serves several budgets), every fine-tune and evaluation, and the tuning grid."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    sels = {(r.get("method"), r.get("seed"), r.get("selection_dir")): r for r in ok}.values()
+
+    def total(key: str, rs: Any) -> float:
+        return float(sum(float(r.get(key) or 0.0) for r in rs))
+
+    wall = total("select_seconds", sels) + total("finetune_seconds", ok) + total("eval_seconds", ok)
+    cpu = (total("select_cpu_seconds", sels) + total("finetune_cpu_seconds", ok)
+           + total("eval_cpu_seconds", ok))
+    tune = sum(float(p.get("seconds") or 0.0) for p in (tuning or {}).get("points", []))
+    text = f"{(wall + tune) / 60:.1f} min wall"
+    if cpu:
+        text += f", {cpu / 60:.1f} min CPU (runs only)"
+    return text + (f" (tuning {tune / 60:.1f} min)" if tune else "") + \
+        "; model loading and the untouched model's evaluation not counted"
+
+
 def _md_table(header: list[str], body: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in body]
@@ -300,6 +320,7 @@ def write_report(out: Path, cfg: Any, rows: list[dict[str, Any]], *, budgets: li
         ("val / test", f"{len(data.val)} / {len(data.test)} records"),
         ("seeds", ", ".join(map(str, seeds))),
         ("runs", f"{n_ok} finished, {n_failed} failed"),
+        ("measured time of the finished runs", _measured_time(rows, tuning)),
         ("wall time of this invocation",
          f"{seconds:.0f} s (finished runs from earlier invocations are not redone)"),
         ("untouched model test loss", f"{np.mean(base):.4f}" if base else "-"),

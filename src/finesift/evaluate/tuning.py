@@ -99,3 +99,22 @@ def tune_for_random(
     summary = {"grid": grid, "points": rows, "chosen": best["params"], "subset_size": len(train),
                "seed": seed, "measured_on": "val"}
     return tuned, summary
+
+
+def finished_tuning(out: Path, grid: dict[str, list[Any]], tuned: FinetuneOptions
+                    ) -> dict[str, Any] | None:
+    """The summary of a finished tuning in ``out`` (for reports written without running);
+    ``None`` if ``OUT/tuning.json`` does not hold every grid point."""
+    path = out / "tuning.json"
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    points = saved.get("points", {})
+    rows = [points.get(json.dumps(p, sort_keys=True)) for p in grid_points(grid)]
+    if any(r is None for r in rows):
+        return None
+    best = min(rows, key=lambda r: r["val_loss"])
+    fp = saved.get("fingerprint", {})
+    return {"grid": grid, "points": rows, "chosen": best["params"],
+            "subset_size": len(fp.get("train_ids", [])), "seed": fp.get("seed"),
+            "measured_on": "val"}
