@@ -9,8 +9,11 @@ top-10% / top-5% with full ``less`` and the Spearman correlation of the scores.
 
 The pool is the bundled demo data (GSM8K problems + ShareGPT first turns, as
 ``finesift data build demo``), cut to the ``--pool-size`` shortest encoded examples (half
-from each source) and the ``--n-target`` shortest GSM8K targets, so the default run fits
-in about 20 minutes on 2 CPU cores.
+from each source) and the ``--n-target`` shortest GSM8K targets. The defaults are small
+(40 pool examples, 4 targets, one warm-up checkpoint, proj_dim 512, an 8-example probe set,
+one alignment epoch) because on a 2-core CPU one forward + backward pass of SmolLM2 over a
+128-token example takes seconds; at this size the proxy's construction costs about as much
+as the gradients it saves, which only pays off on larger pools.
 
 Usage::
 
@@ -20,9 +23,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import shutil
+import signal
 import threading
 import time
 from pathlib import Path
@@ -112,16 +117,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="work folder (emptied first)")
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--pool-size", type=int, default=60)
-    ap.add_argument("--n-target", type=int, default=8)
+    ap.add_argument("--pool-size", type=int, default=40)
+    ap.add_argument("--n-target", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=128)
-    ap.add_argument("--warmup-epochs", type=int, default=2)
-    ap.add_argument("--proj-dim", type=int, default=2048)
+    ap.add_argument("--warmup-epochs", type=int, default=1)
+    ap.add_argument("--proj-dim", type=int, default=512)
     ap.add_argument("--chunk-size", type=int, default=64,
                     help="examples projected together (the projection matrix is generated "
                          "once per chunk)")
     ap.add_argument("--rhos", type=float, nargs="+", default=[0.5, 0.8])
-    ap.add_argument("--probe-examples", type=int, default=16)
+    ap.add_argument("--probe-examples", type=int, default=8)
     ap.add_argument("--align-epochs", type=int, default=1)
     ap.add_argument("--tov-val-epochs", type=float, default=2.0)
     ap.add_argument("--methods", nargs="+", default=["less", "iprox", "tracin", "tov"])
@@ -129,6 +134,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    faulthandler.register(signal.SIGUSR1)  # kill -USR1 PID prints where it is
 
     import torch
 

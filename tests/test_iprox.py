@@ -215,6 +215,10 @@ def test_cholesky_whitening_gives_the_eigh_factors(data: Data):
         torch.testing.assert_close(A * sign, Ae, atol=1e-8, rtol=1e-6)
         torch.testing.assert_close(B * sign[:, None], Be, atol=1e-8, rtol=1e-6)
         torch.testing.assert_close(A @ B, Ae @ Be, atol=1e-10, rtol=1e-8)
+        # the float32 path build_proxy takes is close to it
+        A32, B32 = I.ipsvd_factors(layer.weight, covs[name], r, dtype=torch.float32)
+        rel = torch.linalg.norm(A32.double() @ B32.double() - A @ B) / torch.linalg.norm(A @ B)
+        assert rel < 1e-4
 
 
 # -- Stage 2 ---------------------------------------------------------------------------

@@ -474,17 +474,19 @@ def damped_sqrt(c: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Te
     return (U * r) @ U.T, (U / r) @ U.T
 
 
-def damped_cholesky(c: torch.Tensor, damping: float) -> torch.Tensor:
-    """The Cholesky factor L (lower) of ``c + damping * mean_eig(c) I`` (float64); the mean
-    eigenvalue is trace / n."""
-    c = c.double()
+def damped_cholesky(c: torch.Tensor, damping: float,
+                    dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The Cholesky factor L (lower) of ``c + damping * mean_eig(c) I`` (in ``dtype``);
+    the mean eigenvalue is trace / n."""
+    c = c.to(dtype)
     c = 0.5 * (c + c.T)
     lam = damping * max(float(torch.diagonal(c).mean()), 1e-30)
     return torch.linalg.cholesky(c + lam * torch.eye(len(c), dtype=c.dtype))
 
 
 def ipsvd_factors(W: torch.Tensor, cov: Covariances, rank: int, damping: float = 0.01,
-                  roots: dict[int, Any] | None = None, whitening: str = "cholesky"):
+                  roots: dict[int, Any] | None = None, whitening: str = "cholesky",
+                  dtype: torch.dtype = torch.float64):
     """IPSVD: ``(A, B)`` of rank ``rank`` minimising ||S_delta (W - A B) S_h||_F with S the
     damped symmetric square roots of the covariances (float64).
 
@@ -496,16 +498,18 @@ def ipsvd_factors(W: torch.Tensor, cov: Covariances, rank: int, damping: float =
     A = L_d^-T U_d P_r Sigma_r^1/2 = S_d^-1 P_r Sigma_r^1/2: the same factors (up to the
     signs of singular vectors), at a fraction of the cost (no eigendecompositions of the
     up to 1536 x 1536 covariances of SmolLM2's MLP). ``roots`` caches the whitening
-    factors by covariance tensor (layers that share an input share C_h).
+    factors by covariance tensor (layers that share an input share C_h). ``dtype``: the
+    precision of the Cholesky path (:func:`build_proxy` uses float32, twice as fast; the
+    damping bounds the condition number).
     """
     roots = {} if roots is None else roots
     if whitening not in ("cholesky", "eigh"):
         raise OptionError(f"whitening must be 'cholesky' or 'eigh', got {whitening!r}")
     for c in (cov.c_h, cov.c_delta):
         if (id(c), whitening) not in roots:
-            roots[(id(c), whitening)] = (damped_cholesky(c, damping) if whitening == "cholesky"
-                                         else damped_sqrt(c, damping))
-    Wd = W.double()
+            roots[(id(c), whitening)] = (damped_cholesky(c, damping, dtype)
+                                         if whitening == "cholesky" else damped_sqrt(c, damping))
+    Wd = W.double() if whitening == "eigh" else W.to(dtype)
     if whitening == "eigh":
         S_h, S_h_inv = roots[(id(cov.c_h), "eigh")]
         S_d, S_d_inv = roots[(id(cov.c_delta), "eigh")]
@@ -735,7 +739,8 @@ def build_proxy(
         for name, r in ranks.items():
             if (id(covs[name].c_h), "cholesky") not in roots:
                 roots.clear()  # layers sharing an input are consecutive (q/k/v, gate/up)
-            A, B = ipsvd_factors(layers[name].weight, covs[name], r, opts.damping, roots)
+            A, B = ipsvd_factors(layers[name].weight, covs[name], r, opts.damping, roots,
+                                 dtype=torch.float32)
             roots.pop((id(covs[name].c_delta), "cholesky"), None)
             pmods[name].up.weight.copy_(A)
             pmods[name].down.weight.copy_(B)
