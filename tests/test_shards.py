@@ -210,8 +210,11 @@ def test_merge_checks_the_pool_files(tov_runs, lm_data, tmp_path: Path, capsys):
     assert str(lm_data.pool[0]) in err and "changed since the shard runs" in err
 
 
-@pytest.mark.parametrize("method,options", [("perplexity", {"order": "highest"}),
-                                            ("random", {})])
+@pytest.mark.parametrize("method,options", [
+    ("perplexity", {"order": "highest"}),
+    ("random", {}),
+    ("embed", {"embedder": "model", "aggregate": "centroid"}),
+])
 def test_baseline_shards_equal_unsharded(method, options, lm_data, tiny_lm_dir: Path,
                                          tmp_path: Path, monkeypatch):
     monkeypatch.setattr(chunks, "DEFAULT_CHUNK", 8)  # 79 examples -> 10 chunks

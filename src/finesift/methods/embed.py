@@ -41,6 +41,8 @@ from finesift.errors import FinesiftError, OptionError
 from finesift.methods._text import texts_of
 from finesift.methods.base import Method, MethodContext, MethodResult, register
 from finesift.packages import package_path
+from finesift.store import chunks
+from finesift.store.chunks import chunk_grid, shard_chunk_ids
 
 EMBEDDERS = ("minilm", "model")
 AGGREGATES = ("top1", "centroid")
@@ -223,7 +225,9 @@ class Embed(Method):
     description = "cosine similarity of embeddings (MiniLM or the model's own) to the target's"
     needs_model = False  # the instance says True for embedder=model (see __init__)
     Options = EmbedOptions
-    not_shardable_reason = "its embedding pass is not split on the shard grid yet"
+    # e(x) and the target embeddings decide x's score (top1 and centroid alike); the pool
+    # is embedded and scored chunk by chunk on the shard grid
+    shardable = True
 
     def __init__(self, options: EmbedOptions) -> None:
         super().__init__(options)
@@ -232,14 +236,19 @@ class Embed(Method):
         self.needs_model = options.embedder == "model"
 
     def score(self, ctx: MethodContext) -> MethodResult:
+        """Embed the target, then the pool chunk by chunk (the grid of
+        :mod:`finesift.store.chunks`, so a shard run's scores equal an unsharded run's)."""
         opts: EmbedOptions = self.options
         if opts.embedder == "minilm":
             pool_texts = texts_of(ctx.pool_records, len(ctx.pool), "pool", self.name)
             target_texts = texts_of(ctx.target_records, len(ctx.target), "target", self.name)
-            kw = {"max_length": opts.max_length, "batch_size": opts.batch_size,
-                  "progress": ctx.progress}
-            target = minilm_embeddings(target_texts, desc="embedding target", **kw)
-            pool = minilm_embeddings(pool_texts, desc="embedding pool", **kw)
+            kw = {"max_length": opts.max_length, "batch_size": opts.batch_size}
+            target = minilm_embeddings(target_texts, desc="embedding target",
+                                       progress=ctx.progress, **kw)
+
+            def embed_pool(idx: np.ndarray) -> np.ndarray:
+                return minilm_embeddings([pool_texts[i] for i in idx], **kw)
+
             info: dict[str, Any] = {"embedder": "all-MiniLM-L6-v2", "source": str(minilm_dir())}
         else:
             if ctx.model is None:
@@ -247,10 +256,27 @@ class Embed(Method):
                     "embed with embedder=model needs the scoring model, but none was loaded"
                 )
             kw = {"batch_size": ctx.batch_size, "precision": ctx.precision,
-                  "device": ctx.device, "progress": ctx.progress}
+                  "device": ctx.device}
             target = model_embeddings(ctx.model, ctx.task, ctx.target,
-                                      desc="embedding target", **kw)
-            pool = model_embeddings(ctx.model, ctx.task, ctx.pool, desc="embedding pool", **kw)
-            info = {"embedder": "model", "dim": int(pool.shape[1]) if pool.size else 0}
-        scores = similarity_scores(pool, target, opts.aggregate)
-        return MethodResult(scores=scores, info=info)
+                                      desc="embedding target", progress=ctx.progress, **kw)
+
+            def embed_pool(idx: np.ndarray) -> np.ndarray:
+                return model_embeddings(ctx.model, ctx.task, [ctx.pool[i] for i in idx], **kw)
+
+            info = {"embedder": "model", "dim": int(target.shape[1]) if target.size else 0}
+        lengths = [ctx.task.length(e) for e in ctx.pool]
+        grid = chunk_grid(lengths, chunks.DEFAULT_CHUNK)
+        ids = shard_chunk_ids(len(grid), ctx.shard)
+        scores = np.zeros(len(ctx.pool), dtype=np.float64)
+        bar = tqdm(total=sum(len(grid[c]) for c in ids), desc="embedding pool",
+                   disable=not ctx.progress, leave=False, unit="ex")
+        try:
+            for c in ids:
+                scores[grid[c]] = similarity_scores(embed_pool(grid[c]), target, opts.aggregate)
+                bar.update(len(grid[c]))
+        finally:
+            bar.close()
+        if ctx.shard is None:
+            return MethodResult(scores=scores, info=info)
+        rows = np.sort(np.concatenate([grid[c] for c in ids])) if ids else np.zeros(0, np.int64)
+        return MethodResult(scores=scores[rows], info=info, rows=rows.astype(np.int64))
