@@ -327,3 +327,46 @@ def test_cli_proxy_errors_are_clean(lm_data, tmp_path, capsys, argv, msg):
     err = capsys.readouterr().err
     assert code != 0 and msg in err
     assert "Traceback" not in err
+
+
+# -- through select(): manifest, and a BERT token classifier ---------------------------
+
+
+def test_select_with_a_proxy_reports_it_in_the_manifest(lm_data, tiny_lm_dir, tmp_path):
+    import finesift
+
+    budget = len(lm_data.planted)
+    sel = finesift.select(
+        lm_data.pool, lm_data.target, budget=budget, method="less",
+        method_options={**FAST, "proxy": "iprox:0.5,block_size=4,probe_examples=16,align_epochs=1"},
+        model=str(tiny_lm_dir), precision="fp32", batch_size=32, out=tmp_path / "run")
+    info = sel.manifest["method_info"]
+    assert info["proxy"] == "iprox:0.5" and info["proxy_layers_factored"] == 14
+    assert 0 < info["proxy_param_ratio"] < 1
+    assert sel.manifest["method_options"]["proxy"].startswith("iprox:0.5")
+    assert len(set(sel.selected_ids) & lm_data.planted) >= budget * 0.7
+    assert list((tmp_path / "run" / ".work").glob("iprox-*/proxy.pt"))
+
+
+def test_a_bert_token_classifier_gets_a_proxy(tiny_ner_dir, tmp_path, write_jsonl):
+    import finesift
+
+    rng = np.random.default_rng(0)
+    words = ["cat", "dog", "tree", "river", "car", "road", "house", "book", "song", "game"]
+    rows = [{"id": f"p{i}", "tokens": [str(w) for w in rng.choice(words, 5)],
+             "tags": [str(t) for t in rng.choice(["B-PER", "O"], 5)]} for i in range(24)]
+    pool = write_jsonl(tmp_path / "pool.jsonl", rows)
+    target = write_jsonl(tmp_path / "target.jsonl", rows[:6])
+    args = {"budget": 5, "task": "ner", "method": "less", "model": str(tiny_ner_dir),
+            "precision": "fp32"}
+    opts = {**FAST, "lora_dropout": 0.0}
+    plain = finesift.select(pool, target, method_options=opts, **args)
+    same = finesift.select(pool, target, method_options={**opts, "proxy": "iprox:0"}, **args)
+    np.testing.assert_allclose(same.scores, plain.scores, rtol=1e-5, atol=1e-9)
+    prox = finesift.select(
+        pool, target, **args,
+        method_options={**opts, "proxy": "iprox:0.5,block_size=4,probe_examples=8,align_epochs=1"})
+    info = prox.manifest["method_info"]
+    # query, key, value, attention.output.dense, intermediate.dense, output.dense x 2 layers
+    assert info["proxy_layers_factored"] == 12 and info["proxy_param_ratio"] < 1
+    assert np.isfinite(prox.scores).all() and not np.allclose(prox.scores, plain.scores)
