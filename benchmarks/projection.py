@@ -40,7 +40,7 @@ def main() -> None:
     times = []
     for _ in range(args.repeats):
         t = time.perf_counter()
-        y = sparse(x)
+        sparse(x)
         times.append(time.perf_counter() - t)
     first, rest = times[0], min(times[1:]) if len(times) > 1 else times[0]
 
