@@ -34,8 +34,9 @@ Where this differs from the reference code (csr16/IProX):
   rounded up to the block multiple, as in the reference.
 * Covariances: the reference whitens with thin SVDs of the probe matrices, which restricts
   W to the span of at most ``max_probes`` probe tokens, with an absolute ridge of 1e-3.
-  Here the full covariances are eigendecomposed and the damping is relative to the mean
-  eigenvalue (scale-free: the loss scale does not change the result).
+  Here the full covariances are used (no restriction to the probe span) and the damping
+  is relative to the mean eigenvalue (scale-free: the loss scale does not change the
+  result).
 * Probe tokens: the reference samples k tokens per sequence from the non-padding ones and
   caps each layer at ``max_probes`` columns; so does this (``probe_tokens``), seeded.
 * One probe set (``probe_examples`` pool examples) serves both stages; the reference
@@ -51,7 +52,9 @@ Where this differs from the reference code (csr16/IProX):
   step): the warm-up adapter goes on the A and B factors of each factored layer (their
   ``up``/``down`` ``nn.Linear`` modules) and on every kept-full linear. The LoRA
   gradients of a factor are linear images of that factor's gradient, which is what
-  Stage 2 aligns with the full model's.
+  Stage 2 aligns with the full model's. A factored layer then carries two adapters, so
+  the proxy has somewhat more LoRA parameters (and a larger projection input) than the
+  model: rank x (m + n + 2 r) instead of rank x (m + n) per layer.
 """
 
 from __future__ import annotations
@@ -247,6 +250,17 @@ def _set_module(root: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, attr, new)
+
+
+def proxy_tag(model: torch.nn.Module) -> str:
+    """The cache-format version and the model's class, size and config, for the name of a
+    cached proxy (so another model never loads it)."""
+    import hashlib
+
+    cfg = getattr(unwrap(model), "config", None)
+    text = cfg.to_json_string(use_diff=False) if hasattr(cfg, "to_json_string") else ""
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    return f"iprox-v{_CACHE_VERSION}|{type(unwrap(model)).__name__}|{param_count(model)}|{digest}"
 
 
 def param_count(model: torch.nn.Module) -> int:

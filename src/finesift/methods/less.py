@@ -59,7 +59,7 @@ from finesift.methods.base import (
     register,
     run_fingerprint,
 )
-from finesift.methods.iprox import build_proxy, parse_proxy
+from finesift.methods.iprox import build_proxy, parse_proxy, proxy_tag
 
 _STATE_VERSION = 1
 
@@ -300,7 +300,7 @@ class _GradInfluence(Method):
             # a new model: ctx.model is left as it was (bench and api reuse it)
             cache = None
             if ctx.workdir is not None:
-                fp = run_fingerprint(f"iprox-v{_STATE_VERSION}", spec, ctx)
+                fp = run_fingerprint(proxy_tag(ctx.model), spec, ctx)
                 cache = Path(ctx.workdir) / f"iprox-{fp}" / "proxy.pt"
             base, proxy_info = build_proxy(
                 ctx.model, ctx.task, ctx.pool, spec, model_task=ctx.model_task, seed=ctx.seed,
