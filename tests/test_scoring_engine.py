@@ -72,7 +72,7 @@ def test_budget_from_model_grows_with_the_limit(model):
     big = TokenBudget.for_model(model, "64MiB", head_chunk=16)
     h, inter = model.config.hidden_size, model.config.intermediate_size
     assert small.per_token >= 4 * (h + inter)  # at least the residual and MLP
-    assert small.head_bytes == 4 * 3 * VOCAB * 16
+    assert small.head_bytes == 4 * 3 * VOCAB * 16 + 2 * VOCAB * h
     assert big.rows_for(32) > small.rows_for(32) > 1
     assert small.rows_for(8) > small.rows_for(64)
     assert small.batch_bytes(small.rows_for(40), 40) <= small.memory
@@ -156,3 +156,24 @@ def test_cli_batch_size_auto_gives_the_same_scores(lm_data, tiny_lm_dir, tmp_pat
     with pytest.raises(SystemExit):
         main(["select", "--pool", str(lm_data.pool[0]), "--batch-size", "lots"])
     assert "auto:SIZE" in capsys.readouterr().err
+
+
+def test_bf16_pass_casts_weights_once_same_values_and_restores_them(model):
+    """bf16 scoring holds Linear weights in bf16 for the pass (and casts the LM head once
+    per batch): the values equal plain autocast per example, and the fp32 weights come
+    back untouched."""
+    from finesift.engine.precision import autocast
+
+    exs = _examples(12, seed=5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    got = token_logprobs(model, CausalLMTask(0, head_chunk=3), exs, batch_size=1,
+                         precision="bf16")
+    plain = CausalLMTask(0, head_chunk=0)
+    for e, g in zip(exs, got, strict=True):
+        with torch.inference_mode(), autocast("bf16"):
+            ref, _ = plain.label_logprobs(model, plain.collate([e]))
+        np.testing.assert_allclose(g, ref.float().numpy(), rtol=0, atol=1e-6)
+    for n, p in model.named_parameters():
+        assert p.dtype == torch.float32, n
+        assert torch.equal(p, before[n]), n
+    assert not torch.equal(model.lm_head.weight.bfloat16().float(), model.lm_head.weight)

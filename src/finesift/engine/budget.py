@@ -13,7 +13,8 @@ bound): the residual, its normed copy, q, k, v, the attention output, the MLP's 
 and product, plus the final hidden states kept for the LM head. ``per_score`` counts the
 attention scores and their softmax (an eager or math kernel materialises both; a fused
 kernel holds less). ``head_bytes`` is fixed because the causal-LM task runs the LM head on
-at most ``head_chunk`` label positions at a time (logits, their fp32 copy and log-softmax).
+at most ``head_chunk`` label positions at a time (logits, their fp32 copy and log-softmax;
+plus a bf16 copy of the head's weight under autocast).
 
 :class:`TokenBudget` turns a memory limit into the largest ``rows`` for each ``longest``,
 so a batch of short examples holds many more rows than a batch of long ones while peak
@@ -147,7 +148,7 @@ class TokenBudget:
         is_lm = hasattr(base, "get_output_embeddings") and base.get_output_embeddings() is not None
         if is_lm:
             vocab = int(getattr(cfg, "vocab_size", None) or 0)
-            head_bytes = 4 * 3 * vocab * head_chunk
+            head_bytes = 4 * 3 * vocab * head_chunk + 2 * vocab * h  # + a bf16 copy of the head
             out_per_token = 0
         else:  # classifier: logits at every position, tiny
             head_bytes = 0

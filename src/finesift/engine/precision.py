@@ -38,3 +38,32 @@ def autocast(precision: str, device: str = "cpu"):
     if p == "bf16":
         return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def low_precision_weights(model: torch.nn.Module, precision: str, device: str = "cpu"):
+    """While active, hold the weights of ``nn.Linear`` layers in bf16 when ``precision``
+    resolves to bf16 (otherwise do nothing).
+
+    Autocast casts an fp32 weight to bf16 on every call of the layer, i.e. once per batch
+    (and once per LM-head chunk); casting once for a whole scoring pass gives the same
+    values (autocast leaves a bf16 weight as it is). Weights shared with an embedding
+    (a tied LM head) are left alone: the embedding lookup must stay fp32. The fp32
+    tensors are put back on exit, untouched.
+    """
+    if resolve(precision, device) != "bf16":
+        yield
+        return
+    shared = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    saved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+    try:
+        for m in model.modules():
+            w = getattr(m, "weight", None)
+            if (isinstance(m, torch.nn.Linear) and isinstance(w, torch.nn.Parameter)
+                    and w.dtype == torch.float32 and id(w) not in shared):
+                saved.append((w, w.data))
+                w.data = w.data.to(torch.bfloat16)
+        yield
+    finally:
+        for w, data in saved:
+            w.data = data

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from finesift.engine.batching import sorted_batches
 from finesift.engine.budget import MAX_AUTO_ROWS, TokenBudget, parse_batch_size
-from finesift.engine.precision import autocast
+from finesift.engine.precision import autocast, low_precision_weights
 from finesift.engine.tasks import Task
 
 
@@ -66,24 +66,33 @@ def token_logprobs(
         rows, max_tokens, max_rows = MAX_AUTO_ROWS, None, budget.rows_for
     bar = tqdm(total=len(examples), desc=desc, disable=not progress, leave=False, unit="ex")
     try:
-        for idx in sorted_batches(
-            examples, lengths, batch_size=rows, max_tokens=max_tokens, max_rows=max_rows
-        ):
-            batch = _to(task.collate([examples[i] for i in idx]), device)
-            with autocast(precision, device):
-                logp, row = task.label_logprobs(model, batch)
-            logp = logp.float().cpu().numpy()
-            row = row.cpu().numpy()
-            counts = np.bincount(row, minlength=len(idx))
-            parts = np.split(logp, np.cumsum(counts)[:-1])
-            for j, i in enumerate(idx):
-                out[i] = parts[j].astype(np.float32, copy=True)
-            bar.update(len(idx))
+        with low_precision_weights(model, precision, device):
+            _score_batches(model, task, examples, lengths, out, bar, rows=rows,
+                           max_tokens=max_tokens, max_rows=max_rows, precision=precision,
+                           device=device)
     finally:
         bar.close()
         if was_training:
             model.train()
     return out  # type: ignore[return-value]
+
+
+def _score_batches(model, task, examples, lengths, out, bar, *, rows, max_tokens, max_rows,
+                   precision, device) -> None:
+    """Score every batch; store each example's label log-probs at ``out[i]``."""
+    for idx in sorted_batches(
+        examples, lengths, batch_size=rows, max_tokens=max_tokens, max_rows=max_rows
+    ):
+        batch = _to(task.collate([examples[i] for i in idx]), device)
+        with autocast(precision, device):
+            logp, row = task.label_logprobs(model, batch)
+        logp = logp.float().cpu().numpy()
+        row = row.cpu().numpy()
+        counts = np.bincount(row, minlength=len(idx))
+        parts = np.split(logp, np.cumsum(counts)[:-1])
+        for j, i in enumerate(idx):
+            out[i] = parts[j].astype(np.float32, copy=True)
+        bar.update(len(idx))
 
 
 def mean_losses(logprobs: Sequence[np.ndarray]) -> np.ndarray:

@@ -101,8 +101,9 @@ class CausalLMTask(TokenTask):
             del hidden
             tgt = target[sel]
             step = self.head_chunk or max(1, len(h))
+            apply = _cast_once(head, h.device.type)
             parts = [
-                _label_logp(head(h[s : s + step]), tgt[s : s + step])
+                _label_logp(apply(h[s : s + step]), tgt[s : s + step])
                 for s in range(0, len(h), step)
             ]
             logp = torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
@@ -111,6 +112,24 @@ class CausalLMTask(TokenTask):
             logp = _label_logp(out.logits[:, :-1][sel], target[sel])
         row = torch.nonzero(sel, as_tuple=True)[0]
         return logp, row
+
+
+def _cast_once(head: torch.nn.Module, device_type: str):
+    """``head`` as a function; under autocast, a plain ``nn.Linear`` head's weight is cast
+    to the autocast dtype once per batch instead of once per chunk (same values: autocast
+    would cast it identically on every call)."""
+    w = getattr(head, "weight", None)
+    if (
+        type(head) is torch.nn.Linear
+        and head.bias is None
+        and torch.is_autocast_enabled(device_type)
+        and w is not None
+        and w.dtype == torch.float32
+    ):
+        dtype = torch.get_autocast_dtype(device_type)
+        wc = w.to(dtype)
+        return lambda x: F.linear(x.to(dtype), wc)
+    return head
 
 
 def _label_logp(logits: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
