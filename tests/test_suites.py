@@ -39,7 +39,8 @@ def test_instruct_gsm8k_splits_are_disjoint(suite_data: Path) -> None:
     assert len(_ids(suite_data / "sharegpt.jsonl")) > 2000
 
 
-@pytest.mark.parametrize("name", ["instruct-gsm8k", "instruct-gsm8k-absent"])
+@pytest.mark.parametrize("name", ["instruct-gsm8k", "instruct-gsm8k-absent",
+                                  "instruct-gsm8k-harp"])
 def test_shipped_configs_pass_the_overlap_guard(suite_data: Path, tmp_path: Path,
                                                 name: str) -> None:
     cfg_path = tmp_path / f"{name}.yaml"
@@ -49,7 +50,7 @@ def test_shipped_configs_pass_the_overlap_guard(suite_data: Path, tmp_path: Path
     data = prepare_data(cfg, tmp_path / "out")
     assert len(data.test) == 300 and len(data.val) == 64
     sources = {s.name for s in cfg.pool}
-    assert sources == ({"sharegpt", "gsm8k"} if name == "instruct-gsm8k" else {"sharegpt"})
+    assert sources == ({"sharegpt"} if name.endswith("-absent") else {"sharegpt", "gsm8k"})
 
 
 def test_ner_wnut_silver_labels(tmp_path: Path) -> None:
