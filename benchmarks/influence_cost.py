@@ -200,6 +200,7 @@ def main() -> None:
                "trainable_parameters": info.get("trainable_parameters"),
                "align_epoch_losses": info.get("proxy_align_epoch_losses")}
         rows.append(row)
+        (args.out / "results.partial.json").write_text(json.dumps(rows, indent=2))
         print(f"  {label}: {wall:.1f} s wall, {cpu:.1f} s CPU, peak RSS "
               f"{row['peak_rss_mib']:.0f} MiB, stages {row['stages']}", flush=True)
 
