@@ -1,6 +1,7 @@
 """Scoring throughput against this machine's measured matmul peak.
 
     python benchmarks/throughput.py [--quick] [--out FILE.json] [--threads N] [--sweep]
+                                    [--lengths 128 256] [--batch-size auto]
 
 In one run, for each precision (bf16, then fp32), back to back:
 
@@ -196,7 +197,8 @@ def attn_impl(model: Any, impl: str | None):
 
 
 def run(*, quick: bool = False, threads: int | None = None, sweep: bool = False,
-        batch_size: int | str = "auto", log=print) -> dict[str, Any]:
+        batch_size: int | str = "auto", lengths: tuple[int, ...] | None = None,
+        log=print) -> dict[str, Any]:
     """Measure everything; return the JSON-able results (``log`` gets table lines)."""
     from finesift.engine.tasks import task_for
 
@@ -207,8 +209,8 @@ def run(*, quick: bool = False, threads: int | None = None, sweep: bool = False,
     task = task_for("lm", tok)
     dims = model_dims(model)
     sizes = (128, 256) if quick else (2048, 4096)
-    lengths = (16, 32) if quick else (128, 256)
-    n_ex = {16: 32, 32: 16} if quick else {128: 32, 256: 16}
+    lengths = tuple(lengths or ((16, 32) if quick else (128, 256)))
+    n_ex = {L: max(1, (512 if quick else 4096) // L) for L in lengths}  # same tokens per pass
     repeats = 2
     examples = {L: make_examples(tok, n_ex[L], L) for L in lengths}
     res: dict[str, Any] = {
@@ -281,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny random model (smoke test)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--batch-size", default="auto", help="scoring batch size (default auto)")
+    ap.add_argument("--lengths", type=int, nargs="+", default=None,
+                    help="tokens per example (default 128 256; --quick 16 32)")
     ap.add_argument("--sweep", action="store_true",
                     help="also time batch sizes and eager vs sdpa attention")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -289,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    res = run(quick=args.quick, threads=args.threads, sweep=args.sweep, batch_size=bs)
+    res = run(quick=args.quick, threads=args.threads, sweep=args.sweep, batch_size=bs,
+              lengths=args.lengths)
     print(format_table(res))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
