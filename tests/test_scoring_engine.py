@@ -153,9 +153,13 @@ def test_cli_batch_size_auto_gives_the_same_scores(lm_data, tiny_lm_dir, tmp_pat
     assert len(ref["score"]) == len(lm_data.usable)
     for bs, got in cols.items():
         np.testing.assert_allclose(got["score"], ref["score"], rtol=0, atol=1e-5, err_msg=bs)
-    with pytest.raises(SystemExit):
-        main(["select", "--pool", str(lm_data.pool[0]), "--batch-size", "lots"])
-    assert "auto:SIZE" in capsys.readouterr().err
+    capsys.readouterr()
+    rc = main(["select", "--pool", str(lm_data.pool[0]), "--target", str(lm_data.target),
+               "--out", str(tmp_path / "bad"), "--model", str(tiny_lm_dir), "--budget", "5",
+               "--batch-size", "lots"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("finesift: error: ") and "auto:SIZE" in err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_bf16_pass_casts_weights_once_same_values_and_restores_them(model):

@@ -17,15 +17,10 @@ from finesift.errors import FinesiftError
 
 
 def _batch_size(value: str) -> int | str:
-    """argparse type of --batch-size: a positive int, 'auto' or 'auto:SIZE'."""
-    from finesift.engine.budget import parse_batch_size
-    from finesift.errors import OptionError
-
-    try:
-        rows, _ = parse_batch_size(value)
-    except OptionError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return rows if rows is not None else value.strip().lower()
+    """argparse type of --batch-size: digits become an int; anything else ('auto',
+    'auto:4GiB', or a mistake) goes to select(), which checks it (exit 2, one clear line)."""
+    value = value.strip()
+    return int(value) if value.isdigit() else value.lower()
 
 
 def _parse_options(pairs: list[str] | None) -> dict[str, Any]:
