@@ -288,9 +288,10 @@ def write_report(out: Path, cfg: Any, rows: list[dict[str, Any]], *, budgets: li
         keys = sorted(tuning["grid"])
         tune_header = [*keys, "val loss", "val F1", "seconds", "chosen"]
         for p in tuning["points"]:
-            f1 = p.get("val_f1")
+            val_f1 = p.get("val_f1")
             tune_rows.append([str(p["params"][k]) for k in keys] + [
-                f"{p['val_loss']:.4f}", "-" if f1 is None else f"{f1:.3f}", str(p["seconds"]),
+                f"{p['val_loss']:.4f}", "-" if val_f1 is None else f"{val_f1:.3f}",
+                str(p["seconds"]),
                 "yes" if p["params"] == tuning["chosen"] else ""])
         tune_note = (f"Tuned once for random selection: each grid point fine-tuned on "
                      f"{tuning['subset_size']} uniformly random pool examples (seed "
