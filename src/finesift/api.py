@@ -18,7 +18,7 @@ import numpy as np
 from finesift.data.records import Example, Record
 from finesift.errors import InputError, OptionError
 from finesift.methods.base import MethodContext, get_method
-from finesift.select.strategies import STRATEGIES, parse_budget, select_indices
+from finesift.select.strategies import STRATEGIES, parse_budget, score_table, select_indices
 from finesift.store import (
     Stopwatch,
     file_fingerprint,
@@ -319,19 +319,10 @@ def select(
                 seed=seed
             )
     selected = [enc_pool.records[i] for i in chosen]
-    rank = np.full(len(scores), -1, dtype=np.int64)
-    rank[chosen] = np.arange(len(chosen))
-    columns: dict[str, Any] = {
-        "id": [r.id for r in enc_pool.records],
-        "source": [r.source for r in enc_pool.records],
-        "row": np.array([r.row for r in enc_pool.records], dtype=np.int64),
-        "score": scores,
-        "n_label_tokens": n_label,
-        "n_tokens": np.array([len(e) for e in enc_pool.examples], dtype=np.int64),
-        "truncated": np.array([e.truncated for e in enc_pool.examples], dtype=bool),
-        "selected": rank >= 0,
-        "selection_rank": rank,
-    }
+    columns: dict[str, Any] = score_table(
+        [r.id for r in enc_pool.records], [r.source for r in enc_pool.records],
+        [r.row for r in enc_pool.records], scores, n_label,
+        [len(e) for e in enc_pool.examples], [e.truncated for e in enc_pool.examples], chosen)
     if result.base_set is not None:
         in_base = np.zeros(len(scores), dtype=bool)
         in_base[result.base_set] = True

@@ -207,7 +207,7 @@ def merge(
 
     from finesift.api import Selection
     from finesift.data.readers import load_records
-    from finesift.select.strategies import STRATEGIES, parse_budget, select_indices
+    from finesift.select.strategies import STRATEGIES, parse_budget, score_table, select_indices
 
     log = log or (lambda msg: None)
     t_start = time.perf_counter()
@@ -311,20 +311,10 @@ def merge(
         chosen = select_indices(scores, k, strategy=strategy, lengths=n_label,
                                 base_set=base_set, seed=int(run["seed"]))
     selected = [pool[i] for i in chosen]
-    rank = np.full(n_pool, -1, dtype=np.int64)
-    rank[chosen] = np.arange(len(chosen))
     # the column order of an unsharded run's scores.parquet
-    columns: dict[str, Any] = {
-        "id": merged["id"],
-        "source": merged["source"],
-        "row": np.asarray(merged["row"], dtype=np.int64),
-        "score": scores,
-        "n_label_tokens": n_label,
-        "n_tokens": np.asarray(merged["n_tokens"], dtype=np.int64),
-        "truncated": np.asarray(merged["truncated"], dtype=bool),
-        "selected": rank >= 0,
-        "selection_rank": rank,
-    }
+    columns: dict[str, Any] = score_table(
+        merged["id"], merged["source"], merged["row"], scores, n_label, merged["n_tokens"],
+        merged["truncated"], chosen)
     for c in names:
         if c not in columns:
             columns[c] = np.asarray(merged[c])

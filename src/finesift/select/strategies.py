@@ -129,3 +129,23 @@ def select_indices(
         rand = rng.choice(remaining, size=k - k_score, replace=False)
         return np.concatenate([scored, np.sort(rand)])
     raise OptionError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+
+
+def score_table(ids, sources, rows, scores, n_label_tokens, n_tokens, truncated,
+                chosen) -> dict:
+    """The leading columns of ``scores.parquet``: one row per pool example, with whether
+    and in which order it was selected (``selection_rank`` -1 where not)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    rank = np.full(len(scores), -1, dtype=np.int64)
+    rank[np.asarray(chosen, dtype=np.int64)] = np.arange(len(chosen))
+    return {
+        "id": list(ids),
+        "source": list(sources),
+        "row": np.asarray(rows, dtype=np.int64),
+        "score": scores,
+        "n_label_tokens": np.asarray(n_label_tokens, dtype=np.int64),
+        "n_tokens": np.asarray(n_tokens, dtype=np.int64),
+        "truncated": np.asarray(truncated, dtype=bool),
+        "selected": rank >= 0,
+        "selection_rank": rank,
+    }
