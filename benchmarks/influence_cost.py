@@ -122,6 +122,9 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--warmup-epochs", type=int, default=1)
     ap.add_argument("--proj-dim", type=int, default=512)
+    ap.add_argument("--projection", default="rademacher",
+                    help="less/tracin projection: rademacher (the LESS default), gaussian or "
+                         "sparse")
     ap.add_argument("--chunk-size", type=int, default=64,
                     help="examples projected together (the projection matrix is generated "
                          "once per chunk)")
@@ -156,7 +159,7 @@ def main() -> None:
           f"max_length {args.max_length}; torch threads {args.threads}; "
           f"setup {time.perf_counter() - t0:.1f} s", flush=True)
     grad_opts = {"warmup_epochs": args.warmup_epochs, "proj_dim": args.proj_dim,
-                 "chunk_size": args.chunk_size}
+                 "chunk_size": args.chunk_size, "projection": args.projection}
     proxy_tail = f",probe_examples={args.probe_examples},align_epochs={args.align_epochs}"
     runs: list[tuple[str, str, dict[str, Any]]] = []
     if "less" in args.methods:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from finesift.cli import main
+from finesift.errors import OptionError
 from finesift.evaluate.finetune import (
     FinetuneOptions,
     em_candidates,
@@ -110,6 +111,26 @@ def test_finetune_uses_a_fresh_model_each_time(seq_files, tiny_lm_dir: Path) -> 
     assert a.test_loss == pytest.approx(b.test_loss, rel=1e-6)
     base_only = finetune_and_evaluate(None, test, model=str(tiny_lm_dir), options=opts)
     assert base_only.test_loss == a.base_test_loss and base_only.n_train == 0
+
+
+def test_fixed_steps_train_small_subsets_as_long_as_large_ones(seq_files, tiny_lm_dir: Path) -> None:
+    """``steps`` fixes the optimiser steps whatever the subset size: 5 examples at batch 2
+    cycle for 7 steps, the same count as 14 examples, and epochs is ignored."""
+    train, test = (read_records(p, r) for p, r in zip(seq_files, ("train", "test"), strict=True))
+    opts = FinetuneOptions(steps=7, epochs=1, lr=1e-2, lora_rank=4, batch_size=2,
+                           precision="fp32", max_length=64)
+    small = finetune_and_evaluate(train[:5], test, model=str(tiny_lm_dir), options=opts)
+    large = finetune_and_evaluate(train[:14], test, model=str(tiny_lm_dir), options=opts)
+    assert small.info["finetune"]["steps"] == 7 and large.info["finetune"]["steps"] == 7
+    by_epochs = finetune_and_evaluate(train[:5], test, model=str(tiny_lm_dir),
+                                      options=FinetuneOptions(**{**opts.__dict__, "steps": None}))
+    assert by_epochs.info["finetune"]["steps"] == 3  # ceil(5 / 2)
+    assert small.test_loss != by_epochs.test_loss
+    assert small.to_dict()["finetune"].get("epochs") is None
+    with pytest.raises(OptionError, match="steps"):
+        FinetuneOptions(steps=0).validate()
+    assert "steps" not in FinetuneOptions().setup_fields()
+    assert FinetuneOptions(steps=3).setup_fields()["steps"] == 3
 
 
 def test_ner_finetune_raises_f1_and_lowers_loss(tmp_path, tiny_ner_dir: Path, write_jsonl) -> None:

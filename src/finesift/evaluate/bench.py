@@ -623,7 +623,7 @@ def check_same_setup(out: Path, cfg: BenchConfig, model: str | None,
         "task": cfg.task, "model": "tiny random (--quick)" if quick else str(model),
         "max_length": cfg.max_length,
         "strategy": cfg.strategy, "quick": quick,
-        "finetune": {k: v for k, v in finetune.__dict__.items() if k != "seed"},
+        "finetune": finetune.setup_fields(),
         "data": {p.name: file_fingerprint(p)["sha256"]
                  for p in [*data.pool_files, data.val_file, data.test_file]},
     }

@@ -22,6 +22,9 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
 
     d = FinetuneOptions()
     p.add_argument("--epochs", type=float, default=d.epochs, help=f"default {d.epochs:g}")
+    p.add_argument("--steps", type=int, default=None,
+                   help="train for exactly this many optimiser steps, cycling over the "
+                        "subset (overrides --epochs)")
     p.add_argument("--lr", type=float, default=d.lr, help=f"default {d.lr:g}")
     p.add_argument("--lora-rank", type=int, default=d.lora_rank,
                    help=f"LoRA rank (alpha = 2 x rank); default {d.lora_rank}")
@@ -78,8 +81,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from finesift.evaluate.overlap import check_no_overlap
     from finesift.store import write_json
 
-    opts = FinetuneOptions(epochs=args.epochs, lr=args.lr, lora_rank=args.lora_rank,
-                           batch_size=args.batch_size, seed=args.seed, max_length=args.max_length,
+    opts = FinetuneOptions(epochs=args.epochs, steps=args.steps, lr=args.lr,
+                           lora_rank=args.lora_rank, batch_size=args.batch_size, seed=args.seed, max_length=args.max_length,
                            precision=args.precision, em_samples=args.em_samples)
     opts.validate()
     train = read_records(args.train, "train")

@@ -34,6 +34,10 @@ class FinetuneOptions:
 
     Attributes:
         epochs: passes over the training subset (default 1).
+        steps: if set, train for exactly this many optimiser steps instead, cycling over
+            the subset as often as needed (``epochs`` is then ignored). Subsets of different
+            sizes then get the same amount of training, which is fairer to methods that
+            select fewer examples than the budget (HARP).
         lr: AdamW learning rate (default 2e-4).
         lora_rank: LoRA rank r; alpha = 2 r, dropout 0.05, all linear layers (default 16).
         batch_size: examples per optimiser step (default 8).
@@ -48,6 +52,7 @@ class FinetuneOptions:
     """
 
     epochs: float = 1.0
+    steps: int | None = None
     lr: float = 2e-4
     lora_rank: int = 16
     batch_size: int = 8
@@ -64,6 +69,9 @@ class FinetuneOptions:
             raise OptionError(f"epochs must be positive, got {self.epochs!r}")
         if not self.lr > 0:
             raise OptionError(f"lr must be positive, got {self.lr!r}")
+        if self.steps is not None and (isinstance(self.steps, bool)
+                                       or not isinstance(self.steps, int) or self.steps < 1):
+            raise OptionError(f"steps must be a positive integer, got {self.steps!r}")
         for name in ("lora_rank", "batch_size", "eval_batch_size", "max_new_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -76,10 +84,17 @@ class FinetuneOptions:
         if self.precision not in ("auto", "bf16", "fp32"):
             raise OptionError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
 
+    def setup_fields(self) -> dict[str, Any]:
+        """Every field but the seed, for resume fingerprints (``steps`` only when set, so
+        folders written before it existed still resume)."""
+        return {k: v for k, v in self.__dict__.items()
+                if k != "seed" and not (k == "steps" and v is None)}
+
     def hyperparameters(self) -> dict[str, Any]:
         """The training hyperparameters as stated in reports."""
         return {
-            "epochs": self.epochs, "lr": self.lr, "lora_rank": self.lora_rank,
+            **({"steps": self.steps} if self.steps is not None else {"epochs": self.epochs}),
+            "lr": self.lr, "lora_rank": self.lora_rank,
             "lora_alpha": 2 * self.lora_rank, "lora_dropout": 0.05,
             "lora_targets": "all-linear", "optimizer": "adamw", "batch_size": self.batch_size,
             "max_length": self.max_length, "precision": self.precision,
@@ -412,14 +427,18 @@ def finetune_and_evaluate(
             costs=costs.to_dict(), info={"task": task, "model": bundle.info,
                                          "test_encoding": test_rep},
         )
-    log(f"fine-tuning on {len(train_ex)} examples ({opts.epochs:g} epoch(s), lr {opts.lr:g}, "
+    train_opts = TrainOptions(lr=opts.lr, epochs=opts.epochs, batch_size=opts.batch_size)
+    if opts.steps is not None:
+        per_epoch = -(-len(train_ex) // opts.batch_size)
+        train_opts.epochs = opts.steps / per_epoch
+        train_opts.max_steps = opts.steps
+    length = (f"{opts.steps} steps" if opts.steps is not None else f"{opts.epochs:g} epoch(s)")
+    log(f"fine-tuning on {len(train_ex)} examples ({length}, lr {opts.lr:g}, "
         f"rank {opts.lora_rank}) ...")
     with costs.stage("finetune"):
         net = add_lora(net, task, LoraOptions(rank=opts.lora_rank, alpha=2 * opts.lora_rank),
                        seed=opts.seed)
-        stats = train(net, task_obj, train_ex,
-                      TrainOptions(lr=opts.lr, epochs=opts.epochs, batch_size=opts.batch_size),
-                      seed=opts.seed, precision=opts.precision, progress=progress,
+        stats = train(net, task_obj, train_ex, train_opts, seed=opts.seed, precision=opts.precision, progress=progress,
                       desc="fine-tuning")
     with costs.stage("eval"):
         losses = example_losses(net, task_obj, test_ex, desc="test", **measure)

@@ -4,7 +4,7 @@ The ToV paper fixes one set of fine-tuning hyperparameters per benchmark, tuned 
 random selection, and uses it for every method. A config may list a grid:
 
 ```yaml
-tune: {lr: [1.0e-4, 2.0e-4, 5.0e-4], epochs: [1, 2]}
+tune: {lr: [1.0e-4, 2.0e-4, 5.0e-4], epochs: [1, 2]}   # or steps: [50, 100]
 ```
 
 Each grid point fine-tunes a fresh model on one uniformly random subset of the pool (the
@@ -28,7 +28,7 @@ import numpy as np
 from finesift.errors import OptionError
 from finesift.evaluate.finetune import FinetuneOptions, finetune_and_evaluate
 
-TUNABLE = ("lr", "epochs", "lora_rank", "batch_size")
+TUNABLE = ("lr", "epochs", "steps", "lora_rank", "batch_size")
 
 
 def check_grid(grid: Any) -> dict[str, list[Any]]:
@@ -77,7 +77,7 @@ def tune_for_random(
     train = [pool[i] for i in idx]
     path = out / "tuning.json"
     saved = json.loads(path.read_text()) if path.exists() else {}
-    fingerprint = {"grid": grid, "base": {k_: v for k_, v in base.__dict__.items() if k_ != "seed"},
+    fingerprint = {"grid": grid, "base": base.setup_fields(),
                    "k": k, "seed": seed, "train_ids": [r.id for r in train]}
     fingerprint = json.loads(json.dumps(fingerprint, default=str))
     points = saved.get("points", {}) if saved.get("fingerprint") == fingerprint else {}
