@@ -16,6 +16,7 @@ import finesift
 from finesift.errors import InputError, OptionError
 from finesift.models import loader
 from finesift.select.strategies import select_indices
+from finesift.store.manifest import reset_peak_rss
 
 # lr high enough for a random 2-layer model to learn the target within a few steps
 TOV = {"lr": 3e-3, "eps": 0.5, "val_epochs": 3}
@@ -114,7 +115,7 @@ def test_tov_end_to_end_outputs(lm_data, tiny_lm_dir: Path, tmp_path: Path, opti
     assert man["finesift_version"] == finesift.__version__
     assert set(man["stages"]) == {"read", "load_model", "encode", "score", "select"}
     for stage in man["stages"].values():
-        assert stage["seconds"] >= 0 and stage["peak_rss_mb_so_far"] > 0
+        assert stage["seconds"] >= 0 and stage["peak_rss_mb"] > 0 and stage["cpu_seconds"] >= 0
     assert man["peak_rss_mb"] > 0 and man["wall_seconds"] > 0
     assert man["selected"]["count"] == BUDGET
     assert sum(man["selected"]["by_source"].values()) == BUDGET
@@ -346,3 +347,24 @@ def test_finesift_select_stays_callable_after_the_first_call() -> None:
 
     assert callable(finesift.select)
     assert finesift.select.__module__ == "finesift"
+
+
+@pytest.mark.skipif(not reset_peak_rss(),
+                    reason="the OS does not let the peak-RSS mark be reset")
+def test_stopwatch_peaks_are_per_stage_and_nest() -> None:
+    """Each stage reports its own peak memory; an enclosing stage keeps the peak of the
+    stages inside it (they reset the process's mark) and CPU seconds are recorded."""
+    from finesift.store import Stopwatch
+
+    outer, inner = Stopwatch(), Stopwatch()
+    with outer.stage("select"):
+        with inner.stage("big"):
+            block = np.ones(400 * 2**20 // 8)  # 400 MiB, touched
+            del block
+        with inner.stage("small"):
+            sum(range(10_000))
+    big, small = inner.stages["big"]["peak_rss_mb"], inner.stages["small"]["peak_rss_mb"]
+    assert big > small + 300, (big, small)
+    assert outer.stages["select"]["peak_rss_mb"] >= big
+    for rec in (*inner.stages.values(), *outer.stages.values()):
+        assert rec["seconds"] >= 0 and rec["cpu_seconds"] >= 0

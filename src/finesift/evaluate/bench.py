@@ -48,9 +48,9 @@ import numpy as np
 
 from finesift.data.records import Record
 from finesift.errors import FinesiftError, OptionError
-from finesift.evaluate.costs import StageCosts
 from finesift.evaluate.finetune import FinetuneOptions, finetune_and_evaluate, label_names
 from finesift.evaluate.tuning import check_grid, finished_tuning, tune_for_random
+from finesift.store import Stopwatch
 
 CONFIG_KEYS = ("name", "task", "model", "max_length", "pool", "target", "methods", "budgets",
                "seeds", "finetune")
@@ -434,7 +434,7 @@ def _selection(cfg: BenchConfig, data: BenchData, spec: MethodSpec, seed: int, b
     if done.exists() and (sel_dir / "scores.parquet").exists():
         cost = {**json.loads(done.read_text()), "dir": sel_dir.name}
         return pq.read_table(sel_dir / "scores.parquet").to_pydict(), cost
-    costs = StageCosts()
+    costs = Stopwatch()
     log(f"[{cfg.name}] scoring the pool with {spec.label}, seed {seed} ...")
     with costs.stage("select"):
         sel = select(

@@ -25,7 +25,7 @@ import numpy as np
 
 from finesift.data.records import Example, Record
 from finesift.errors import InputError, OptionError
-from finesift.evaluate.costs import StageCosts
+from finesift.store import Stopwatch
 
 
 @dataclass
@@ -385,7 +385,7 @@ def finetune_and_evaluate(
         measure_base = True
     if not test_records:
         raise OptionError("no test records to evaluate on")
-    costs = StageCosts()
+    costs = Stopwatch()
     t_start = time.perf_counter()
     if task == "ner" and labels is None:
         labels = label_names(task, model, [train_records, test_records])
