@@ -170,7 +170,7 @@ def adam_direction(
     return m_hat / (v_hat.sqrt() + eps)
 
 
-_SHIFTS = torch.arange(32, dtype=torch.int64)
+_SHIFTS = torch.arange(8, dtype=torch.uint8)
 
 
 def _block_seed(seed: int, block: int) -> int:
@@ -269,11 +269,10 @@ class Projector:
         rows = min(self.rows, self.n_in - r0)
         gen = torch.Generator().manual_seed(_block_seed(self.seed, j))
         if self.kind == "rademacher":
-            # 32 random signs per draw: unpack the bits of uniform 32-bit integers
-            # (3x faster than one draw per entry)
+            # 8 random signs per draw: unpack the bits of uniform random bytes, in uint8
+            # (6x faster than unpacking 32-bit draws in int64, which moved 8 bytes per sign)
             count = rows * self.dim
-            r = torch.randint(0, 1 << 32, ((count + 31) // 32,), generator=gen,
-                              dtype=torch.int64)
+            r = torch.randint(0, 256, ((count + 7) // 8,), generator=gen, dtype=torch.uint8)
             bits = ((r[:, None] >> _SHIFTS) & 1).reshape(-1)[:count].reshape(rows, self.dim)
             scale = 1.0 / math.sqrt(self.dim)
             R = bits.float().mul_(2 * scale).sub_(scale)
