@@ -1,7 +1,8 @@
 """Shard runs, ``finesift merge`` and kill -9 resume.
 
 * shards cover the pool exactly once, and merged scores equal an unsharded run's bit for
-  bit (tov, whose interleaved base set is drawn from the whole pool; perplexity; random);
+  bit (tov, whose interleaved base set is drawn from the whole pool; perplexity; random;
+  less and tracin, whose warm-up subset is drawn from the whole pool);
 * merge names the folder that is missing, doubled, from another run or not a shard;
 * methods whose scores need the whole pool refuse to shard;
 * a real ``finesift select --method tov`` process killed with SIGKILL (during training,
@@ -214,6 +215,10 @@ def test_merge_checks_the_pool_files(tov_runs, lm_data, tmp_path: Path, capsys):
     ("perplexity", {"order": "highest"}),
     ("random", {}),
     ("embed", {"embedder": "model", "aggregate": "centroid"}),
+    ("less", {"lr": 3e-3, "proj_dim": 64, "warmup_fraction": 0.1, "warmup_epochs": 2,
+              "chunk_size": 8}),
+    ("tracin", {"lr": 3e-3, "proj_dim": 64, "warmup_fraction": 0.1, "warmup_epochs": 1,
+                "chunk_size": 8, "projection": "sparse"}),
 ])
 def test_baseline_shards_equal_unsharded(method, options, lm_data, tiny_lm_dir: Path,
                                          tmp_path: Path, monkeypatch):

@@ -25,9 +25,15 @@ With ``proxy="iprox:RHO"`` everything above runs on an IProX proxy of the model
 (:mod:`finesift.methods.iprox`, built before the LoRA adapter is added; cached in the
 work folder), and the proxy's parameter counts and stage timings join the manifest.
 
-With a work folder, the warm-up checkpoints and every gradient feature are kept on disk
-(memory-mapped ``.npy`` per checkpoint and split, written chunk by chunk, each chunk
-marked done once flushed), so a killed run resumes from the last finished chunk.
+The pool is cut into chunks of ``chunk_size`` examples on the length-sorted grid of
+:mod:`finesift.store.chunks` (tight batches; a chunk's features are the same whichever
+run computes them), so ``--num-shards N --shard-index I`` scores only shard I's chunks:
+each shard run trains the same warm-up adapter (or loads it from a shared work folder)
+and computes the target's features itself, and ``finesift merge`` gives the scores of an
+unsharded run. With a work folder, the warm-up checkpoints and every gradient feature are
+kept on disk (one atomic file per checkpoint and pool chunk; the target's features as a
+memory-mapped ``.npy`` per checkpoint, each chunk marked done once flushed), so a killed
+run resumes from the last finished chunk.
 """
 
 from __future__ import annotations
@@ -60,8 +66,9 @@ from finesift.methods.base import (
     run_fingerprint,
 )
 from finesift.methods.iprox import build_proxy, parse_proxy, proxy_tag
+from finesift.store.chunks import ChunkStore, chunk_grid, shard_chunk_ids
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: pool features per chunk of the length-sorted grid
 
 
 @dataclass
@@ -166,6 +173,9 @@ def subtask_groups(ctx: MethodContext) -> np.ndarray:
 class _GradInfluence(Method):
     Options = GradInfluenceOptions
     needs_model = True
+    # the score of x depends on x, the warm-up checkpoints (trained on a seeded subset of
+    # the whole pool, the same in every shard run) and the target only
+    shardable = True
     adam: bool
     normalize: bool
 
@@ -236,13 +246,57 @@ class _GradInfluence(Method):
         return ckpts, info
 
     # -- features ------------------------------------------------------------------
-    def _features(self, ctx, model, params, ckpt: Checkpoint, examples, *, adam: bool,
-                  projector: G.Projector, store: Path | None, bar) -> np.ndarray:
-        """Projected (and for ``less`` normalised) gradient features, (n, d) float32,
+    def _chunk_features(self, ctx, model, params, ckpt: Checkpoint, examples, *,
+                        adam: bool, projector: G.Projector) -> np.ndarray:
+        """Projected (and for ``less`` normalised) gradient features of ``examples``,
+        (n, d) float32, computed together (one chunk)."""
+        names = [name for name, _, _ in params]
+        t_grad = time.perf_counter()
+        flat, _ = G.batched_grads(model, ctx.task, examples, params,
+                                  batch_size=ctx.batch_size, device=ctx.device)
+        if adam:
+            off = 0
+            for name in names:  # in place, one parameter at a time
+                size = ckpt.exp_avg[name].numel()
+                flat[:, off : off + size] = G.adam_direction(
+                    flat[:, off : off + size], ckpt.exp_avg[name].reshape(1, -1).float(),
+                    ckpt.exp_avg_sq[name].reshape(1, -1).float(), ckpt.step[name],
+                    ckpt.betas, ckpt.eps)
+                off += size
+        t_proj = time.perf_counter()
+        self._timing["seconds_per_example_grads"] += t_proj - t_grad
+        proj = _project_chunk(projector, flat)
+        self._timing["seconds_projection"] += time.perf_counter() - t_proj
+        if self.normalize:
+            proj = proj / proj.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return G.as_numpy(proj).astype(np.float32, copy=False)
+
+    def _pool_features(self, ctx, model, params, ckpt: Checkpoint, grid, ids, rows, *,
+                       projector: G.Projector, store: ChunkStore, bar) -> np.ndarray:
+        """Features of the pool positions ``rows`` (the chunks ``ids`` of ``grid``),
+        (len(rows), d); finished chunks are read back from ``store``."""
+        d = self.options.proj_dim
+        col = np.full(len(ctx.pool), -1, dtype=np.int64)
+        col[rows] = np.arange(len(rows))
+        feats = np.empty((len(rows), d), dtype=np.float32)
+        for c in ids:
+            vals = store.load(c, (len(grid[c]), d))
+            if vals is None:
+                vals = self._chunk_features(ctx, model, params, ckpt,
+                                            [ctx.pool[i] for i in grid[c]], adam=self.adam,
+                                            projector=projector)
+                store.save(c, vals)
+            feats[col[grid[c]]] = vals
+            bar.update(len(grid[c]))
+        return feats
+
+    def _target_features(self, ctx, model, params, ckpt: Checkpoint, *,
+                         projector: G.Projector, store: Path | None, bar) -> np.ndarray:
+        """The target's features, (m, d) float32, in chunks of ``chunk_size``,
         memory-mapped from ``store`` when given; finished chunks are skipped."""
         o = self.options
+        examples = ctx.target
         n, d = len(examples), o.proj_dim
-        names = [name for name, _, _ in params]
         if store is None:
             feats = np.empty((n, d), dtype=np.float32)
             done = np.zeros(0, dtype=bool)
@@ -256,29 +310,11 @@ class _GradInfluence(Method):
                 done = np.zeros((n + o.chunk_size - 1) // o.chunk_size, dtype=bool)
         for c, s0 in enumerate(range(0, n, o.chunk_size)):
             idx = list(range(s0, min(n, s0 + o.chunk_size)))
-            if store is not None and done[c]:
-                bar.update(len(idx))
-                continue
-            t_grad = time.perf_counter()
-            flat, _ = G.batched_grads(model, ctx.task, [examples[i] for i in idx], params,
-                                      batch_size=ctx.batch_size, device=ctx.device)
-            if adam:
-                off = 0
-                for name in names:  # in place, one parameter at a time
-                    size = ckpt.exp_avg[name].numel()
-                    flat[:, off : off + size] = G.adam_direction(
-                        flat[:, off : off + size], ckpt.exp_avg[name].reshape(1, -1).float(),
-                        ckpt.exp_avg_sq[name].reshape(1, -1).float(), ckpt.step[name],
-                        ckpt.betas, ckpt.eps)
-                    off += size
-            t_proj = time.perf_counter()
-            self._timing["seconds_per_example_grads"] += t_proj - t_grad
-            proj = _project_chunk(projector, flat)
-            self._timing["seconds_projection"] += time.perf_counter() - t_proj
-            if self.normalize:
-                proj = proj / proj.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            feats[s0 : s0 + len(idx)] = G.as_numpy(proj)
-            if store is not None:
+            if store is None or not done[c]:
+                feats[s0 : s0 + len(idx)] = self._chunk_features(
+                    ctx, model, params, ckpt, [examples[i] for i in idx], adam=False,
+                    projector=projector)
+            if store is not None and not done[c]:
                 feats.flush()
                 done[c] = True
                 tmp = store.with_suffix(".done.tmp.npy")
@@ -326,21 +362,27 @@ class _GradInfluence(Method):
         projector = G.Projector(P, o.proj_dim, o.projection, seed=ctx.seed,
                                 sparsity=o.sparsity)
         groups = subtask_groups(ctx)
-        n, K = len(ctx.pool), len(ckpts)
-        per_ckpt = np.empty((K, n, len(ctx.target)), dtype=np.float64)
+        K = len(ckpts)
+        lengths = np.array([ctx.task.length(e) for e in ctx.pool], dtype=np.int64)
+        grid = chunk_grid(lengths, o.chunk_size)
+        ids = shard_chunk_ids(len(grid), ctx.shard)
+        rows = (np.sort(np.concatenate([grid[c] for c in ids])) if ids
+                else np.zeros(0, dtype=np.int64))
+        per_ckpt = np.empty((K, len(rows), len(ctx.target)), dtype=np.float64)
         self._timing = {"seconds_per_example_grads": 0.0, "seconds_projection": 0.0}
         t0 = time.perf_counter()
-        bar = tqdm(total=K * (n + len(ctx.target)), desc=f"{self.name}: gradients", unit="ex",
-                   disable=not ctx.progress, leave=False)
+        bar = tqdm(total=K * (len(rows) + len(ctx.target)), desc=f"{self.name}: gradients",
+                   unit="ex", disable=not ctx.progress, leave=False)
         try:
             for k, ck in enumerate(ckpts):
                 load_trainable_state(model, ck.state)
-                fp = self._features(ctx, model, params, ck, ctx.pool, adam=self.adam,
-                                    projector=projector,
-                                    store=work / f"ckpt{k}-pool" if work else None, bar=bar)
-                ft = self._features(ctx, model, params, ck, ctx.target, adam=False,
-                                    projector=projector,
-                                    store=work / f"ckpt{k}-target" if work else None, bar=bar)
+                ft = self._target_features(ctx, model, params, ck, projector=projector,
+                                           store=work / f"ckpt{k}-target" if work else None,
+                                           bar=bar)
+                fp = self._pool_features(ctx, model, params, ck, grid, ids, rows,
+                                         projector=projector,
+                                         store=ChunkStore(work / f"ckpt{k}-pool" if work else None),
+                                         bar=bar)
                 per_ckpt[k] = fp.astype(np.float64) @ ft.astype(np.float64).T
         finally:
             bar.close()
@@ -356,7 +398,10 @@ class _GradInfluence(Method):
             **{k: round(v, 3) for k, v in self._timing.items()},
             "store_bytes": sum(p.stat().st_size for p in work.iterdir()) if work else 0,
         })
-        return MethodResult(scores=scores, columns=columns, info=info)
+        if ctx.shard is not None:
+            info["shard"] = {**ctx.shard.to_dict(), "chunks": len(ids), "examples": len(rows)}
+        return MethodResult(scores=scores, columns=columns, info=info,
+                            rows=rows if ctx.shard is not None else None)
 
 
 def _project_chunk(projector: G.Projector, flat: torch.Tensor) -> torch.Tensor:
