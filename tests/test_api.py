@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import pytest
 import finesift
 from finesift.errors import InputError, OptionError
 from finesift.models import loader
-from finesift.select.strategies import select_indices
+from finesift.select.strategies import equal_shares, select_indices
 from finesift.store.manifest import reset_peak_rss
 
 # lr high enough for a random 2-layer model to learn the target within a few steps
@@ -135,11 +136,11 @@ def test_tov_end_to_end_outputs(lm_data, tiny_lm_dir: Path, tmp_path: Path, opti
 def interleaved_runs(lm_data, tiny_lm_dir: Path) -> dict[str, Any]:
     return {
         s: run(lm_data, tiny_lm_dir, method_options=INTERLEAVED, strategy=s, budget=10)
-        for s in ("top", "length-binned", "score+random")
+        for s in ("top", "length-binned", "score+random", "balanced")
     }
 
 
-@pytest.mark.parametrize("strategy", ["top", "length-binned", "score+random"])
+@pytest.mark.parametrize("strategy", ["top", "length-binned", "score+random", "balanced"])
 def test_strategies_give_the_budget_without_repeats(interleaved_runs, strategy: str) -> None:
     sel = interleaved_runs[strategy]
     ids = sel.selected_ids
@@ -163,6 +164,31 @@ def test_score_plus_random_draws_its_random_half_from_the_base_set(interleaved_r
     assert all(in_base[i] for i in chosen[5:]), chosen
     # the same scores as with top (the strategy never changes the method's scores)
     np.testing.assert_array_equal(sel.scores, interleaved_runs["top"].scores)
+
+
+def test_balanced_takes_an_equal_share_of_each_pool_file(interleaved_runs) -> None:
+    sel = interleaved_runs["balanced"]
+    assert Counter(r.source for r in sel.selected) == Counter(
+        {str(p): 5 for p in {r.source for r in sel.pool}})
+    for src in {r.source for r in sel.pool}:  # each file's share is its own best
+        mine = np.array([r.source == src for r in sel.pool])
+        best = np.sort(sel.scores[mine])[::-1][:5]
+        got = np.sort([sel.scores[i] for i, r in enumerate(sel.pool)
+                       if r.source == src and r.id in set(sel.selected_ids)])[::-1]
+        np.testing.assert_array_equal(got, best)
+
+
+def test_balanced_hands_a_small_sources_unused_share_to_the_others() -> None:
+    scores = np.array([9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 0.5, 0.4, 0.3])
+    groups = np.array(["a"] * 7 + ["b"] * 2 + ["c"])
+    got = select_indices(scores, 6, strategy="balanced", groups=groups)
+    # shares 2 / 2 / 1 (c has one example), the unit c cannot use goes to a; best first
+    assert got.tolist() == [0, 1, 2, 7, 8, 9]
+    assert select_indices(scores, 3, strategy="balanced", groups=groups).tolist() == [0, 7, 9]
+    assert equal_shares(np.array([7, 2, 1]), 10).tolist() == [7, 2, 1]
+    assert equal_shares(np.array([5, 5, 5]), 7).tolist() == [3, 2, 2]
+    with pytest.raises(OptionError, match="balanced"):
+        select_indices(scores, 3, strategy="balanced")
 
 
 # --------------------------------------------------------------------------- budgets, options

@@ -316,7 +316,7 @@ def select(
         else:
             chosen = select_indices(
                 scores, k, strategy=strategy, lengths=n_label, base_set=result.base_set,
-                seed=seed
+                seed=seed, groups=np.array([r.source for r in enc_pool.records], dtype=str)
             )
     selected = [enc_pool.records[i] for i in chosen]
     columns: dict[str, Any] = score_table(

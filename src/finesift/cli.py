@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from finesift.errors import FinesiftError
+from finesift.select.strategies import STRATEGIES
 
 
 def _batch_size(value: str) -> int | str:
@@ -261,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", nargs="+", required=True, help="target example file(s)")
     p.add_argument("--budget", default=None,
                    help="count (500) or share of the pool (10%%); required unless --shard-index")
-    p.add_argument("--strategy", default="top", choices=["top", "length-binned", "score+random"])
+    p.add_argument("--strategy", default="top", choices=list(STRATEGIES))
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--num-shards", type=int, default=1,
                    help="split the pool into N shards (with --shard-index; default 1)")
@@ -301,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("shards", nargs="+", metavar="SHARD_DIR", help="the shard runs' --out folders")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--budget", required=True, help="count (500) or share of the pool (10%%)")
-    p.add_argument("--strategy", default="top", choices=["top", "length-binned", "score+random"])
+    p.add_argument("--strategy", default="top", choices=list(STRATEGIES))
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("demo", help="ToV on bundled GSM8K + ShareGPT with SmolLM2")

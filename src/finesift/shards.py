@@ -309,7 +309,8 @@ def merge(
     k = parse_budget(budget, n_pool)
     with watch.stage("select"):
         chosen = select_indices(scores, k, strategy=strategy, lengths=n_label,
-                                base_set=base_set, seed=int(run["seed"]))
+                                base_set=base_set, seed=int(run["seed"]),
+                                groups=np.asarray(merged["source"], dtype=str))
     selected = [pool[i] for i in chosen]
     # the column order of an unsharded run's scores.parquet
     columns: dict[str, Any] = score_table(

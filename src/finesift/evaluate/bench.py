@@ -470,7 +470,8 @@ def _subset(columns: dict[str, Any], k: int, strategy: str, seed: int, *,
         base = np.flatnonzero(np.asarray(columns["in_base_set"], dtype=bool))
     return select_indices(scores, k, strategy=strategy,
                           lengths=np.asarray(columns["n_label_tokens"]),
-                          base_set=base, seed=seed).tolist()
+                          base_set=base, seed=seed,
+                          groups=np.asarray(columns["source"], dtype=str)).tolist()
 
 
 def _base_figures(cfg: BenchConfig, data: BenchData, model: str | None, seed: int,

@@ -7,6 +7,10 @@
 * ``score+random``: half the budget by length-binned score, half uniformly at random
   from the base set U (or the whole pool when the method has none), without repeats.
   The ToV paper's main variant.
+* ``balanced``: every pool source (the file a record came from) gets an equal share of
+  the budget and fills it with its own top scores; a source with fewer examples than its
+  share gives the rest to the others. For pools that mix sources of very different
+  sizes, where ``top`` may take everything from one.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import numpy as np
 
 from finesift.errors import OptionError
 
-STRATEGIES = ("top", "length-binned", "score+random")
+STRATEGIES = ("top", "length-binned", "score+random", "balanced")
 
 
 def parse_budget(budget: str | float, pool_size: int) -> int:
@@ -80,6 +84,32 @@ def _length_binned(
     return out
 
 
+def equal_shares(sizes: np.ndarray, k: int) -> np.ndarray:
+    """Split ``k`` as evenly as possible over groups of ``sizes``, no group more than its
+    size (water-filling; leftover units go to the first groups that still have room)."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    take = np.zeros(len(sizes), dtype=np.int64)
+    left = min(int(k), int(sizes.sum()))
+    while left > 0:
+        room = np.flatnonzero(take < sizes)
+        each = left // len(room)
+        if each == 0:  # fewer units than groups with room: one each, in group order
+            take[room[:left]] += 1
+            break
+        add = np.minimum(each, sizes[room] - take[room])
+        take[room] += add
+        left -= int(add.sum())
+    return take
+
+
+def _balanced(scores: np.ndarray, groups: np.ndarray, k: int) -> np.ndarray:
+    names, inv = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inv == g) for g in range(len(names))]
+    take = equal_shares(np.array([len(m) for m in members]), k)
+    out = np.concatenate([_top(scores, m, int(t)) for m, t in zip(members, take, strict=True)])
+    return out[np.argsort(-scores[out], kind="stable")]  # best first
+
+
 def select_indices(
     scores: np.ndarray,
     k: int,
@@ -89,6 +119,7 @@ def select_indices(
     base_set: np.ndarray | None = None,
     seed: int = 0,
     n_bins: int = 10,
+    groups: np.ndarray | None = None,
 ) -> np.ndarray:
     """Pick ``k`` pool indices from ``scores``.
 
@@ -100,6 +131,7 @@ def select_indices(
         base_set: indices the random half of ``score+random`` samples from.
         seed: seeds the random half.
         n_bins: number of length bins.
+        groups: the pool source of each example (``balanced``).
     Returns:
         the chosen indices, best first for the score-chosen part.
     """
@@ -113,6 +145,10 @@ def select_indices(
     allidx = np.arange(n)
     if strategy == "top":
         return _top(scores, allidx, k)
+    if strategy == "balanced":
+        if groups is None or len(groups) != n:
+            raise OptionError("strategy 'balanced' needs the source of every pool example")
+        return _balanced(scores, np.asarray(groups, dtype=str), k)
     if lengths is None:
         raise OptionError(f"strategy {strategy!r} needs the examples' lengths")
     lengths = np.asarray(lengths)
