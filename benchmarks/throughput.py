@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py [--quick] [--out FILE.json] [--threads N] [--sweep]
                                     [--lengths 128 256] [--batch-size auto]
+                                    [--processes N]
 
 In one run, for each precision (bf16, then fp32), back to back:
 
@@ -22,8 +23,12 @@ Forward FLOPs counted (printed with the table)::
 
 Element-wise work (norms, rotary, SiLU, softmax) is not counted: it is the overhead the
 ratio measures. ``--sweep`` also times batch size 8 (the CLI's default) against ``auto``
-with ``eager`` and ``sdpa`` attention (``--threads`` sets the thread count). ``--quick`` runs everything on a tiny random model in seconds (a smoke
-test). The CPU may be shared with other processes: peaks and throughput are each the best
+with ``eager`` and ``sdpa`` attention (``--threads`` sets the thread count).
+``--processes N`` instead scores in N concurrent processes of ``--threads`` (default 1)
+threads each, started together, as N Ray workers or shard runs would, and compares their
+summed throughput (the slowest process sets the time) with the matmul peak of all N x
+threads threads in one process. ``--quick`` runs everything on a tiny random model in
+seconds (a smoke test). The CPU may be shared with other processes: peaks and throughput are each the best
 of several repeats, measured back to back, so both see the same machine state.
 """
 
@@ -243,6 +248,91 @@ def run(*, quick: bool = False, threads: int | None = None, sweep: bool = False,
     return res
 
 
+# ------------------------------------------------------------------------------ processes
+def _process_worker(rank: int, threads: int, quick: bool, precision: str, length: int,
+                    n_ex: int, batch_size: int | str, repeats: int, barrier, out) -> None:
+    """One scoring process (what a Ray worker or a shard run is): ``repeats`` passes,
+    each started together with the other processes at ``barrier``."""
+    torch.set_num_threads(threads)
+    from transformers.utils import logging as hf_logging
+
+    from finesift.engine.scoring import token_logprobs
+    from finesift.engine.tasks import task_for
+
+    hf_logging.disable_progress_bar()
+    model, tok, _ = load(quick)
+    task = task_for("lm", tok)
+    examples = make_examples(tok, n_ex, length)
+    token_logprobs(model, task, examples[: max(1, n_ex // 4)], batch_size=batch_size,
+                   precision=precision)  # warm-up
+    times = []
+    for _ in range(repeats):
+        barrier.wait()
+        t = time.perf_counter()
+        token_logprobs(model, task, examples, batch_size=batch_size, precision=precision)
+        times.append(time.perf_counter() - t)
+    out.put((rank, times))
+
+
+def run_processes(*, processes: int, threads: int = 1, quick: bool = False,
+                  batch_size: int | str = "auto", lengths: tuple[int, ...] | None = None,
+                  ) -> dict[str, Any]:
+    """Aggregate scoring throughput of ``processes`` concurrent processes of ``threads``
+    torch threads each, against the matmul peak of ``processes * threads`` threads in one
+    process (the machine's peak for that many cores)."""
+    import multiprocessing as mp
+
+    t0 = time.perf_counter()
+    torch.set_num_threads(processes * threads)
+    model, tok, name = load(quick)
+    dims = model_dims(model)
+    del model
+    sizes = (128, 256) if quick else (2048, 4096)
+    lengths = tuple(lengths or ((16, 32) if quick else (128, 256)))
+    repeats = 2
+    res: dict[str, Any] = {
+        "model": name, "dims": dims, "formula": FORMULA, "processes": processes,
+        "threads_per_process": threads, "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__, "batch_size": batch_size, "peaks": {}, "rows": [],
+        "load_average_start": list(os.getloadavg()),
+    }
+    ctx = mp.get_context("spawn")
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        peak = matmul_peak(dtype, sizes, repeats=repeats + 2)
+        res["peaks"][precision] = peak
+        for L in lengths:
+            n_ex = max(1, (512 if quick else 4096) // L)
+            barrier, out = ctx.Barrier(processes), ctx.Queue()
+            procs = [ctx.Process(target=_process_worker,
+                                 args=(r, threads, quick, precision, L, n_ex, batch_size,
+                                       repeats, barrier, out)) for r in range(processes)]
+            for p in procs:
+                p.start()
+            times = dict(out.get() for _ in procs)
+            for p in procs:
+                p.join()
+            # each repeat: every process scored n_ex examples; the slowest sets the time
+            wall = min(max(times[r][i] for r in times) for i in range(repeats))
+            examples = make_examples(tok, n_ex, L)
+            flops = forward_flops(dims, [len(e) for e in examples],
+                                  [int(e.n_label_tokens) for e in examples]) * processes
+            res["rows"].append({
+                "precision": precision, "tokens_per_example": L, "batch_size": batch_size,
+                "examples": n_ex * processes, "seconds": round(wall, 4),
+                "examples_per_s": n_ex * processes / wall,
+                "tokens_per_s": n_ex * processes * L / wall,
+                "flops_per_example": flops / (n_ex * processes),
+                "achieved_flops": flops / wall, "peak_flops": peak["flops"],
+                "ratio_to_peak": flops / wall / peak["flops"],
+            })
+    res["threads"] = f"{processes} processes x {threads}"
+    res["attn_implementation"] = "sdpa"
+    res["sweep"] = []
+    res["seconds_total"] = time.perf_counter() - t0
+    res["load_average_end"] = list(os.getloadavg())
+    return res
+
+
 def format_table(res: dict[str, Any]) -> str:
     lines = [
         (f"model {res['model']}, torch {res['torch']}, {res['threads']} threads, "
@@ -287,14 +377,22 @@ def main(argv: list[str] | None = None) -> int:
                     help="tokens per example (default 128 256; --quick 16 32)")
     ap.add_argument("--sweep", action="store_true",
                     help="also time batch sizes and eager vs sdpa attention")
+    ap.add_argument("--processes", type=int, default=None,
+                    help="score in this many concurrent processes of --threads (default 1) "
+                         "threads each, as Ray workers or shard runs would, against the "
+                         "peak of all their threads")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     bs: int | str = int(args.batch_size) if str(args.batch_size).isdigit() else args.batch_size
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    res = run(quick=args.quick, threads=args.threads, sweep=args.sweep, batch_size=bs,
-              lengths=args.lengths)
+    if args.processes:
+        res = run_processes(processes=args.processes, threads=args.threads or 1,
+                            quick=args.quick, batch_size=bs, lengths=args.lengths)
+    else:
+        res = run(quick=args.quick, threads=args.threads, sweep=args.sweep, batch_size=bs,
+                  lengths=args.lengths)
     print(format_table(res))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -94,3 +94,24 @@ def test_memory_scale_tiny_runs(tmp_path, monkeypatch):
     for r in rows:
         assert r["scoring_calls"] >= 1 and r["scored_tokens"] > 10 * r["pool_examples"]
         assert r["peak_rss_mib"] >= r["scoring_peak_mib"] >= r["rss_before_scoring_mib"] > 0
+
+
+def test_throughput_processes_sum_concurrent_workers(tmp_path):
+    """--processes: N spawned scoring processes (as Ray workers or shard runs) measured
+    together; their summed throughput is compared with the peak of all their threads."""
+    import subprocess
+
+    out = tmp_path / "p.json"
+    script = ROOT / "benchmarks" / "throughput.py"
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--processes", "2",
+                           "--lengths", "16", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["processes"] == 2 and res["threads_per_process"] == 1
+    assert [(r["precision"], r["tokens_per_example"]) for r in res["rows"]] == [
+        ("bf16", 16), ("fp32", 16)]
+    for r in res["rows"]:
+        assert r["examples"] == 2 * (512 // 16)
+        assert r["examples_per_s"] == pytest.approx(r["examples"] / r["seconds"], rel=0.01)
+        assert r["ratio_to_peak"] == pytest.approx(r["achieved_flops"] / r["peak_flops"])
