@@ -394,3 +394,27 @@ def test_stopwatch_peaks_are_per_stage_and_nest() -> None:
     assert outer.stages["select"]["peak_rss_mb"] >= big
     for rec in (*inner.stages.values(), *outer.stages.values()):
         assert rec["seconds"] >= 0 and rec["cpu_seconds"] >= 0
+
+
+def test_stopwatch_nesting_as_the_bench_does_it() -> None:
+    """A bench's stage around api.select's five stages, then the fine-tuning stages, twice:
+    records with equal peaks must not be mistaken for one another."""
+    from finesift.store import Stopwatch, manifest
+
+    held = []
+    for _ in range(2):
+        bench = Stopwatch()
+        with bench.stage("select"):
+            api = Stopwatch()
+            for name in ("read", "load_model", "encode", "score", "select"):
+                with api.stage(name):
+                    if name in ("load_model", "score"):  # the peak moves, and stays
+                        held.append(np.ones(50 * 2**20 // 8))
+        ft = Stopwatch()
+        for name in ("load_model", "encode", "finetune", "eval"):
+            with ft.stage(name):
+                pass
+        assert set(api.stages) == {"read", "load_model", "encode", "score", "select"}
+        assert bench.stages["select"]["peak_rss_mb"] >= max(
+            r["peak_rss_mb"] for r in api.stages.values())
+    assert manifest._OPEN == []

@@ -99,7 +99,8 @@ class Stopwatch:
         finally:
             with _LOCK:
                 _fold_peak()
-                _OPEN.remove(rec)
+                # by identity: open records with equal peaks compare equal
+                _OPEN[:] = [r for r in _OPEN if r is not rec]
             self.stages[name] = {
                 "seconds": round(time.perf_counter() - t0, 3),
                 "cpu_seconds": round(time.process_time() - c0, 3),
