@@ -160,7 +160,11 @@ def child(n: int, model: str, batch_size: str, work: Path) -> dict[str, Any]:
     th.join()
     if rc != 0:
         raise SystemExit(f"select failed with exit code {rc}")
-    _rss, hwm = _rss_kib()
+    from finesift.store import peak_rss_mb
+
+    # finesift's stages reset the OS's mark (VmHWM) per stage; peak_rss_mb keeps the
+    # process's peak across those resets
+    hwm = max(_rss_kib()[1], peak_rss_mb() * 1024.0)
     mib = 1024.0
     return {
         "pool_examples": n, "model": model, "batch_size": batch_size,

@@ -26,10 +26,15 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+_SEEN_PEAK_MB = 0.0  # the highest mark read just before a stage reset it (see Stopwatch)
+
+
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB."""
+    """Peak resident memory of this process so far, in MiB (including the peaks of
+    stages whose mark :class:`Stopwatch` has since reset)."""
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 1024.0 if sys.platform != "darwin" else kb / 1024.0 / 1024.0
+    now = kb / 1024.0 if sys.platform != "darwin" else kb / 1024.0 / 1024.0
+    return max(now, _SEEN_PEAK_MB)
 
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -63,8 +68,11 @@ _OPEN: list[dict[str, float]] = []  # the peaks of the stages open in this proce
 
 
 def _fold_peak() -> None:
-    """Credit the peak since the last reset to every open stage (caller holds _LOCK)."""
+    """Credit the peak since the last reset to every open stage and to the process's
+    peak (caller holds _LOCK)."""
+    global _SEEN_PEAK_MB
     now = stage_peak_rss_mb()
+    _SEEN_PEAK_MB = max(_SEEN_PEAK_MB, now)
     for rec in _OPEN:
         rec["peak"] = max(rec["peak"], now)
 
@@ -79,7 +87,9 @@ class Stopwatch:
     cannot tell stages apart, so each stage resets it on Linux and reads it back, after
     first crediting the peak so far to the stages still open, which keeps nested stages
     (a bench's ``select`` around ``api.select``'s own stages) right. Where the mark cannot
-    be reset the figure is the process's peak so far.
+    be reset the figure is the process's peak so far. The reset also clears the mark the
+    OS reports for the whole process (VmHWM, ``ru_maxrss``); :func:`peak_rss_mb` keeps
+    the process's true peak by remembering every mark read before a reset.
     """
 
     def __init__(self) -> None:
