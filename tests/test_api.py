@@ -395,7 +395,8 @@ def test_stopwatch_peaks_are_per_stage_and_nest() -> None:
     assert outer.stages["select"]["peak_rss_mb"] >= big
     with outer.stage("after"):
         pass
-    assert peak_rss_mb() >= big > outer.stages["after"]["peak_rss_mb"] + 300
+    assert peak_rss_mb() >= big - 0.1  # stage figures are rounded to 0.1 MiB
+    assert big > outer.stages["after"]["peak_rss_mb"] + 300
     for rec in (*inner.stages.values(), *outer.stages.values()):
         assert rec["seconds"] >= 0 and rec["cpu_seconds"] >= 0
 
@@ -423,4 +424,4 @@ def test_stopwatch_nesting_as_the_bench_does_it() -> None:
             r["peak_rss_mb"] for r in api.stages.values())
     assert manifest._OPEN == []
     # the process's peak survives the per-stage resets
-    assert manifest.peak_rss_mb() >= bench.stages["select"]["peak_rss_mb"]
+    assert manifest.peak_rss_mb() >= bench.stages["select"]["peak_rss_mb"] - 0.1  # rounded
