@@ -318,7 +318,7 @@ def run_processes(*, processes: int, threads: int = 1, quick: bool = False,
                                   [int(e.n_label_tokens) for e in examples]) * processes
             res["rows"].append({
                 "precision": precision, "tokens_per_example": L, "batch_size": batch_size,
-                "examples": n_ex * processes, "seconds": round(wall, 4),
+                "examples": n_ex * processes, "seconds": wall,
                 "examples_per_s": n_ex * processes / wall,
                 "tokens_per_s": n_ex * processes * L / wall,
                 "flops_per_example": flops / (n_ex * processes),
