@@ -66,7 +66,7 @@ from finesift.methods.base import (
     run_fingerprint,
 )
 from finesift.methods.iprox import build_proxy, parse_proxy, proxy_tag
-from finesift.store.chunks import ChunkStore, chunk_grid, shard_chunk_ids
+from finesift.store.chunks import ChunkStore, chunk_grid, grid_rows, shard_chunk_ids
 
 _STATE_VERSION = 2  # 2: pool features per chunk of the length-sorted grid
 
@@ -366,8 +366,7 @@ class _GradInfluence(Method):
         lengths = np.array([ctx.task.length(e) for e in ctx.pool], dtype=np.int64)
         grid = chunk_grid(lengths, o.chunk_size)
         ids = shard_chunk_ids(len(grid), ctx.shard)
-        rows = (np.sort(np.concatenate([grid[c] for c in ids])) if ids
-                else np.zeros(0, dtype=np.int64))
+        rows = grid_rows(grid, ids)
         per_ckpt = np.empty((K, len(rows), len(ctx.target)), dtype=np.float64)
         self._timing = {"seconds_per_example_grads": 0.0, "seconds_projection": 0.0}
         t0 = time.perf_counter()

@@ -59,7 +59,7 @@ from finesift.methods.base import (
     register,
     run_fingerprint,
 )
-from finesift.store.chunks import ChunkStore, chunk_grid, shard_chunk_ids
+from finesift.store.chunks import ChunkStore, chunk_grid, grid_rows, shard_chunk_ids
 
 MODES = ("basic", "interleaved", "parallel")
 TRANSFORMS = ("identity", "abs", "relu")
@@ -434,8 +434,7 @@ class ToV(Method):
         lengths = np.array([ctx.task.length(e) for e in ctx.pool], dtype=np.int64)
         grid = chunk_grid(lengths, o.chunk_size)
         ids = shard_chunk_ids(len(grid), ctx.shard)
-        rows = (np.sort(np.concatenate([grid[c] for c in ids])) if ids
-                else np.zeros(0, dtype=np.int64))
+        rows = grid_rows(grid, ids)
         col = np.full(n, -1, dtype=np.int64)
         col[rows] = np.arange(len(rows))
         out = np.empty((L, len(rows)), dtype=np.float64)

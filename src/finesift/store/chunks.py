@@ -96,7 +96,11 @@ def unpack_ragged(packed: np.ndarray, n: int, dtype: type = np.float32) -> list[
 def shard_rows(lengths: np.ndarray | list[int], chunk_size: int, shard: ShardSpec | None) -> np.ndarray:
     """Sorted pool positions a run scores (every position when ``shard`` is ``None``)."""
     grid = chunk_grid(lengths, chunk_size)
-    ids = shard_chunk_ids(len(grid), shard)
+    return grid_rows(grid, shard_chunk_ids(len(grid), shard))
+
+
+def grid_rows(grid: list[np.ndarray], ids: list[int]) -> np.ndarray:
+    """Sorted pool positions of the chunks ``ids`` of ``grid``."""
     if not ids:
         return np.zeros(0, dtype=np.int64)
     return np.sort(np.concatenate([grid[c] for c in ids])).astype(np.int64)
