@@ -4,6 +4,7 @@ config errors and the overlap guard, and the HTML report rendered in headless Ch
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import re
 import shutil
@@ -16,6 +17,7 @@ import pytest
 from finesift.cli import main
 from finesift.evaluate.bench import ConfigError, load_config, quick_budgets, run_bench
 from finesift.evaluate.overlap import OverlapError
+from finesift.methods.base import REGISTRY, Method, MethodResult
 
 PATTERN = ["alpha", "beta", "gamma", "delta", "zeta", "theta", "kappa", "sigma", "omega",
            "lambda"]
@@ -274,6 +276,58 @@ def test_quick_bench_runs_harp_per_budget_and_reports_its_cost(tmp_path, write_j
     assert measured == rows[("harp-c", "6")]["train_evaluate_runs"]
     report = (out / "report.md").read_text()
     assert "train-eval runs" in report
+
+
+@dataclasses.dataclass
+class _FixedOptions:
+    tag: str = "a"  # changes the method key, not the choice
+
+
+class _FixedOrder(Method):
+    """Scores the pool by its order alone: every seed, budget and tag picks the same."""
+
+    name = "t-fixed-order"
+    description = "test only"
+    needs_model = False
+    Options = _FixedOptions
+
+    def score(self, ctx):
+        return MethodResult(scores=-np.arange(len(ctx.pool), dtype=np.float64))
+
+
+def test_quick_bench_reuses_the_figures_of_an_identical_subset(tmp_path, write_jsonl,
+                                                               monkeypatch):
+    monkeypatch.setitem(REGISTRY, _FixedOrder.name, _FixedOrder)
+    two = (CONFIG.replace("methods: [random, {tov: {mode: basic, lr: 3.0e-3, val_epochs: 2}}]",
+                          "methods: [{t-fixed-order: {tag: a}}, {t-fixed-order: {tag: b}}]")
+           .replace("seeds: [0, 1]", "seeds: [0]"))
+    cfg = make_suite(tmp_path, write_jsonl, two)
+    messages: list[str] = []
+    result = run_bench(cfg, out=tmp_path / "out", quick=True, log=messages.append)
+    assert result.n_failed == 0 and result.n_done == 4
+    rows = {(r["method"], r["budget"]): r for r in result.rows}
+    budgets = sorted({b for _, b in rows})
+    for b in budgets:
+        first, second = rows[("t-fixed-order[tag=a]", b)], rows[("t-fixed-order[tag=b]", b)]
+        assert second["selected_ids"] == first["selected_ids"]
+        assert "reused_from" not in first and first["finetune_seconds"] > 0
+        assert second["reused_from"] == first["key"]
+        assert second["finetune_seconds"] == 0.0
+        assert second["test_loss"] == first["test_loss"]
+    # the two budgets differ, so neither reuses the other
+    assert (rows[("t-fixed-order[tag=a]", budgets[0])]["test_loss"]
+            != rows[("t-fixed-order[tag=a]", budgets[1])]["test_loss"])
+    assert sum("figures are reused" in m for m in messages) == 2
+    assert "(2 reused)" in (tmp_path / "out" / "report.md").read_text()
+    # the reuse is right: fine-tuning the second method's subsets afresh gives the same loss
+    alone = make_suite(tmp_path / "alone", write_jsonl,
+                       two.replace("{t-fixed-order: {tag: a}}, ", ""))
+    fresh = {r["budget"]: r for r in run_bench(alone, out=tmp_path / "alone-out",
+                                               quick=True).rows}
+    for b in budgets:
+        assert "reused_from" not in fresh[b]
+        assert fresh[b]["test_loss"] == pytest.approx(
+            rows[("t-fixed-order[tag=b]", b)]["test_loss"], rel=1e-6)
 
 
 def test_quick_bench_tunes_finetuning_for_random_on_val(tmp_path, write_jsonl):

@@ -565,6 +565,11 @@ def run_bench(
     by_id = {r.id: r for r in data.pool}
     results_path = out_dir / "results.jsonl"
     finished = load_finished(results_path)
+    # runs already fine-tuned, by (seed, training ids in order): an identical subset at the
+    # same seed trains the identical model (same hyperparameters, checked above), so its
+    # figures are reused instead of fine-tuning again (HARP often picks the same leaves
+    # for several budgets)
+    trained = {_train_key(r): r for r in finished.values() if _train_key(r) is not None}
     n_done = n_skipped = n_failed = 0
 
     from finesift.methods.base import available
@@ -595,8 +600,10 @@ def run_bench(
                 for b in group:
                     row = _one_run(cfg, data, spec, b, counts[b], seed, columns, sel_cost,
                                    base, by_id, model, finetune, labels, progress, log,
-                                   as_selected=per_budget)
+                                   as_selected=per_budget, trained=trained)
                     _append(results_path, row)
+                    if _train_key(row) is not None:
+                        trained.setdefault(_train_key(row), row)
                     if row["status"] == "ok":
                         n_done += 1
                     else:
@@ -648,14 +655,27 @@ def _failed_row(cfg: BenchConfig, spec: MethodSpec, budget: Any, k: int, seed: i
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
+def _train_key(row: dict[str, Any]) -> tuple[int, tuple[str, ...]] | None:
+    """What decides a finished run's fine-tuned model besides the (fixed) setup: its seed
+    and its training ids in order; ``None`` for a failed run or an empty selection."""
+    if row.get("status") != "ok" or not row.get("selected_ids"):
+        return None
+    return int(row["seed"]), tuple(row["selected_ids"])
+
+
+# the figures a reused run takes over from the run that trained the same subset
+_REUSED_FIGURES = ("test_loss", "improvement_over_base_pct", "test_f1", "test_em",
+                   "em_samples", "n_train", "n_test", "train_loss")
+
+
 def _one_run(cfg, data, spec, budget, k, seed, columns, sel_cost, base, by_id, model, finetune,
-             labels, progress, log, as_selected: bool = False) -> dict[str, Any]:
+             labels, progress, log, as_selected: bool = False,
+             trained: dict[tuple[int, tuple[str, ...]], dict[str, Any]] | None = None
+             ) -> dict[str, Any]:
     chosen = _subset(columns, k, cfg.strategy, seed, as_selected=as_selected)
     ids = [columns["id"][i] for i in chosen]
     train = [by_id[i] for i in ids]
     comp = Counter(data.source_of.get(r.source, r.source) for r in train)
-    log(f"[{cfg.name}] {spec.label}, budget {budget}, seed {seed}: fine-tuning on {len(train)} "
-        f"({dict(comp)}) ...")
     opts = FinetuneOptions(**{**finetune.__dict__, "seed": seed})
     row: dict[str, Any] = {
         "key": run_key(spec.key, budget, seed), "config": cfg.name, "method": spec.label,
@@ -684,6 +704,30 @@ def _one_run(cfg, data, spec, budget, k, seed, columns, sel_cost, base, by_id, m
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
         return row
+    common = {
+        "base_test_loss": base_loss, "test_f1": None, "base_test_f1": base.get("base_test_f1"),
+        "test_em": None, "base_test_em": base.get("base_test_em"),
+        "composition": dict(sorted(comp.items())),
+        **{f"n_from_{name}": comp.get(name, 0) for name in sorted(set(data.source_of.values()))},
+        "select_seconds": sel_cost.get("seconds"),
+        "select_peak_rss_mb": sel_cost.get("peak_rss_mb"),
+        "select_cpu_seconds": sel_cost.get("cpu_seconds"),
+        "selected_ids": ids,
+        "selection_dir": str(Path("selections") / Path(sel_cost.get("dir", "")).name),
+    }
+    same = (trained or {}).get((seed, tuple(ids)))
+    if same is not None:
+        log(f"[{cfg.name}] {spec.label}, budget {budget}, seed {seed}: the same {len(ids)} "
+            f"examples in the same order as {same['key']}: its figures are reused, not "
+            "fine-tuned again")
+        row.update({**common, **{key: same.get(key) for key in _REUSED_FIGURES},
+                    "status": "ok", "reused_from": same.get("reused_from") or same["key"],
+                    "finetune_seconds": 0.0, "eval_seconds": 0.0,
+                    "finetune_cpu_seconds": 0.0, "eval_cpu_seconds": 0.0,
+                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        return row
+    log(f"[{cfg.name}] {spec.label}, budget {budget}, seed {seed}: fine-tuning on {len(train)} "
+        f"({dict(comp)}) ...")
     try:
         res = finetune_and_evaluate(train, data.test, task=cfg.task, model=model, options=opts,
                                     labels=labels, measure_base=False, progress=progress)
@@ -691,25 +735,17 @@ def _one_run(cfg, data, spec, budget, k, seed, columns, sel_cost, base, by_id, m
         return {**_failed_row(cfg, spec, budget, k, seed, exc), **row, "status": "failed"}
     ft, ev = res.costs.get("finetune", {}), res.costs.get("eval", {})
     row.update({
+        **common,
         "status": "ok",
         "test_loss": res.test_loss,
-        "base_test_loss": base_loss,
         "improvement_over_base_pct": (100.0 * (base_loss - res.test_loss) / base_loss
                                       if base_loss else None),
-        "test_f1": res.f1, "base_test_f1": base.get("base_test_f1"),
-        "test_em": res.em, "base_test_em": base.get("base_test_em"), "em_samples": res.em_n,
+        "test_f1": res.f1, "test_em": res.em, "em_samples": res.em_n,
         "n_train": res.n_train, "n_test": res.n_test, "train_loss": res.train_loss,
-        "composition": dict(sorted(comp.items())),
-        **{f"n_from_{name}": comp.get(name, 0) for name in sorted(set(data.source_of.values()))},
-        "select_seconds": sel_cost.get("seconds"),
-        "select_peak_rss_mb": sel_cost.get("peak_rss_mb"),
         "finetune_seconds": ft.get("seconds"), "finetune_peak_rss_mb": ft.get("peak_rss_mb"),
         "eval_seconds": ev.get("seconds"), "eval_peak_rss_mb": ev.get("peak_rss_mb"),
-        "select_cpu_seconds": sel_cost.get("cpu_seconds"),
         "finetune_cpu_seconds": ft.get("cpu_seconds"), "eval_cpu_seconds": ev.get("cpu_seconds"),
         "load_seconds": res.costs.get("load_model", {}).get("seconds"),
-        "selected_ids": ids,
-        "selection_dir": str(Path("selections") / Path(sel_cost.get("dir", "")).name),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })
     return row

@@ -62,10 +62,14 @@ def cost_table(rows: list[dict[str, Any]], methods: list[str]) -> list[list[str]
             vals = [float(r[key]) for r in rs if r.get(key) is not None]
             return f"{np.mean(vals):.1f}" if vals else "-"
 
+        # a run that reused an identical subset's figures fine-tuned nothing itself
+        ran = [r for r in mine if not r.get("reused_from")]
+        n_reused = len(mine) - len(ran)
         out.append([m, avg("select_seconds", per_seed), avg("select_peak_rss_mb", per_seed),
-                    avg("finetune_seconds", mine), avg("finetune_peak_rss_mb", mine),
-                    avg("eval_seconds", mine), avg("n_train", mine),
-                    avg("train_evaluate_runs", per_seed), str(len(mine))])
+                    avg("finetune_seconds", ran), avg("finetune_peak_rss_mb", ran),
+                    avg("eval_seconds", ran), avg("n_train", mine),
+                    avg("train_evaluate_runs", per_seed),
+                    f"{len(mine)} ({n_reused} reused)" if n_reused else str(len(mine))])
     return out
 
 
@@ -278,6 +282,10 @@ def write_report(out: Path, cfg: Any, rows: list[dict[str, Any]], *, budgets: li
     costs = cost_table(rows, methods)
     cost_header = ["method", "select s", "select peak MiB", "fine-tune s", "fine-tune peak MiB",
                    "eval s", "examples fine-tuned", "train-eval runs in selection", "runs"]
+    cost_note = ("Fine-tune and eval times average the runs that fine-tuned. A run whose "
+                 "subset (the same examples in the same order) and seed equal an earlier "
+                 "run's trains the same model, so it takes over that run's figures instead "
+                 "(counted as reused under runs).")
     hyper = finetune.hyperparameters()
     hyper_rows = [[k, str(v)] for k, v in hyper.items()]
     tune_header: list[str] = []
@@ -345,7 +353,7 @@ def write_report(out: Path, cfg: Any, rows: list[dict[str, Any]], *, budgets: li
     md += ["## Composition of the selected subsets (mean count per pool source)", "",
            _md_table(["method", "budget", *sources], comp_rows), "",
            "## Cost per method (mean per run; selection = scoring the pool once per seed, once per budget and seed for HARP)", "",
-           _md_table(cost_header, costs), "",
+           _md_table(cost_header, costs), "", cost_note, "",
            "## Fine-tuning hyperparameters (the same for every method)", "",
            _md_table(["hyperparameter", "value"], hyper_rows), "", tune_note, "",
            *([_md_table(tune_header, tune_rows), ""] if tune_rows else []),
@@ -383,7 +391,7 @@ def write_report(out: Path, cfg: Any, rows: list[dict[str, Any]], *, budgets: li
     body += ["<h2>Composition of the selected subsets (mean count per pool source)</h2>",
              _html_table(["method", "budget", *sources], comp_rows),
              "<h2>Cost per method (mean per run; selection = scoring the pool once per seed, once per budget and seed for HARP)</h2>",
-             _html_table(cost_header, costs),
+             _html_table(cost_header, costs), f"<p>{esc(cost_note)}</p>",
              "<h2>Fine-tuning hyperparameters (the same for every method)</h2>",
              _html_table(["hyperparameter", "value"], hyper_rows),
              f"<p>{esc(tune_note)}</p>",
