@@ -602,8 +602,8 @@ def run_bench(
                                    base, by_id, model, finetune, labels, progress, log,
                                    as_selected=per_budget, trained=trained)
                     _append(results_path, row)
-                    if _train_key(row) is not None:
-                        trained.setdefault(_train_key(row), row)
+                    if (done_key := _train_key(row)) is not None:
+                        trained.setdefault(done_key, row)
                     if row["status"] == "ok":
                         n_done += 1
                     else:
@@ -705,8 +705,8 @@ def _one_run(cfg, data, spec, budget, k, seed, columns, sel_cost, base, by_id, m
         })
         return row
     common = {
-        "base_test_loss": base_loss, "test_f1": None, "base_test_f1": base.get("base_test_f1"),
-        "test_em": None, "base_test_em": base.get("base_test_em"),
+        "base_test_loss": base_loss, "base_test_f1": base.get("base_test_f1"),
+        "base_test_em": base.get("base_test_em"),
         "composition": dict(sorted(comp.items())),
         **{f"n_from_{name}": comp.get(name, 0) for name in sorted(set(data.source_of.values()))},
         "select_seconds": sel_cost.get("seconds"),
