@@ -143,8 +143,13 @@ def select(
         pool: pool file(s): JSONL, JSON, CSV, Parquet, a datasets folder or CoNLL.
         target: file(s) with examples of the task you care about.
         budget: how many to select: a count (``500``) or a share of the pool (``"10%"``).
-        method: a registered method name (``finesift methods`` lists them).
-        method_options: the method's options, e.g. ``{"mode": "basic"}`` for ``tov``.
+        method: a registered method name (``finesift methods`` lists them), or ``auto``:
+            try candidate methods on folds of the target and select with the one whose
+            short fine-tune gives the lowest held-out loss (:mod:`finesift.evaluate.auto`;
+            the manifest then has an ``auto`` section).
+        method_options: the method's options, e.g. ``{"mode": "basic"}`` for ``tov``; for
+            ``auto`` its own (``candidates``, ``folds``, ...) and ``METHOD.KEY`` options of
+            a candidate (``{"tov.mode": "basic"}``).
         task: ``lm`` (causal LM, chat/prompt-completion/text records) or ``ner``.
         model: a built-in model name or a local transformers folder (default per task:
             ``smollm2-135m`` / ``minilm-l6``).
@@ -175,6 +180,16 @@ def select(
         ray_options: ``num_cpus`` (local instance), ``workers``, ``cpus_per_worker``,
             ``gpus_per_worker``; see :class:`finesift.executors.RayExecutor`.
     """
+    if method == "auto":  # trials of candidate methods, then this function with the winner
+        from finesift.evaluate.auto import select_auto
+
+        return select_auto(
+            pool, target, budget=budget, method_options=method_options, task=task,
+            model=model, strategy=strategy, seed=seed, out=out, fmt=fmt,
+            max_length=max_length, template=template, precision=precision,
+            batch_size=batch_size, device=device, progress=progress, log=log,
+            workdir=workdir, num_shards=num_shards, shard_index=shard_index,
+            executor=executor, ray_address=ray_address, ray_options=ray_options)
     from finesift.data.encode import build_label_map
     from finesift.data.readers import ReadReport, load_records
     from finesift.engine.tasks import task_for

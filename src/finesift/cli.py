@@ -114,6 +114,9 @@ def cmd_select(args: argparse.Namespace) -> int:
             raise FinesiftError("--envelope and -o envelope=... disagree")
         options["envelope"] = args.envelope
     if args.proxy is not None:
+        if args.method == "auto":
+            raise FinesiftError("--proxy is not an option of --method auto; give it to a "
+                                "candidate: -o less.proxy=iprox:0.7")
         _check_proxy(args.method, args.proxy, options)
         options["proxy"] = args.proxy
     sharded = args.shard_index is not None
@@ -159,6 +162,10 @@ def cmd_select(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}/scores.parquet, manifest.json "
               f"({sel.manifest['wall_seconds']:.0f} s); combine the shards with finesift merge")
         return 0
+    if "auto" in sel.manifest:  # --method auto: the trials that chose the method
+        from finesift.evaluate.auto import format_trials
+
+        print(format_trials(sel.manifest["auto"]))
     print(_summary(sel))
     print(f"wrote {args.out}/scores.parquet, selected.jsonl, manifest.json "
           f"({sel.manifest['wall_seconds']:.0f} s)")
@@ -212,14 +219,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
+    from finesift.evaluate import auto
     from finesift.methods import available
 
+    entries: dict[str, tuple[str, list[str]]] = {}
     for name, cls in available().items():
-        print(f"{name:14s} {cls.description}")
+        lines = []
         if dataclasses.is_dataclass(cls.Options):
             for f in dataclasses.fields(cls.Options):
                 default = f.default if f.default is not dataclasses.MISSING else "?"
-                print(f"    {f.name} = {default!r}")
+                lines.append(f"    {f.name} = {default!r}")
+        entries[name] = (cls.description, lines)
+    entries[auto.NAME] = (auto.DESCRIPTION, [
+        *(f"    {key} = {default}" for key, default in auto.describe_options()),
+        "    METHOD.KEY: a candidate's own option, e.g. -o tov.mode=basic"])
+    for name, (description, lines) in sorted(entries.items()):
+        print(f"{name:14s} {description}")
+        for line in lines:
+            print(line)
     return 0
 
 
@@ -257,7 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("select", help="score a pool and select a subset")
-    p.add_argument("--method", default="tov", help="selection method (see `finesift methods`)")
+    p.add_argument("--method", default="tov",
+                   help="selection method (see `finesift methods`), or auto: try candidate "
+                        "methods on folds of the target and select with the best")
     p.add_argument("--pool", nargs="+", required=True, help="pool file(s)")
     p.add_argument("--target", nargs="+", required=True, help="target example file(s)")
     p.add_argument("--budget", default=None,
