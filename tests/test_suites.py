@@ -39,8 +39,7 @@ def test_instruct_gsm8k_splits_are_disjoint(suite_data: Path) -> None:
     assert len(_ids(suite_data / "sharegpt.jsonl")) > 2000
 
 
-@pytest.mark.parametrize("name", ["instruct-gsm8k", "instruct-gsm8k-absent",
-                                  "instruct-gsm8k-harp"])
+@pytest.mark.parametrize("name", ["instruct-gsm8k", "instruct-gsm8k-absent"])
 def test_shipped_configs_pass_the_overlap_guard(suite_data: Path, tmp_path: Path,
                                                 name: str) -> None:
     cfg_path = tmp_path / f"{name}.yaml"

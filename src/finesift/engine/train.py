@@ -116,6 +116,11 @@ class TrainOptions:
         weight_decay: weight decay (AdamW: decoupled; SGD: an L2 penalty lambda/2 |w|^2).
         max_steps: stop after this many steps if set.
         grad_clip: clip the gradient norm (0 = off).
+        warmup_steps: raise the learning rate linearly over this many first steps (step
+            s < warmup_steps runs at lr * (s + 1) / (warmup_steps + 1); default 0 = off).
+        schedule: after the warm-up, ``constant`` (default) or ``linear``: decay linearly
+            towards 0 over the remaining steps of this call (the last step still runs at
+            a small positive rate).
     """
 
     lr: float = 1e-4
@@ -125,9 +130,27 @@ class TrainOptions:
     weight_decay: float = 0.0
     max_steps: int | None = None
     grad_clip: float = 1.0
+    warmup_steps: int = 0
+    schedule: str = "constant"
 
 
-def make_optimizer(params: Sequence[torch.nn.Parameter], opts: TrainOptions, lr: float):
+def lr_factor(step: int, total: int, opts: TrainOptions) -> float:
+    """The multiplier of the base learning rate at 0-based ``step`` of ``total`` steps."""
+    warm = max(0, int(opts.warmup_steps))
+    if step < warm:
+        return (step + 1) / (warm + 1)
+    if opts.schedule == "linear":
+        return max(total - step, 1) / max(total - warm, 1)
+    if opts.schedule != "constant":
+        raise ValueError(f"schedule must be 'constant' or 'linear', got {opts.schedule!r}")
+    return 1.0
+
+
+def make_optimizer(params: Sequence[torch.nn.Parameter] | Sequence[dict[str, Any]],
+                   opts: TrainOptions, lr: float):
+    """AdamW or SGD over ``params``: parameters, or torch parameter groups (dicts with
+    ``params``; an optional ``lr_scale`` multiplies the learning rate :func:`train` sets
+    on that group, e.g. a larger rate for a new classification head)."""
     if opts.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=opts.weight_decay)
     if opts.optimizer == "sgd":
@@ -143,6 +166,7 @@ def train(
     *,
     lr: float | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    param_groups: Sequence[dict[str, Any]] | None = None,
     seed: int = 0,
     precision: str = "auto",
     device: str = "cpu",
@@ -161,25 +185,37 @@ def train(
         opts: learning rate, epochs, batch size, optimiser.
         lr: overrides ``opts.lr`` (e.g. a per-round learning rate).
         optimizer: continue with this optimiser (its state carries over); a new one
-            is made otherwise. Its learning rate is set to ``lr``.
+            is made otherwise. Its learning rate is set to ``lr`` (times a group's
+            ``lr_scale``, times the warm-up / decay factor of ``opts``).
+        param_groups: for a new optimiser: parameter groups (dicts with ``params`` and
+            optionally ``lr_scale``) instead of one group of every trainable parameter.
         seed: seeds the shuffling.
     Returns:
         ``{"steps", "mean_loss", "optimizer"}``.
     """
     lr = opts.lr if lr is None else lr
-    params = [p for p in model.parameters() if p.requires_grad]
+    if optimizer is None and param_groups is not None:
+        params = [p for g in param_groups for p in g["params"]]
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters")
     if optimizer is None:
-        optimizer = make_optimizer(params, opts, lr)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+        optimizer = make_optimizer(list(param_groups) if param_groups is not None else params,
+                                   opts, lr)
     rng = np.random.default_rng(seed)
     n = len(examples)
     steps_per_epoch = (n + opts.batch_size - 1) // opts.batch_size
     total = int(np.ceil(opts.epochs * steps_per_epoch))
     if opts.max_steps is not None:
         total = min(total, opts.max_steps)
+
+    def set_lr(step: int) -> None:
+        factor = lr_factor(step, total, opts)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0) * factor
+
+    set_lr(0)
     model.train()
     losses: list[float] = []
     step = 0
@@ -197,6 +233,7 @@ def train(
                 per_ex = -torch.zeros(len(idx), device=logp.device).index_add(0, row, logp) / counts
                 loss = per_ex.mean()
                 optimizer.zero_grad(set_to_none=True)
+                set_lr(step)
                 loss.backward()
                 if opts.grad_clip and opts.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)

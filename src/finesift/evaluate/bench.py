@@ -49,12 +49,15 @@ import numpy as np
 from finesift.data.records import Record
 from finesift.errors import FinesiftError, OptionError
 from finesift.evaluate.finetune import FinetuneOptions, finetune_and_evaluate, label_names
+from finesift.evaluate.leaderboard import load_finished
 from finesift.evaluate.tuning import check_grid, finished_tuning, tune_for_random
 from finesift.store import Stopwatch
 
 CONFIG_KEYS = ("name", "task", "model", "max_length", "pool", "target", "methods", "budgets",
                "seeds", "finetune")
-OPTIONAL_KEYS = ("strategy", "tune")
+OPTIONAL_KEYS = ("strategy", "tune", "results", "leaderboard", "flags", "skipped")
+# the keys a method entry may carry beside its one {name: options} pair
+METHOD_ENTRY_KEYS = ("seeds", "label")
 
 # --quick: a tiny random model and this many records
 QUICK_POOL_PER_SOURCE = 24
@@ -83,11 +86,15 @@ class PoolSource:
 
 @dataclass
 class MethodSpec:
-    """A method of the config, with its options and a unique display label."""
+    """A method of the config, with its options and a unique display label.
+
+    ``seeds``: the seeds this method runs on when not all of the config's (a method too
+    costly to run on every seed says so in the reports instead of being left out)."""
 
     name: str
     options: dict[str, Any]
     label: str
+    seeds: list[int] | None = None
 
     @property
     def key(self) -> str:
@@ -122,6 +129,10 @@ class BenchConfig:
     strategy: str = "top"
     tune: dict[str, list[Any]] | None = None
     raw: dict[str, Any] = field(default_factory=dict)
+    results: Path | None = None
+    leaderboard: Path | None = None
+    flags: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
 
 
 def _resolve(base: Path, value: Any, key: str, cfg_path: Path) -> Path:
@@ -135,20 +146,36 @@ def _method_specs(value: Any, cfg_path: Path) -> list[MethodSpec]:
     if not isinstance(value, list) or not value:
         raise ConfigError(cfg_path, "methods: expected a non-empty list, e.g. [random, tov]")
     specs = []
+    named = set()
     for item in value:
         if isinstance(item, str):
             specs.append(MethodSpec(item, {}, item))
-        elif isinstance(item, dict) and len(item) == 1:
-            (name, opts), = item.items()
-            if opts is not None and not isinstance(opts, dict):
-                raise ConfigError(cfg_path, f"methods: options of {name} must be a mapping")
-            specs.append(MethodSpec(str(name), dict(opts or {}), str(name)))
-        else:
-            raise ConfigError(cfg_path, f"methods: expected a name or {{name: {{options}}}}, "
+            continue
+        extra = {k: item[k] for k in METHOD_ENTRY_KEYS if isinstance(item, dict) and k in item}
+        rest = {k: v for k, v in item.items() if k not in extra} if isinstance(item, dict) else {}
+        if not isinstance(item, dict) or len(rest) != 1:
+            raise ConfigError(cfg_path, f"methods: expected a name or {{name: {{options}}}} "
+                                        f"(optionally with {', '.join(METHOD_ENTRY_KEYS)}), "
                                         f"got {item!r}")
-    counts = Counter(s.name for s in specs)
+        (name, opts), = rest.items()
+        if opts is not None and not isinstance(opts, dict):
+            raise ConfigError(cfg_path, f"methods: options of {name} must be a mapping")
+        seeds = extra.get("seeds")
+        if seeds is not None and (not isinstance(seeds, list) or not seeds or not all(
+                isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
+            raise ConfigError(cfg_path, f"methods: {name}.seeds: expected a non-empty list "
+                                        f"of integers, got {seeds!r}")
+        label = extra.get("label")
+        if label is not None and (not isinstance(label, str) or not label.strip()
+                                  or "|" in label or "#" in label):
+            raise ConfigError(cfg_path, f"methods: {name}.label: expected a short name "
+                                        f"without '|' or '#', got {label!r}")
+        specs.append(MethodSpec(str(name), dict(opts or {}), label or str(name), seeds))
+        if label:
+            named.add(id(specs[-1]))
+    counts = Counter(s.label for s in specs)
     for s in specs:
-        if counts[s.name] > 1:
+        if counts[s.label] > 1 and id(s) not in named:
             s.label = s.name + "[" + ",".join(f"{k}={v}" for k, v in sorted(s.options.items())) + "]"
     labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):
@@ -226,11 +253,27 @@ def load_config(path: str | Path) -> BenchConfig:
     try:
         finetune = FinetuneOptions.from_dict({"max_length": max_length, **ft_raw})
         methods = _method_specs(raw["methods"], path)
-        for m in methods:
-            get_method(m.name, m.options)  # unknown method or option: fail before any work
+        for m in methods:  # unknown method or option: fail before any work
+            if m.name == "auto":
+                from finesift.evaluate.auto import parse_options
+
+                parse_options(m.options)
+            else:
+                get_method(m.name, m.options)
         tune = check_grid(raw["tune"]) if raw.get("tune") is not None else None
     except OptionError as exc:
         raise ConfigError(path, str(exc)) from None
+    for m in methods:
+        if m.seeds is not None and not set(m.seeds) <= set(seeds):
+            raise ConfigError(path, f"methods: {m.label}.seeds {m.seeds} must be among the "
+                                    f"config's seeds {seeds}, so its runs pair with random's")
+    flags = raw.get("flags") or []
+    if not isinstance(flags, list) or not all(isinstance(f, str) and f for f in flags):
+        raise ConfigError(path, "flags: expected a list of record field names, e.g. [corrupted]")
+    skipped = raw.get("skipped") or {}
+    if not isinstance(skipped, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and v for k, v in skipped.items()):
+        raise ConfigError(path, "skipped: expected a mapping {method label: reason}")
     return BenchConfig(
         path=path, name=str(raw["name"]), task=task, model=raw.get("model"),
         max_length=max_length, pool=pool,
@@ -238,6 +281,10 @@ def load_config(path: str | Path) -> BenchConfig:
         test=_resolve(base, target["test"], "target.test", path),
         methods=methods, budgets=list(budgets), seeds=list(seeds), finetune=finetune,
         strategy=strategy, tune=tune, raw=raw,
+        results=_resolve(base, raw["results"], "results", path) if raw.get("results") else None,
+        leaderboard=(_resolve(base, raw["leaderboard"], "leaderboard", path)
+                     if raw.get("leaderboard") else None),
+        flags=[str(f) for f in flags], skipped={str(k): str(v) for k, v in skipped.items()},
     )
 
 
@@ -371,26 +418,21 @@ class BenchResult:
     n_skipped: int
     n_failed: int
     seconds: float
+    results: Path | None = None
+
+
+LOSS_DIGITS = 5  # per-example test losses are stored rounded to this many decimals
+
+
+def per_example(losses: Any) -> list[float | None]:
+    """Per-example test losses as stored in ``results.jsonl`` (rounded; NaN as null)."""
+    return [round(float(x), LOSS_DIGITS) if np.isfinite(x) else None
+            for x in np.asarray(losses, dtype=np.float64)]
 
 
 def run_key(label: str, budget: Any, seed: int) -> str:
     """The identity of one run in ``results.jsonl``."""
     return f"{label}|{budget}|{seed}"
-
-
-def load_finished(path: Path) -> dict[str, dict[str, Any]]:
-    """The last recorded row of each run in ``results.jsonl`` (a torn last line is ignored)."""
-    rows: dict[str, dict[str, Any]] = {}
-    if not path.exists():
-        return rows
-    for line in path.read_text(encoding="utf-8").split("\n"):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and "key" in row:
-            rows[row["key"]] = row
-    return rows
 
 
 def _append(path: Path, row: dict[str, Any]) -> None:
@@ -443,7 +485,9 @@ def _selection(cfg: BenchConfig, data: BenchData, spec: MethodSpec, seed: int, b
             strategy=cfg.strategy, seed=seed, out=sel_dir, max_length=cfg.max_length,
             progress=progress, log=log, workdir=out / "work",
         )
-    info = sel.manifest.get("method_info") or {}
+    info = dict(sel.manifest.get("method_info") or {})
+    if "auto" in sel.manifest:  # --method auto: which candidate won its trials
+        info["auto_winner"] = sel.manifest["auto"]["winner"]
     cost = {**costs.stages["select"], "dir": sel_dir.name,
             "method_info": {k: v for k, v in info.items()
                             if isinstance(v, (int, float, str, bool)) or v is None}}
@@ -481,7 +525,7 @@ def _base_figures(cfg: BenchConfig, data: BenchData, model: str | None, seed: in
     key = f"seed{seed}" if cfg.task == "ner" else "all"
     path = out / "base.json"
     cache = json.loads(path.read_text()) if path.exists() else {}
-    if key in cache:
+    if key in cache and "base_test_losses" in cache[key]:
         return cache[key]
     from finesift.store import write_json
 
@@ -491,7 +535,9 @@ def _base_figures(cfg: BenchConfig, data: BenchData, model: str | None, seed: in
                                 labels=labels, measure_base=True)
     cache[key] = {"base_test_loss": res.base_test_loss, "base_test_f1": res.base_f1,
                   "base_test_em": res.base_em,
-                  "base_eval_seconds": res.costs.get("eval_base", {}).get("seconds")}
+                  "base_eval_seconds": res.costs.get("eval_base", {}).get("seconds"),
+                  "base_test_losses": per_example(res.base_test_losses),
+                  "test_ids": list(res.test_ids)}
     write_json(path, cache)
     return cache[key]
 
@@ -524,6 +570,11 @@ def run_bench(
     cfg = load_config(config)
     out_dir = Path(out) if out else Path("runs") / f"bench-{cfg.name}{'-quick' if quick else ''}"
     out_dir.mkdir(parents=True, exist_ok=True)
+    # the small files a suite's figures are rebuilt from (results.jsonl, setup, tuning,
+    # the untouched model's losses, report.md) go to the config's `results` folder, which
+    # a suite commits; selections, work state and the HTML report stay in out_dir
+    res_dir = cfg.results if (cfg.results is not None and not quick) else out_dir
+    res_dir.mkdir(parents=True, exist_ok=True)
     data = prepare_data(cfg, out_dir, quick=quick)
     model = cfg.model
     budgets = list(cfg.budgets)
@@ -548,22 +599,24 @@ def run_bench(
     largest = max(budgets, key=lambda b: counts[b])
     tuning = None
     if report_only:
-        setup_path = out_dir / "setup.json"
+        setup_path = res_dir / "setup.json"
         if not setup_path.exists():
-            raise ConfigError(cfg.path, f"--report-only: {out_dir} holds no benchmark results")
+            raise ConfigError(cfg.path, f"--report-only: {res_dir} holds no benchmark results")
         finetune = FinetuneOptions(**{**finetune.__dict__,
                                       **json.loads(setup_path.read_text())["finetune"]})
         if cfg.tune:
-            tuning = finished_tuning(out_dir, cfg.tune, finetune)
+            tuning = finished_tuning(res_dir, cfg.tune, finetune)
     elif cfg.tune:
         finetune, tuning = tune_for_random(
             cfg.tune, data.pool, data.val, task=cfg.task, model=model, base=finetune,
-            k=counts[largest], seed=seeds[0], labels=labels, out=out_dir, progress=progress,
+            k=counts[largest], seed=seeds[0], labels=labels, out=res_dir, progress=progress,
             log=lambda m: log(f"[{cfg.name}] {m}"))
         log(f"[{cfg.name}] fine-tuning hyperparameters tuned for random: {tuning['chosen']}")
-    check_same_setup(out_dir, cfg, model, finetune, data, quick)
+    if not report_only:
+        check_same_setup(res_dir, cfg, model, finetune, data, quick)
+    write_suite_record(res_dir, cfg, model, budgets, seeds, quick)
     by_id = {r.id: r for r in data.pool}
-    results_path = out_dir / "results.jsonl"
+    results_path = res_dir / "results.jsonl"
     finished = load_finished(results_path)
     # runs already fine-tuned, by (seed, training ids in order): an identical subset at the
     # same seed trains the identical model (same hyperparameters, checked above), so its
@@ -576,7 +629,7 @@ def run_bench(
 
     for spec in ([] if report_only else cfg.methods):
         per_budget = bool(getattr(available().get(spec.name), "uses_budget", False))
-        for seed in seeds:
+        for seed in method_seeds(spec, seeds):
             todo = [b for b in budgets
                     if finished.get(run_key(spec.key, b, seed), {}).get("status") != "ok"]
             n_skipped += len(budgets) - len(todo)
@@ -589,7 +642,7 @@ def run_bench(
                     columns, sel_cost = _selection(
                         cfg, data, spec, seed, group[0] if per_budget else largest, model,
                         out_dir, progress, log, per_budget=per_budget)
-                    base = _base_figures(cfg, data, model, seed, labels, out_dir, log)
+                    base = _base_figures(cfg, data, model, seed, labels, res_dir, log)
                 except FinesiftError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - a method crashed: record it, go on
@@ -613,9 +666,39 @@ def run_bench(
     add_improvements(rows)
     seconds = time.perf_counter() - t0
     write_tables(out_dir, rows)
+    base_all = json.loads((res_dir / "base.json").read_text()) if (res_dir / "base.json").exists() else {}
     write_report(out_dir, cfg, rows, budgets=budgets, seeds=seeds, finetune=finetune,
-                 model=model, quick=quick, data=data, seconds=seconds, tuning=tuning)
-    return BenchResult(out_dir, rows, n_done, n_skipped, n_failed, seconds)
+                 model=model, quick=quick, data=data, seconds=seconds, tuning=tuning,
+                 base=base_all, md_copy=res_dir if res_dir != out_dir else None)
+    if cfg.leaderboard is not None and cfg.results is not None and not quick:
+        from finesift.evaluate.leaderboard import write_leaderboard
+
+        write_leaderboard(cfg.results.parent, cfg.leaderboard)
+    return BenchResult(out_dir, rows, n_done, n_skipped, n_failed, seconds, res_dir)
+
+
+def method_seeds(spec: MethodSpec, seeds: list[int]) -> list[int]:
+    """The seeds ``spec`` runs on: the config's, or its own subset of them (with
+    ``--quick``, the first of the quick seeds when its own are not among them)."""
+    if spec.seeds is None:
+        return list(seeds)
+    own = [s for s in seeds if s in spec.seeds]
+    return own or list(seeds[:1])
+
+
+def write_suite_record(res_dir: Path, cfg: BenchConfig, model: str | None, budgets: list,
+                       seeds: list[int], quick: bool) -> None:
+    """``suite.json``: what the leaderboard needs besides the runs (the methods in order,
+    their seeds, the methods left out and why), so it is rebuilt from result files alone."""
+    from finesift.store import write_json
+
+    write_json(res_dir / "suite.json", {
+        "name": cfg.name, "task": cfg.task, "model": "tiny random (--quick)" if quick else model,
+        "budgets": [str(b) for b in budgets], "seeds": list(seeds), "flags": cfg.flags,
+        "methods": [{"label": m.label, "name": m.name, "options": m.options,
+                     "key": m.key, "seeds": method_seeds(m, seeds)} for m in cfg.methods],
+        "skipped": cfg.skipped, "config": cfg.path.name,
+    })
 
 
 def check_same_setup(out: Path, cfg: BenchConfig, model: str | None,
@@ -665,7 +748,8 @@ def _train_key(row: dict[str, Any]) -> tuple[int, tuple[str, ...]] | None:
 
 # the figures a reused run takes over from the run that trained the same subset
 _REUSED_FIGURES = ("test_loss", "improvement_over_base_pct", "test_f1", "test_em",
-                   "em_samples", "n_train", "n_test", "train_loss")
+                   "em_samples", "n_train", "n_test", "train_loss", "test_losses",
+                   "worse_than_untouched")
 
 
 def _one_run(cfg, data, spec, budget, k, seed, columns, sel_cost, base, by_id, model, finetune,
@@ -684,10 +768,13 @@ def _one_run(cfg, data, spec, budget, k, seed, columns, sel_cost, base, by_id, m
     }
     info = sel_cost.get("method_info") or {}
     row["method_info"] = info
-    for key in ("n_selected_by_harp", "train_evaluate_runs"):
+    for key in ("n_selected_by_harp", "train_evaluate_runs", "auto_winner"):
         if key in info:
             row[key] = info[key]
     base_loss = base.get("base_test_loss")
+    for flag in cfg.flags:  # e.g. the share of corrupted examples in the selection
+        row[f"share_{flag}"] = (float(np.mean([bool(r.raw.get(flag)) for r in train]))
+                                if train else None)
     if not train:  # the method chose nothing: the model stays untouched
         log(f"[{cfg.name}] {spec.label}, budget {budget}, seed {seed}: empty selection, "
             "the untouched model's figures")
@@ -696,6 +783,7 @@ def _one_run(cfg, data, spec, budget, k, seed, columns, sel_cost, base, by_id, m
             "improvement_over_base_pct": 0.0, "test_f1": base.get("base_test_f1"),
             "base_test_f1": base.get("base_test_f1"), "test_em": base.get("base_test_em"),
             "base_test_em": base.get("base_test_em"), "n_train": 0, "composition": {},
+            "test_losses": base.get("base_test_losses"), "worse_than_untouched": False,
             **{f"n_from_{name}": 0 for name in sorted(set(data.source_of.values()))},
             "select_seconds": sel_cost.get("seconds"),
             "select_peak_rss_mb": sel_cost.get("peak_rss_mb"), "finetune_seconds": 0.0,
@@ -740,6 +828,8 @@ def _one_run(cfg, data, spec, budget, k, seed, columns, sel_cost, base, by_id, m
         "test_loss": res.test_loss,
         "improvement_over_base_pct": (100.0 * (base_loss - res.test_loss) / base_loss
                                       if base_loss else None),
+        "worse_than_untouched": bool(base_loss is not None and res.test_loss > base_loss),
+        "test_losses": per_example(res.test_losses),
         "test_f1": res.f1, "test_em": res.em, "em_samples": res.em_n,
         "n_train": res.n_train, "n_test": res.n_test, "train_loss": res.train_loss,
         "finetune_seconds": ft.get("seconds"), "finetune_peak_rss_mb": ft.get("peak_rss_mb"),
@@ -747,8 +837,30 @@ def _one_run(cfg, data, spec, budget, k, seed, columns, sel_cost, base, by_id, m
         "finetune_cpu_seconds": ft.get("cpu_seconds"), "eval_cpu_seconds": ev.get("cpu_seconds"),
         "load_seconds": res.costs.get("load_model", {}).get("seconds"),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine(),
     })
     return row
+
+
+def machine() -> str:
+    """The CPU model, its fast-bf16 support and torch's threads: seconds measured on
+    different machines do not compare, so every row says where it ran."""
+    import platform
+
+    import torch
+
+    from finesift.engine.precision import cpu_has_fast_bf16
+
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+            f"{', fast bf16' if cpu_has_fast_bf16() else ''}")
 
 
 def _ordered_rows(finished: dict[str, dict[str, Any]], cfg: BenchConfig, budgets: list,
@@ -756,7 +868,7 @@ def _ordered_rows(finished: dict[str, dict[str, Any]], cfg: BenchConfig, budgets
     rows = []
     for spec in cfg.methods:
         for b in budgets:
-            for s in seeds:
+            for s in method_seeds(spec, seeds):
                 row = finished.get(run_key(spec.key, b, s))
                 if row is not None:
                     rows.append(row)
@@ -792,7 +904,8 @@ def write_tables(out: Path, rows: list[dict[str, Any]]) -> None:
 
     from finesift.store import atomic_path, write_json
 
-    extra = sorted({k for r in rows for k in r if k.startswith("n_from_")})
+    extra = sorted({k for r in rows for k in r if k.startswith(("n_from_", "share_"))})
+    extra.append("worse_than_untouched")
     cols = list(TABLE_COLUMNS[:17]) + extra + list(TABLE_COLUMNS[17:])
     with atomic_path(out / "results.csv") as tmp, open(tmp, "w", newline="",
                                                        encoding="utf-8") as fh:

@@ -27,7 +27,18 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
                         "subset (overrides --epochs)")
     p.add_argument("--lr", type=float, default=d.lr, help=f"default {d.lr:g}")
     p.add_argument("--lora-rank", type=int, default=d.lora_rank,
-                   help=f"LoRA rank (alpha = 2 x rank); default {d.lora_rank}")
+                   help=f"LoRA rank (alpha = 2 x rank); 0 = full fine-tuning of every "
+                        f"parameter instead (use a smaller --lr, e.g. 5e-5); "
+                        f"default {d.lora_rank}")
+    p.add_argument("--head-lr", type=float, default=d.head_lr,
+                   help="ner: learning rate of the token-classification head "
+                        "(default: --lr)")
+    p.add_argument("--warmup", type=float, default=d.warmup,
+                   help="share of the steps over which the learning rate rises linearly "
+                        f"to --lr (default {d.warmup:g})")
+    p.add_argument("--schedule", choices=["constant", "linear"], default=d.schedule,
+                   help="after the warm-up: constant, or linear decay towards 0 "
+                        f"(default {d.schedule})")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--max-length", type=int, default=d.max_length,
@@ -82,8 +93,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from finesift.store import write_json
 
     opts = FinetuneOptions(epochs=args.epochs, steps=args.steps, lr=args.lr,
-                           lora_rank=args.lora_rank, batch_size=args.batch_size, seed=args.seed, max_length=args.max_length,
-                           precision=args.precision, em_samples=args.em_samples)
+                           lora_rank=args.lora_rank, head_lr=args.head_lr, warmup=args.warmup,
+                           schedule=args.schedule, batch_size=args.batch_size, seed=args.seed,
+                           max_length=args.max_length, precision=args.precision,
+                           em_samples=args.em_samples)
     opts.validate()
     train = read_records(args.train, "train")
     test = read_records(args.test, "test")
@@ -111,6 +124,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
           f"{result.n_failed} failed) in {result.seconds:.0f} s")
     for name in ("results.csv", "results.json", "report.md", "report.html"):
         print(f"wrote {result.out / name}")
+    if result.results is not None and result.results != result.out:
+        print(f"results kept in {result.results} (results.jsonl, report.md: commit them)")
     return 1 if result.n_failed else 0
 
 

@@ -40,11 +40,26 @@ class FinetuneOptions:
             select fewer examples than the budget (HARP).
         lr: AdamW learning rate (default 2e-4).
         lora_rank: LoRA rank r; alpha = 2 r, dropout 0.05, all linear layers (default 16).
+            ``0`` means full fine-tuning instead: no adapter, every parameter of the model
+            (embeddings, encoder / decoder blocks, head) is trained, at ``lr``. Full
+            fine-tuning wants a far smaller ``lr`` than LoRA (about 5e-5 for a BERT-size
+            encoder, against 5e-4 for its adapter).
+        head_lr: ner only: the learning rate of the token-classification head (a new head
+            starts random and wants a larger rate than the pretrained encoder, e.g. 1e-3
+            with ``lora_rank: 0, lr: 5e-5``); default ``None`` = ``lr``. It follows the
+            same warm-up and decay. lm ignores it (no new head).
+        warmup: share of the optimiser steps over which the learning rate rises linearly
+            from near 0 to ``lr`` (default 0 = none; e.g. 0.1).
+        schedule: after the warm-up, ``constant`` (default) or ``linear``: decay linearly
+            towards 0 at the last step.
         batch_size: examples per optimiser step (default 8).
         seed: seeds the adapter init, a new NER head and the shuffling (default 0).
         max_length: truncate examples to this many tokens (default 256).
         precision: training precision: ``auto`` (bf16 where the CPU is fast at it),
-            ``bf16`` or ``fp32``. Test losses are always computed in fp32.
+            ``bf16`` or ``fp32``.
+        eval_precision: precision of the test-loss pass: ``fp32`` (default) or ``bf16``
+            (about twice as fast on a CPU with native bf16; ``benchmarks/eval_precision.py``
+            measures how far its losses move against fp32).
         eval_batch_size: rows per batch when measuring (default 16).
         em_samples: lm only: how many test records to generate answers for and score by
             exact match of the final ``#### <number>`` answer (default 0 = off).
@@ -55,10 +70,14 @@ class FinetuneOptions:
     steps: int | None = None
     lr: float = 2e-4
     lora_rank: int = 16
+    head_lr: float | None = None
+    warmup: float = 0.0
+    schedule: str = "constant"
     batch_size: int = 8
     seed: int = 0
     max_length: int | None = 256
     precision: str = "auto"
+    eval_precision: str = "fp32"
     eval_batch_size: int = 16
     em_samples: int = 0
     max_new_tokens: int = 256
@@ -72,10 +91,24 @@ class FinetuneOptions:
         if self.steps is not None and (isinstance(self.steps, bool)
                                        or not isinstance(self.steps, int) or self.steps < 1):
             raise OptionError(f"steps must be a positive integer, got {self.steps!r}")
-        for name in ("lora_rank", "batch_size", "eval_batch_size", "max_new_tokens"):
+        for name in ("batch_size", "eval_batch_size", "max_new_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise OptionError(f"{name} must be a positive integer, got {value!r}")
+        if (isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int)
+                or self.lora_rank < 0):
+            raise OptionError(f"lora_rank must be a positive integer, or 0 for full "
+                              f"fine-tuning, got {self.lora_rank!r}")
+        if self.head_lr is not None and (isinstance(self.head_lr, bool)
+                                         or not isinstance(self.head_lr, (int, float))
+                                         or not self.head_lr > 0):
+            raise OptionError(f"head_lr must be positive (or unset), got {self.head_lr!r}")
+        if (isinstance(self.warmup, bool) or not isinstance(self.warmup, (int, float))
+                or not 0 <= self.warmup < 1):
+            raise OptionError(f"warmup must be a share of the steps in [0, 1), "
+                              f"got {self.warmup!r}")
+        if self.schedule not in ("constant", "linear"):
+            raise OptionError(f"schedule must be constant or linear, got {self.schedule!r}")
         if self.max_length is not None and (not isinstance(self.max_length, int)
                                             or self.max_length < 1):
             raise OptionError(f"max_length must be a positive integer, got {self.max_length!r}")
@@ -83,21 +116,43 @@ class FinetuneOptions:
             raise OptionError(f"em_samples must be >= 0, got {self.em_samples!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise OptionError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.eval_precision not in ("bf16", "fp32"):
+            raise OptionError(f"eval_precision must be bf16 or fp32, got {self.eval_precision!r}")
+
+    # fields added after results folders existed, with the value that reproduces the old
+    # behaviour: left out of setup_fields() at that value, so those folders still resume
+    _LATER_DEFAULTS = {"steps": None, "eval_precision": "fp32", "head_lr": None,
+                       "warmup": 0.0, "schedule": "constant"}
+
+    @property
+    def full(self) -> bool:
+        """Full fine-tuning (``lora_rank == 0``) rather than a LoRA adapter."""
+        return self.lora_rank == 0
 
     def setup_fields(self) -> dict[str, Any]:
-        """Every field but the seed, for resume fingerprints (``steps`` only when set, so
-        folders written before it existed still resume)."""
+        """Every field but the seed, for resume fingerprints (``steps``, ``eval_precision``,
+        ``head_lr``, ``warmup`` and ``schedule`` only when not at their defaults, so
+        folders written before they existed still resume)."""
         return {k: v for k, v in self.__dict__.items()
-                if k != "seed" and not (k == "steps" and v is None)}
+                if k != "seed" and not (k in self._LATER_DEFAULTS
+                                        and v == self._LATER_DEFAULTS[k])}
 
     def hyperparameters(self) -> dict[str, Any]:
         """The training hyperparameters as stated in reports."""
+        if self.full:
+            how: dict[str, Any] = {"finetuning": "full (every parameter)", "lora_rank": 0}
+        else:
+            how = {"lora_rank": self.lora_rank, "lora_alpha": 2 * self.lora_rank,
+                   "lora_dropout": 0.05, "lora_targets": "all-linear"}
         return {
             **({"steps": self.steps} if self.steps is not None else {"epochs": self.epochs}),
-            "lr": self.lr, "lora_rank": self.lora_rank,
-            "lora_alpha": 2 * self.lora_rank, "lora_dropout": 0.05,
-            "lora_targets": "all-linear", "optimizer": "adamw", "batch_size": self.batch_size,
+            "lr": self.lr,
+            **({"head_lr": self.head_lr} if self.head_lr is not None else {}),
+            **({"warmup": self.warmup} if self.warmup else {}),
+            **({"schedule": self.schedule} if self.schedule != "constant" else {}),
+            **how, "optimizer": "adamw", "batch_size": self.batch_size,
             "max_length": self.max_length, "precision": self.precision,
+            "eval_precision": self.eval_precision,
         }
 
     @classmethod
@@ -114,8 +169,12 @@ class FinetuneOptions:
                 values["lr"] = float(values["lr"])
             if "epochs" in values:
                 values["epochs"] = float(values["epochs"])
+            if values.get("head_lr") is not None:
+                values["head_lr"] = float(values["head_lr"])
+            if "warmup" in values:
+                values["warmup"] = float(values["warmup"])
         except (TypeError, ValueError):
-            raise OptionError(f"{where}: lr and epochs must be numbers") from None
+            raise OptionError(f"{where}: lr, head_lr, epochs and warmup must be numbers") from None
         opts = cls(**values)
         opts.validate()
         return opts
@@ -129,6 +188,7 @@ class EvalResult:
         test_loss: mean token-averaged label NLL over the test set after fine-tuning.
         base_test_loss: the same for the untouched model (``None`` if not measured).
         test_losses: per test example, after fine-tuning.
+        base_test_losses: per test example, the untouched model (when measured).
         f1 / base_f1: NER entity-level F1 (seqeval) after / before fine-tuning.
         em / base_em: exact match of the final answer on ``em_samples`` records.
         n_train / n_test: examples used (after encoding skips).
@@ -150,6 +210,8 @@ class EvalResult:
     em_n: int = 0
     costs: dict[str, Any] = dataclasses.field(default_factory=dict)
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    base_test_losses: np.ndarray | None = None
+    test_ids: list[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """The scalar figures, costs and info as a JSON-serialisable dict."""
@@ -338,6 +400,21 @@ def exact_match(model: Any, tokenizer: Any, records: Sequence[Record], *,
 
 # --------------------------------------------------------------------------- the harness
 
+_HEADS = ("classifier", "score")  # a token classifier's head (BERT-like / decoder models)
+
+
+def _split_head(net: Any) -> tuple[list[Any], list[Any]]:
+    """The trainable parameters of the classification head and of everything else (a
+    LoRA model's head is the ``modules_to_save`` copy, found by the same name)."""
+    head, body = [], []
+    for name, p in net.named_parameters():
+        if p.requires_grad:
+            (head if any(part in _HEADS for part in name.split(".")) else body).append(p)
+    if not head:
+        raise OptionError("head_lr: the model has no trainable classifier / score head")
+    return head, body
+
+
 
 def finetune_and_evaluate(
     train_records: Sequence[Record] | None,
@@ -351,7 +428,11 @@ def finetune_and_evaluate(
     progress: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> EvalResult:
-    """LoRA fine-tune a freshly loaded model on ``train_records``; measure ``test_records``.
+    """Fine-tune a freshly loaded model on ``train_records``; measure ``test_records``.
+
+    A LoRA adapter (plus, for NER, the head) is trained, or with ``options.lora_rank == 0``
+    every parameter of the model (full fine-tuning; ``options.head_lr`` may give a new NER
+    head its own learning rate).
 
     Args:
         train_records: the subset to train on (e.g. a selection); ``None``: measure the
@@ -369,6 +450,8 @@ def finetune_and_evaluate(
     Returns:
         An :class:`EvalResult` with the figures and the cost of each stage.
     """
+    import torch
+
     from finesift.engine.scoring import example_losses
     from finesift.engine.tasks import task_for
     from finesift.engine.train import LoraOptions, TrainOptions, add_lora, train
@@ -396,6 +479,7 @@ def finetune_and_evaluate(
     label2id = None
     id2label: list[str] = []
     base_loss = base_f1 = base_em = None
+    base_losses = None
     if task == "ner":
         id2label = [net.config.id2label[i] for i in range(net.config.num_labels)]
         label2id = {lab: i for i, lab in enumerate(id2label)}
@@ -404,14 +488,16 @@ def finetune_and_evaluate(
             train_records, tok, task, opts.max_length, label2id, "train")
         test_ex, test_rep = _encode(test_records, tok, task, opts.max_length, label2id, "test")
     task_obj = task_for(task, tok)
-    measure = {"batch_size": opts.eval_batch_size, "precision": "fp32", "progress": progress}
+    measure = {"batch_size": opts.eval_batch_size, "precision": opts.eval_precision,
+               "progress": progress}
+    test_ids = [test_records[e.index].id for e in test_ex]
     em_records = em_candidates(test_records, opts.em_samples, opts.seed) if task == "lm" else []
 
     if measure_base:
         log("measuring the untouched model on the test set ...")
         with costs.stage("eval_base"):
-            base_loss = float(np.mean(example_losses(net, task_obj, test_ex, desc="base test",
-                                                     **measure)))
+            base_losses = example_losses(net, task_obj, test_ex, desc="base test", **measure)
+            base_loss = float(np.mean(base_losses))
             if task == "ner":
                 base_f1 = entity_f1(*ner_predictions(net, task_obj, test_ex, id2label,
                                                      batch_size=opts.eval_batch_size))
@@ -426,20 +512,36 @@ def finetune_and_evaluate(
             base_f1=base_f1, em=base_em, base_em=base_em, em_n=len(em_records),
             costs=costs.to_dict(), info={"task": task, "model": bundle.info,
                                          "test_encoding": test_rep},
+            base_test_losses=base_losses, test_ids=test_ids,
         )
-    train_opts = TrainOptions(lr=opts.lr, epochs=opts.epochs, batch_size=opts.batch_size)
+    train_opts = TrainOptions(lr=opts.lr, epochs=opts.epochs, batch_size=opts.batch_size,
+                              schedule=opts.schedule)
+    per_epoch = -(-len(train_ex) // opts.batch_size)
     if opts.steps is not None:
-        per_epoch = -(-len(train_ex) // opts.batch_size)
         train_opts.epochs = opts.steps / per_epoch
         train_opts.max_steps = opts.steps
+    total_steps = opts.steps if opts.steps is not None else int(np.ceil(opts.epochs * per_epoch))
+    train_opts.warmup_steps = int(round(opts.warmup * total_steps))
     length = (f"{opts.steps} steps" if opts.steps is not None else f"{opts.epochs:g} epoch(s)")
-    log(f"fine-tuning on {len(train_ex)} examples ({length}, lr {opts.lr:g}, "
-        f"rank {opts.lora_rank}) ...")
+    how = "full fine-tuning" if opts.full else f"LoRA rank {opts.lora_rank}"
+    head_lr = opts.head_lr if task == "ner" else None
+    log(f"fine-tuning on {len(train_ex)} examples ({length}, {how}, lr {opts.lr:g}"
+        f"{f', head lr {head_lr:g}' if head_lr is not None else ''}) ...")
     with costs.stage("finetune"):
-        net = add_lora(net, task, LoraOptions(rank=opts.lora_rank, alpha=2 * opts.lora_rank),
-                       seed=opts.seed)
-        stats = train(net, task_obj, train_ex, train_opts, seed=opts.seed, precision=opts.precision, progress=progress,
-                      desc="fine-tuning")
+        if opts.full:
+            torch.manual_seed(opts.seed)  # dropout masks, as add_lora seeds them for LoRA
+            for p in net.parameters():
+                p.requires_grad_(True)
+        else:
+            net = add_lora(net, task, LoraOptions(rank=opts.lora_rank, alpha=2 * opts.lora_rank),
+                           seed=opts.seed)
+        groups = None
+        if head_lr is not None:
+            head, body = _split_head(net)
+            groups = [{"params": body, "lr_scale": 1.0},
+                      {"params": head, "lr_scale": head_lr / opts.lr}]
+        stats = train(net, task_obj, train_ex, train_opts, param_groups=groups, seed=opts.seed,
+                      precision=opts.precision, progress=progress, desc="fine-tuning")
     with costs.stage("eval"):
         losses = example_losses(net, task_obj, test_ex, desc="test", **measure)
         f1 = em = None
@@ -472,4 +574,5 @@ def finetune_and_evaluate(
             "test_encoding": test_rep,
             "labels": id2label or None,
         },
+        base_test_losses=base_losses, test_ids=test_ids,
     )

@@ -268,8 +268,14 @@ window.addEventListener('load', function () {
 
 def write_report(out: Path, cfg: Any, rows: list[dict[str, Any]], *, budgets: list,
                  seeds: list[int], finetune: Any, model: str | None, quick: bool, data: Any,
-                 seconds: float, tuning: dict[str, Any] | None = None) -> tuple[Path, Path]:
-    """Write ``report.md`` and ``report.html`` to ``out``; returns their paths."""
+                 seconds: float, tuning: dict[str, Any] | None = None,
+                 base: dict[str, Any] | None = None, md_copy: Path | None = None
+                 ) -> tuple[Path, Path]:
+    """Write ``report.md`` and ``report.html`` to ``out`` (and ``report.md`` to
+    ``md_copy`` too, the suite's committed results folder); returns their paths."""
+    from finesift.evaluate.bench import method_seeds
+    from finesift.evaluate.leaderboard import head_to_head_rows, stats_note, summarize, verdict
+
     methods = [m.label for m in cfg.methods]
     budget_keys = [str(b) for b in budgets]
     sources = [s.name for s in cfg.pool]
@@ -280,6 +286,28 @@ def write_report(out: Path, cfg: Any, rows: list[dict[str, Any]], *, budgets: li
     f1 = metric_table(rows, "test_f1", methods, budget_keys, digits=3)
     em = metric_table(rows, "test_em", methods, budget_keys, digits=3)
     costs = cost_table(rows, methods)
+    summaries = summarize(rows, [{"label": m.label, "name": m.name,
+                                  "seeds": method_seeds(m, seeds)} for m in cfg.methods],
+                          budgets=budget_keys, flags=cfg.flags, skipped=cfg.skipped)
+    line = verdict(rows, summaries)
+    h2h_header, h2h_rows = head_to_head_rows(summaries, budget_keys, cfg.flags,
+                                             any(r.get("test_f1") is not None for r in rows))
+    h2h_note = stats_note()
+    skipped_rows = [[label, reason] for label, reason in cfg.skipped.items()
+                    if label not in methods]
+    worse = [r for r in rows if r.get("status") == "ok" and r.get("worse_than_untouched")]
+    worse_note = ("No fine-tuned model came out worse than the untouched model." if not worse
+                  else "**Worse than the untouched model** (test loss above "
+                  f"{(base or {}).get('all', {}).get('base_test_loss') or '-'}): " + ", ".join(
+                      f"{r['method']} budget {r['budget']} seed {r['seed']} "
+                      f"({r['test_loss']:.4f})" for r in worse))
+    effective = {
+        "budgets": [str(b) for b in budgets], "seeds": list(seeds),
+        "methods": {m.label: {"method": m.name, "options": m.options,
+                              "seeds": method_seeds(m, seeds)} for m in cfg.methods},
+        "strategy": cfg.strategy, "model": str(model), "max_length": cfg.max_length,
+        "finetune": finetune.hyperparameters(), "quick": quick,
+    }
     cost_header = ["method", "select s", "select peak MiB", "fine-tune s", "fine-tune peak MiB",
                    "eval s", "examples fine-tuned", "train-eval runs in selection", "runs"]
     cost_note = ("Fine-tune and eval times average the runs that fine-tuned. A run whose "
@@ -333,6 +361,8 @@ def write_report(out: Path, cfg: Any, rows: list[dict[str, Any]], *, budgets: li
         ("wall time of this invocation",
          f"{seconds:.0f} s (finished runs from earlier invocations are not redone)"),
         ("untouched model test loss", f"{np.mean(base):.4f}" if base else "-"),
+        ("machines the runs were measured on (seconds compare only within one)",
+         "; ".join(sorted({str(r["machine"]) for r in rows if r.get("machine")})) or "-"),
         ("written", when),
     ]
     imp_note = ("100 x (L_random - L_method) / L_random, paired by budget and seed; "
@@ -341,9 +371,13 @@ def write_report(out: Path, cfg: Any, rows: list[dict[str, Any]], *, budgets: li
         imp_note = "no `random` method in this config, so no improvement over random."
 
     # ---- markdown
-    md = [f"# finesift benchmark: {cfg.name}", ""]
+    md = [f"# finesift benchmark: {cfg.name}", "", line.replace("**", ""), ""]
     md += [f"- **{k}**: {v}" for k, v in facts]
-    md += ["", "## % test log-loss improvement over random, mean ± std over seeds", "",
+    md += ["", "## Head to head against random (paired bootstrap)", "", h2h_note, "",
+           _md_table(h2h_header, h2h_rows), "", worse_note, ""]
+    if skipped_rows:
+        md += ["Left out of this suite:", "", _md_table(["method", "reason"], skipped_rows), ""]
+    md += ["## % test log-loss improvement over random, mean ± std over seeds", "",
            imp_note, "", _md_table(header, improve), "",
            "## Test log-loss, mean ± std over seeds", "", _md_table(header, loss), ""]
     if has_f1:
@@ -357,10 +391,13 @@ def write_report(out: Path, cfg: Any, rows: list[dict[str, Any]], *, budgets: li
            "## Fine-tuning hyperparameters (the same for every method)", "",
            _md_table(["hyperparameter", "value"], hyper_rows), "", tune_note, "",
            *([_md_table(tune_header, tune_rows), ""] if tune_rows else []),
+           "## Configuration as run", "", "```json",
+           json.dumps(effective, indent=2, default=str), "```", "",
            "Plots: see report.html.", ""]
     md_path = out / "report.md"
-    with atomic_path(md_path) as tmp:
-        tmp.write_text("\n".join(md), encoding="utf-8")
+    for folder in [out] + ([md_copy] if md_copy is not None else []):
+        with atomic_path(folder / "report.md") as tmp:
+            tmp.write_text("\n".join(md), encoding="utf-8")
 
     # ---- html
     plots: list[tuple[str, str]] = []
@@ -374,9 +411,14 @@ def write_report(out: Path, cfg: Any, rows: list[dict[str, Any]], *, budgets: li
                           plot_score_histograms(scores, sources)))
         plots.append(("Cost per method", plot_costs(rows, methods)))
     esc = html.escape
-    body = [f"<h1>finesift benchmark: {esc(cfg.name)}</h1>", "<ul>"]
+    body = [f"<h1>finesift benchmark: {esc(cfg.name)}</h1>",
+            f'<p class="verdict" id="verdict">{esc(line.replace("**", ""))}</p>', "<ul>"]
     body += [f"<li><b>{esc(k)}</b>: {esc(str(v))}</li>" for k, v in facts]
     body += ["</ul>", '<p class="note" id="plots-status"></p>',
+             "<h2>Head to head against random (paired bootstrap)</h2>",
+             f'<p class="note">{esc(h2h_note)}</p>', _html_table(h2h_header, h2h_rows),
+             f"<p>{esc(worse_note.replace('**', ''))}</p>",
+             *([_html_table(["method", "reason"], skipped_rows)] if skipped_rows else []),
              "<h2>% test log-loss improvement over random, mean ± std over seeds</h2>",
              f'<p class="note">{esc(imp_note)}</p>', _html_table(header, improve),
              "<h2>Test log-loss, mean ± std over seeds</h2>", _html_table(header, loss)]
@@ -396,7 +438,9 @@ def write_report(out: Path, cfg: Any, rows: list[dict[str, Any]], *, budgets: li
              _html_table(["hyperparameter", "value"], hyper_rows),
              f"<p>{esc(tune_note)}</p>",
              *([_html_table(tune_header, tune_rows)] if tune_rows else []),
-             "<h2>Configuration</h2>",
+             "<h2>Configuration as run</h2>",
+             f"<pre>{esc(json.dumps(effective, indent=2, default=str))}</pre>",
+             "<h2>Configuration file</h2>",
              f"<pre>{esc(json.dumps(cfg.raw, indent=2, default=str))}</pre>"]
     page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>finesift benchmark: {esc(cfg.name)}</title>"

@@ -7,6 +7,8 @@ random selection, and uses it for every method. A config may list a grid:
 tune: {lr: [1.0e-4, 2.0e-4, 5.0e-4], epochs: [1, 2]}   # or steps: [50, 100]
 ```
 
+(also ``head_lr``, ``warmup``, and ``lora_rank``, where 0 is full fine-tuning.)
+
 Each grid point fine-tunes a fresh model on one uniformly random subset of the pool (the
 largest budget, the first seed) and is measured on the **val** set, which every method
 sees anyway; the test set stays unseen. The point with the lowest val log-loss replaces
@@ -28,7 +30,7 @@ import numpy as np
 from finesift.errors import OptionError
 from finesift.evaluate.finetune import FinetuneOptions, finetune_and_evaluate
 
-TUNABLE = ("lr", "epochs", "steps", "lora_rank", "batch_size")
+TUNABLE = ("lr", "head_lr", "epochs", "steps", "lora_rank", "warmup", "batch_size")
 
 
 def check_grid(grid: Any) -> dict[str, list[Any]]:
