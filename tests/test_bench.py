@@ -192,6 +192,19 @@ def test_config_errors(tmp_path, write_jsonl, change: str, message: str) -> None
     assert str(err.value).startswith(f"{cfg}: ") and message in str(err.value)
 
 
+def test_test_limit_keeps_the_first_test_records(tmp_path, write_jsonl) -> None:
+    from finesift.evaluate.bench import prepare_data
+
+    text = CONFIG.replace("  test: data/test.jsonl\n", "  test: data/test.jsonl\n  test_limit: 5\n")
+    cfg = load_config(make_suite(tmp_path, write_jsonl, text))
+    full = [json.loads(line)["id"] for line in (tmp_path / "data/test.jsonl").read_text().splitlines()]
+    data = prepare_data(cfg, tmp_path / "out")
+    assert [r.id for r in data.test] == full[:5]
+    bad = make_suite(tmp_path / "bad", write_jsonl, text.replace("test_limit: 5", "test_limit: 0"))
+    with pytest.raises(ConfigError, match="target.test_limit: expected a positive count"):
+        load_config(bad)
+
+
 def test_paths_are_relative_to_the_config(tmp_path, write_jsonl) -> None:
     cfg = load_config(make_suite(tmp_path / "suite", write_jsonl))
     assert cfg.val == (tmp_path / "suite/data/val.jsonl").resolve()

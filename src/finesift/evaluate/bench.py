@@ -131,6 +131,7 @@ class BenchConfig:
     raw: dict[str, Any] = field(default_factory=dict)
     results: Path | None = None
     leaderboard: Path | None = None
+    test_limit: int | None = None
     flags: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
 
@@ -229,8 +230,14 @@ def load_config(path: str | Path) -> BenchConfig:
     if len(set(names)) != len(names):
         raise ConfigError(path, f"pool: source names must be unique, got {names}")
     target = raw["target"]
-    if not isinstance(target, dict) or set(target) != {"val", "test"}:
-        raise ConfigError(path, "target: expected {val: FILE, test: FILE}")
+    if not isinstance(target, dict) or not {"val", "test"} <= set(target) <= {
+            "val", "test", "test_limit"}:
+        raise ConfigError(path, "target: expected {val: FILE, test: FILE[, test_limit: N]}")
+    test_limit = target.get("test_limit")
+    if test_limit is not None and (isinstance(test_limit, bool) or not isinstance(test_limit, int)
+                                   or test_limit < 1):
+        raise ConfigError(path, f"target.test_limit: expected a positive count, got "
+                                f"{test_limit!r}")
     budgets = raw["budgets"]
     if not isinstance(budgets, list) or not budgets:
         raise ConfigError(path, "budgets: expected a non-empty list of counts or percentages")
@@ -278,7 +285,7 @@ def load_config(path: str | Path) -> BenchConfig:
         path=path, name=str(raw["name"]), task=task, model=raw.get("model"),
         max_length=max_length, pool=pool,
         val=_resolve(base, target["val"], "target.val", path),
-        test=_resolve(base, target["test"], "target.test", path),
+        test=_resolve(base, target["test"], "target.test", path), test_limit=test_limit,
         methods=methods, budgets=list(budgets), seeds=list(seeds), finetune=finetune,
         strategy=strategy, tune=tune, raw=raw,
         results=_resolve(base, raw["results"], "results", path) if raw.get("results") else None,
@@ -336,6 +343,8 @@ def prepare_data(cfg: BenchConfig, out: Path, *, quick: bool = False) -> BenchDa
         sources.append((src, recs))
     val = _read(cfg.val, "val")
     test = _read(cfg.test, "test")
+    if cfg.test_limit is not None:
+        test = test[: cfg.test_limit]
     others: dict[str, list[Record]] = {f"pool source '{s.name}'": r for s, r in sources}
     others["val set"] = val
     check_no_overlap(test, others)
