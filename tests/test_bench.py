@@ -378,8 +378,8 @@ def test_quick_bench_tunes_finetuning_for_random_on_val(tmp_path, write_jsonl):
 
 
 def test_config_rejects_a_bad_tune_grid(tmp_path, write_jsonl):
-    cfg = make_suite(tmp_path, write_jsonl, CONFIG + "tune: {warmup: [1, 2]}\n")
-    with pytest.raises(ConfigError, match="tune.warmup: not tunable"):
+    cfg = make_suite(tmp_path, write_jsonl, CONFIG + "tune: {max_length: [32, 64]}\n")
+    with pytest.raises(ConfigError, match="tune.max_length: not tunable"):
         load_config(cfg)
     cfg = make_suite(tmp_path, write_jsonl, CONFIG + "tune: {lr: [-1.0]}\n")
     with pytest.raises(ConfigError, match="lr must be positive"):

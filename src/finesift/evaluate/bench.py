@@ -621,8 +621,7 @@ def run_bench(
             k=counts[largest], seed=seeds[0], labels=labels, out=res_dir, progress=progress,
             log=lambda m: log(f"[{cfg.name}] {m}"))
         log(f"[{cfg.name}] fine-tuning hyperparameters tuned for random: {tuning['chosen']}")
-    if not report_only:
-        check_same_setup(res_dir, cfg, model, finetune, data, quick)
+    check_same_setup(res_dir, cfg, model, finetune, data, quick)
     write_suite_record(res_dir, cfg, model, budgets, seeds, quick)
     by_id = {r.id: r for r in data.pool}
     results_path = res_dir / "results.jsonl"
