@@ -188,3 +188,11 @@ def test_suite_resumes_from_committed_results_alone(committed, tmp_path):
     (folder / "RESULTS.md").write_text("# Results\n")
     write_leaderboard(folder / "results", folder / "RESULTS.md")
     assert "| dsir |" in (folder / "RESULTS.md").read_text()
+    # a configured suite that has not run yet gets a column of marked cells, not nothing
+    (folder / "other.yaml").write_text(cfg.read_text().replace("name: tiny", "name: other")
+                                       .replace("results/tiny", "results/other"))
+    write_leaderboard(folder / "results", folder / "RESULTS.md", config_dir=folder)
+    board = (folder / "RESULTS.md").read_text()
+    assert "| method | tiny | other |" in board
+    assert "| dsir | +" in board and "| not run yet |" in board
+    assert "**other**: No verdict yet" in board

@@ -681,7 +681,7 @@ def run_bench(
     if cfg.leaderboard is not None and cfg.results is not None and not quick:
         from finesift.evaluate.leaderboard import write_leaderboard
 
-        write_leaderboard(cfg.results.parent, cfg.leaderboard)
+        write_leaderboard(cfg.results.parent, cfg.leaderboard, config_dir=cfg.path.parent)
     return BenchResult(out_dir, rows, n_done, n_skipped, n_failed, seconds, res_dir)
 
 
