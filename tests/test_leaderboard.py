@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from finesift.evaluate.bench import build_quick_model, run_bench
+from finesift.evaluate.bench import build_quick_model, pending_suites, run_bench
 from finesift.evaluate.leaderboard import BEGIN, END, read_suite, suite_summaries, summarize, \
     verdict, write_leaderboard
 from finesift.data.readers import load_records
@@ -191,7 +191,8 @@ def test_suite_resumes_from_committed_results_alone(committed, tmp_path):
     # a configured suite that has not run yet gets a column of marked cells, not nothing
     (folder / "other.yaml").write_text(cfg.read_text().replace("name: tiny", "name: other")
                                        .replace("results/tiny", "results/other"))
-    write_leaderboard(folder / "results", folder / "RESULTS.md", config_dir=folder)
+    write_leaderboard(folder / "results", folder / "RESULTS.md",
+                      pending=pending_suites(folder, folder / "results"))
     board = (folder / "RESULTS.md").read_text()
     assert "| method | tiny | other |" in board
     assert "| dsir | +" in board and "| not run yet |" in board

@@ -49,7 +49,7 @@ import numpy as np
 from finesift.data.records import Record
 from finesift.errors import FinesiftError, OptionError
 from finesift.evaluate.finetune import FinetuneOptions, finetune_and_evaluate, label_names
-from finesift.evaluate.leaderboard import load_finished
+from finesift.evaluate.leaderboard import SuiteResults, load_finished
 from finesift.evaluate.tuning import check_grid, finished_tuning, tune_for_random
 from finesift.store import Stopwatch
 
@@ -677,11 +677,13 @@ def run_bench(
     base_all = json.loads((res_dir / "base.json").read_text()) if (res_dir / "base.json").exists() else {}
     write_report(out_dir, cfg, rows, budgets=budgets, seeds=seeds, finetune=finetune,
                  model=model, quick=quick, data=data, seconds=seconds, tuning=tuning,
-                 base=base_all, md_copy=res_dir if res_dir != out_dir else None)
+                 base=base_all, md_copy=res_dir if res_dir != out_dir else None,
+                 methods=suite_methods(cfg, seeds))
     if cfg.leaderboard is not None and cfg.results is not None and not quick:
         from finesift.evaluate.leaderboard import write_leaderboard
 
-        write_leaderboard(cfg.results.parent, cfg.leaderboard, config_dir=cfg.path.parent)
+        write_leaderboard(cfg.results.parent, cfg.leaderboard,
+                          pending=pending_suites(cfg.path.parent, cfg.results.parent))
     return BenchResult(out_dir, rows, n_done, n_skipped, n_failed, seconds, res_dir)
 
 
@@ -694,6 +696,31 @@ def method_seeds(spec: MethodSpec, seeds: list[int]) -> list[int]:
     return own or list(seeds[:1])
 
 
+def pending_suites(config_dir: Path, results_root: Path) -> list[SuiteResults]:
+    """The suites configured in ``config_dir`` (YAMLs whose ``results`` folder is under
+    ``results_root``), as empty result sets: the leaderboard shows a column for each one
+    that has no results yet, every cell marked, instead of leaving the suite out."""
+    out = []
+    for path in sorted(Path(config_dir).glob("*.yaml")):
+        try:
+            cfg = load_config(path)
+        except ConfigError:
+            continue
+        if cfg.results is None or cfg.results.resolve().parent != Path(results_root).resolve():
+            continue
+        meta = {"name": cfg.name, "seeds": cfg.seeds, "skipped": cfg.skipped,
+                "budgets": [str(b) for b in cfg.budgets], "flags": cfg.flags,
+                "methods": suite_methods(cfg, cfg.seeds)}
+        out.append(SuiteResults(cfg.name, cfg.results, meta, []))
+    return out
+
+
+def suite_methods(cfg: BenchConfig, seeds: list[int]) -> list[dict[str, Any]]:
+    """The config's methods as the reports and the leaderboard see them."""
+    return [{"label": m.label, "name": m.name, "options": m.options, "key": m.key,
+             "seeds": method_seeds(m, seeds)} for m in cfg.methods]
+
+
 def write_suite_record(res_dir: Path, cfg: BenchConfig, model: str | None, budgets: list,
                        seeds: list[int], quick: bool) -> None:
     """``suite.json``: what the leaderboard needs besides the runs (the methods in order,
@@ -703,8 +730,7 @@ def write_suite_record(res_dir: Path, cfg: BenchConfig, model: str | None, budge
     write_json(res_dir / "suite.json", {
         "name": cfg.name, "task": cfg.task, "model": "tiny random (--quick)" if quick else model,
         "budgets": [str(b) for b in budgets], "seeds": list(seeds), "flags": cfg.flags,
-        "methods": [{"label": m.label, "name": m.name, "options": m.options,
-                     "key": m.key, "seeds": method_seeds(m, seeds)} for m in cfg.methods],
+        "methods": suite_methods(cfg, seeds),
         "skipped": cfg.skipped, "config": cfg.path.name,
     })
 

@@ -401,42 +401,19 @@ def leaderboard_markdown(suites: Sequence[SuiteResults],
     return "\n".join(lines)
 
 
-def pending_suites(config_dir: Path, results_root: Path, have: set[str]) -> list[SuiteResults]:
-    """The suites configured in ``config_dir`` (YAMLs whose ``results`` folder is under
-    ``results_root``) that have no results yet, so the leaderboard shows their column with
-    every cell marked instead of leaving the suite out."""
-    from finesift.evaluate.bench import ConfigError, load_config, method_seeds
-
-    out = []
-    for path in sorted(Path(config_dir).glob("*.yaml")):
-        try:
-            cfg = load_config(path)
-        except ConfigError:
-            continue
-        if (cfg.results is None or cfg.name in have
-                or cfg.results.resolve().parent != Path(results_root).resolve()):
-            continue
-        meta = {"name": cfg.name, "seeds": cfg.seeds, "skipped": cfg.skipped,
-                "budgets": [str(b) for b in cfg.budgets], "flags": cfg.flags,
-                "methods": [{"label": m.label, "name": m.name, "key": m.key,
-                             "seeds": method_seeds(m, cfg.seeds)} for m in cfg.methods]}
-        out.append(SuiteResults(cfg.name, cfg.results, meta, []))
-    return out
-
-
 def write_leaderboard(results_root: Path, md_path: Path,
                       n_resamples: int = DEFAULT_RESAMPLES,
-                      config_dir: Path | None = None) -> str:
-    """Rebuild the leaderboard from every suite folder under ``results_root`` (and, with
-    ``config_dir``, a column for each configured suite not run yet) and put it between the
-    leaderboard markers of ``md_path`` (right after its title when the markers are
-    missing). Returns the generated text."""
+                      pending: Sequence[SuiteResults] = ()) -> str:
+    """Rebuild the leaderboard from every suite folder under ``results_root`` (plus a
+    column for each ``pending`` suite that has no folder yet, its cells marked) and put it
+    between the leaderboard markers of ``md_path`` (right after its title when the markers
+    are missing). Returns the generated text."""
     from finesift.store import atomic_path
 
     suites = [s for f in sorted(p for p in Path(results_root).iterdir() if p.is_dir())
               if (s := read_suite(f)) is not None]
-    if config_dir is not None:
-        suites += pending_suites(config_dir, results_root, {s.name for s in suites})
+    have = {s.name for s in suites}
+    suites += [s for s in pending if s.name not in have]
     text = leaderboard_markdown(suites, n_resamples)
     block = f"{BEGIN}\n{text}\n{END}"
     old = md_path.read_text(encoding="utf-8") if md_path.exists() else "# Results\n"

@@ -269,14 +269,17 @@ window.addEventListener('load', function () {
 def write_report(out: Path, cfg: Any, rows: list[dict[str, Any]], *, budgets: list,
                  seeds: list[int], finetune: Any, model: str | None, quick: bool, data: Any,
                  seconds: float, tuning: dict[str, Any] | None = None,
-                 base: dict[str, Any] | None = None, md_copy: Path | None = None
-                 ) -> tuple[Path, Path]:
+                 base: dict[str, Any] | None = None, md_copy: Path | None = None,
+                 methods: list[dict[str, Any]] | None = None) -> tuple[Path, Path]:
     """Write ``report.md`` and ``report.html`` to ``out`` (and ``report.md`` to
-    ``md_copy`` too, the suite's committed results folder); returns their paths."""
-    from finesift.evaluate.bench import method_seeds
+    ``md_copy`` too, the suite's committed results folder); returns their paths.
+    ``methods``: the methods as run (``label``, ``name``, ``options``, ``seeds``; default:
+    the config's, on every seed)."""
     from finesift.evaluate.leaderboard import head_to_head_rows, stats_note, summarize, verdict
 
-    methods = [m.label for m in cfg.methods]
+    run_methods = methods or [{"label": m.label, "name": m.name, "options": m.options,
+                               "seeds": list(seeds)} for m in cfg.methods]
+    methods = [m["label"] for m in run_methods]
     budget_keys = [str(b) for b in budgets]
     sources = [s.name for s in cfg.pool]
     header = ["method"] + [f"budget {b}" for b in budget_keys]
@@ -286,9 +289,8 @@ def write_report(out: Path, cfg: Any, rows: list[dict[str, Any]], *, budgets: li
     f1 = metric_table(rows, "test_f1", methods, budget_keys, digits=3)
     em = metric_table(rows, "test_em", methods, budget_keys, digits=3)
     costs = cost_table(rows, methods)
-    summaries = summarize(rows, [{"label": m.label, "name": m.name,
-                                  "seeds": method_seeds(m, seeds)} for m in cfg.methods],
-                          budgets=budget_keys, flags=cfg.flags, skipped=cfg.skipped)
+    summaries = summarize(rows, run_methods, budgets=budget_keys, flags=cfg.flags,
+                          skipped=cfg.skipped)
     line = verdict(rows, summaries)
     h2h_header, h2h_rows = head_to_head_rows(summaries, budget_keys, cfg.flags,
                                              any(r.get("test_f1") is not None for r in rows))
@@ -303,8 +305,8 @@ def write_report(out: Path, cfg: Any, rows: list[dict[str, Any]], *, budgets: li
                       f"({r['test_loss']:.4f})" for r in worse))
     effective = {
         "budgets": [str(b) for b in budgets], "seeds": list(seeds),
-        "methods": {m.label: {"method": m.name, "options": m.options,
-                              "seeds": method_seeds(m, seeds)} for m in cfg.methods},
+        "methods": {m["label"]: {"method": m["name"], "options": m.get("options", {}),
+                                 "seeds": m["seeds"]} for m in run_methods},
         "strategy": cfg.strategy, "model": str(model), "max_length": cfg.max_length,
         "finetune": finetune.hyperparameters(), "quick": quick,
     }
