@@ -9,13 +9,19 @@ import shutil
 
 import numpy as np
 import pytest
-
-from finesift.evaluate.bench import build_quick_model, pending_suites, run_bench
-from finesift.evaluate.leaderboard import BEGIN, END, read_suite, suite_summaries, summarize, \
-    verdict, write_leaderboard
-from finesift.data.readers import load_records
-
 from test_bench import make_suite
+
+from finesift.data.readers import load_records
+from finesift.evaluate.bench import build_quick_model, pending_suites, run_bench
+from finesift.evaluate.leaderboard import (
+    BEGIN,
+    END,
+    read_suite,
+    suite_summaries,
+    summarize,
+    verdict,
+    write_leaderboard,
+)
 
 
 def _rows(losses: dict[str, np.ndarray], budgets=("10", "20"), seeds=(0, 1, 2)):
@@ -128,7 +134,7 @@ def committed(tmp_path_factory, write_jsonl):
 
 
 def test_suite_writes_its_results_to_the_committed_folder(committed):
-    folder, cfg, first = committed
+    folder, _, first = committed
     res = folder / "results" / "tiny"
     assert first.n_failed == 0 and first.n_done == 2 * 2 + 2 * 2 + 2 + 2
     for name in ("results.jsonl", "setup.json", "base.json", "suite.json", "report.md"):

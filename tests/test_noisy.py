@@ -299,7 +299,7 @@ def test_noisy_records_read_with_their_flag_and_the_config_loads(built, tmp_path
     assert raw["target"] == plain["target"]
     assert raw["pool"] == [{"name": "sharegpt", "path": "data/sharegpt.jsonl", "limit": 150},
                            {"name": "gsm8k-noisy", "path": "data/gsm8k_pool_noisy.jsonl",
-                            "limit": 50}]
+                            "limit": 100}]
     for key in ("task", "model", "max_length"):
         assert raw[key] == plain[key]
     if "flags" not in bench.OPTIONAL_KEYS:  # the harness learns `flags` separately
@@ -308,4 +308,6 @@ def test_noisy_records_read_with_their_flag_and_the_config_loads(built, tmp_path
     cfg_path.write_text(yaml.safe_dump(raw))
     cfg = bench.load_config(cfg_path)
     data = bench.prepare_data(cfg, tmp_path / "out")
-    assert len(data.test) == 300 and len(data.val) == 64
+    assert len(data.test) == raw["target"]["test_limit"] == 150 and len(data.val) == 64
+    noisy_pool = [r for r in data.pool if data.source_of.get(r.source) == "gsm8k-noisy"]
+    assert len(noisy_pool) == 100 and sum(r.raw["corrupted"] is True for r in noisy_pool) == 40
