@@ -313,7 +313,7 @@ def test_mixed_shapes_in_one_file(tmp_path: Path) -> None:
         ({"conversations": [{"from": "human"}]}, "'conversations[0]'"),
         ({"prompt": "p", "completion": ["c"]}, "'completion'"),
         ({"text": 3}, "'text'"),
-        ({"tokens": ["a", 1], "tags": ["O", "O"]}, "'tokens'[1]"),
+        ({"tokens": ["a", 1], "tags": ["O", "O"]}, "'tokens[1]'"),
         ({"tokens": "a b", "tags": ["O", "O"]}, "'tokens'"),
         ({"tokens": ["a"], "tags": "O"}, "'tags'"),
     ],

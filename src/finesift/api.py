@@ -6,6 +6,8 @@ strategy -> selected records, ``scores.parquet``, ``selected.jsonl``, ``manifest
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -212,6 +214,9 @@ def select(
         batch_size = int(batch_size)
     if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
         raise OptionError(f"max_length must be a positive integer or None, got {max_length!r}")
+    check_seed(seed)
+    if model is not None and not str(model).strip():
+        raise OptionError("--model is empty; give a built-in model name or a model folder")
     meth = get_method(method, method_options)  # fails fast on a bad name or option
     _check_device(device)
     shard = _shard_spec(num_shards, shard_index)
@@ -221,10 +226,8 @@ def select(
             raise OptionError("a shard run (--shard-index) needs an output folder (--out)")
     elif budget is None:
         raise OptionError("a budget is needed (--budget), except in a shard run")
+    out_dir = check_out_dir(out)
     run_executor = _make_executor(meth, executor, ray_address, ray_options, device)
-    out_dir = Path(out) if out is not None else None
-    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
-        raise OptionError(f"--out {out_dir}: exists and is not a folder")
 
     with watch.stage("read"):
         read_pool, read_target = ReadReport(), ReadReport()
@@ -381,10 +384,11 @@ def select(
         "versions": package_versions(),
     }
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_parquet(out_dir / "scores.parquet", columns)
-        write_jsonl(out_dir / "selected.jsonl", (r.raw for r in selected))
-        write_json(out_dir / "manifest.json", manifest)
+        write_outputs(out_dir, [
+            ("scores.parquet", lambda path: write_parquet(path, columns)),
+            ("selected.jsonl", lambda path: write_jsonl(path, (r.raw for r in selected))),
+            ("manifest.json", lambda path: write_json(path, manifest)),
+        ])
     return Selection(
         selected=selected,
         scores=scores,
@@ -393,6 +397,80 @@ def select(
         manifest=manifest,
         out=out_dir,
     )
+
+
+OUTPUT_FILES = ("scores.parquet", "selected.jsonl", "manifest.json")
+"""The files a run writes in its output folder (a shard run: the first and the last)."""
+
+
+def check_seed(seed: Any) -> None:
+    """Raise an :class:`OptionError` unless ``seed`` is an integer in [0, 2**32 - 1] (the
+    range every seeded library finesift uses accepts)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or \
+            not 0 <= int(seed) <= 2**32 - 1:
+        raise OptionError(f"--seed {seed!r}: expected an integer from 0 to {2**32 - 1}")
+
+
+def check_out_dir(out: str | Path | None) -> Path | None:
+    """The output folder, checked before any work: not empty, not a file, creatable and
+    writable, and no folder where a run writes one of its files. Nothing is created.
+
+    Raises:
+        OptionError: naming the folder and what is wrong.
+    """
+    if out is None:
+        return None
+    if not str(out).strip():
+        raise OptionError("--out is empty; give the output folder (. for this one)")
+    out_dir = Path(out)
+    try:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise OptionError(f"--out {out_dir}: exists and is not a folder")
+        if out_dir.is_dir():
+            for name in OUTPUT_FILES:
+                if (out_dir / name).is_dir():
+                    raise OptionError(f"--out {out_dir}: {out_dir / name} is a folder; "
+                                      f"a run writes its {name} file there")
+            work = out_dir / ".work"
+            if work.exists() and not work.is_dir():
+                raise OptionError(f"--out {out_dir}: {work} is a file; a run keeps its "
+                                  "resumable state in that folder")
+        parent = out_dir.absolute()
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise OptionError(f"--out {out_dir}: cannot create the folder: {parent} is a file, "
+                              "not a folder")
+    except OSError as e:
+        raise OptionError(f"--out {out_dir}: {e.strerror or e}") from None
+    try:  # the one sure test of writability (permissions, read-only mounts, /proc, /sys)
+        os.rmdir(tempfile.mkdtemp(prefix=".finesift-probe-", dir=parent))
+    except OSError as e:
+        where = "in it" if parent == out_dir.absolute() else f"in {parent}"
+        raise OptionError(f"--out {out_dir}: cannot write {where}: {e.strerror or e}") from None
+    return out_dir
+
+
+def write_outputs(out_dir: Path, writers: list[tuple[str, Callable[[Path], None]]]) -> None:
+    """Write a run's output files in order (the manifest last), each atomically. A stale
+    manifest from an earlier run is removed first, and if a write fails the files this run
+    wrote are removed, so a folder never holds a set of outputs that looks whole but is not.
+
+    Raises:
+        OptionError: a file could not be written (naming it and why).
+    """
+    written: list[Path] = []
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "manifest.json").unlink(missing_ok=True)
+        for name, write in writers:
+            write(out_dir / name)
+            written.append(out_dir / name)
+    except OSError as e:
+        for path in written:
+            path.unlink(missing_ok=True)
+        what = e.filename or out_dir
+        raise OptionError(f"--out {out_dir}: cannot write {what}: {e.strerror or e}") from None
 
 
 def _check_device(device: str) -> None:

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -357,11 +358,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_DASHED_VALUE = re.compile(r"-(\d|\.\d)")
+_PLAIN_NEGATIVE = re.compile(r"-\d+|-\d*\.\d+")
+
+
+def _join_dashed_values(argv: list[str]) -> list[str]:
+    """``--budget -10%`` -> ``--budget=-10%``: argparse takes a value that starts with a
+    dash and is not a plain negative number for an option, and fails with "expected one
+    argument" instead of letting finesift say what is wrong with the value."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if (arg.startswith("--") and "=" not in arg and len(arg) > 2 and nxt is not None
+                and _DASHED_VALUE.match(nxt) and not _PLAIN_NEGATIVE.fullmatch(nxt)):
+            out.append(f"{arg}={nxt}")
+            i += 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_dashed_values(sys.argv[1:] if argv is None else list(argv)))
     try:
         from transformers.utils import logging as hf_logging
 
@@ -369,11 +393,20 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
         return int(args.func(args) or 0)
     except FinesiftError as exc:
-        _eprint(f"finesift: error: {exc}")
+        _eprint(f"finesift: error: {_one_line(str(exc))}")
+        return 2
+    except OSError as exc:  # the file system refused (permissions, a full disk, ...)
+        where = f"{exc.filename}: " if exc.filename else ""
+        _eprint(f"finesift: error: {where}{exc.strerror or exc}")
         return 2
     except KeyboardInterrupt:
         _eprint("finesift: interrupted; run the same command again to resume")
         return 130
+
+
+def _one_line(message: str) -> str:
+    """An error message on one line (a value quoted in it may hold line breaks)."""
+    return " ".join(message.splitlines()) if "\n" in message or "\r" in message else message
 
 
 if __name__ == "__main__":  # pragma: no cover

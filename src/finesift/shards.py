@@ -138,14 +138,17 @@ def write_shard(
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "versions": package_versions(),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stale = out_dir / "manifest.json"
-    if stale.exists():  # a rerun: no old manifest may vouch for the new scores
-        stale.unlink()
-    write_parquet(out_dir / "scores.parquet", columns)
-    # the manifest is written last and names the scores file it belongs to
-    manifest["shard"]["scores_sha256"] = file_fingerprint(out_dir / "scores.parquet")["sha256"]
-    write_json(out_dir / "manifest.json", manifest)
+    from finesift.api import write_outputs
+
+    def write_manifest(path: Path) -> None:
+        # the manifest is written last and names the scores file it belongs to
+        manifest["shard"]["scores_sha256"] = file_fingerprint(
+            out_dir / "scores.parquet")["sha256"]
+        write_json(path, manifest)
+
+    # a rerun: no old manifest may vouch for the new scores (write_outputs removes it first)
+    write_outputs(out_dir, [("scores.parquet", lambda path: write_parquet(path, columns)),
+                            ("manifest.json", write_manifest)])
     return Selection(selected=[], scores=scores, pool=recs, columns=columns,
                      manifest=manifest, out=out_dir)
 
@@ -217,9 +220,9 @@ def merge(
     folders = [Path(d) for d in shard_dirs]
     if not folders:
         raise OptionError("merge needs at least one shard folder")
-    out_dir = Path(out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OptionError(f"--out {out_dir}: exists and is not a folder")
+    from finesift.api import check_out_dir
+
+    out_dir = check_out_dir(out)
 
     with watch.stage("read_shards"):
         mans = [_read_shard(f) for f in folders]
@@ -344,10 +347,13 @@ def merge(
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "versions": package_versions(),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_parquet(out_dir / "scores.parquet", columns)
-    write_jsonl(out_dir / "selected.jsonl", (r.raw for r in selected))
-    write_json(out_dir / "manifest.json", manifest)
+    from finesift.api import write_outputs
+
+    write_outputs(out_dir, [
+        ("scores.parquet", lambda path: write_parquet(path, columns)),
+        ("selected.jsonl", lambda path: write_jsonl(path, (r.raw for r in selected))),
+        ("manifest.json", lambda path: write_json(path, manifest)),
+    ])
     log(f"merged {n_shards} shard(s): {n_pool} pool examples")
     return Selection(selected=selected, scores=scores, pool=pool, columns=columns,
                      manifest=manifest, out=out_dir)

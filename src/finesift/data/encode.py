@@ -9,6 +9,10 @@ the completion, for plain text every token. Labels follow the Hugging Face conve
 The assistant replies are located as character spans inside the rendered chat, and the
 whole string is tokenized once, so the ids are exactly those the model would see at
 inference; a token is a label token when it lies inside a span (up to whitespace).
+Locating a reply renders the conversation up to it, so a chat of n turns costs O(n^2)
+renderings; for a chat of more than 16 replies that ``max_length`` truncates, the
+replies past the last kept token are found by text search instead, which gives the same
+labels for every kept token (a chat of 100,000 turns encodes in linear time).
 
 Token classification (:func:`encode_ner`): the first sub-token of each word carries the
 word's tag id, every other position -100.
@@ -16,7 +20,9 @@ word's tag id, every other position -100.
 
 from __future__ import annotations
 
+import bisect
 import itertools
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -44,6 +50,10 @@ SKIP_NO_WORDS = "no words left after truncation"
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
 
 _MAX_SKIPPED_IDS = 20
+# A chat with more replies than this is tokenized before its replies are located, so that
+# replies past the max_length cut are found by a cheap text search instead of rendering
+# every prefix of the conversation (quadratic in the number of turns).
+_LONG_CHAT = 16
 _DEFAULT_LABEL = re.compile(r"LABEL_\d+")
 
 
@@ -129,12 +139,14 @@ class _Rendered:
     spans: list[tuple[int, int]]
     add_bos: bool = False
     add_eos: bool = False  # append eos as a label token
+    encoding: Any = None  # the fast tokenizer's output for ``text``, if already computed
 
 
 class _LMEncoder:
-    def __init__(self, tokenizer: Any, use_chat: bool) -> None:
+    def __init__(self, tokenizer: Any, use_chat: bool, max_length: int | None = None) -> None:
         self.tok = tokenizer
         self.use_chat = use_chat
+        self.max_length = max_length
         self.bos_id: int | None = getattr(tokenizer, "bos_token_id", None)
         self.eos_id: int | None = getattr(tokenizer, "eos_token_id", None)
         eos = getattr(tokenizer, "eos_token", None)
@@ -204,21 +216,42 @@ class _LMEncoder:
         except Exception as e:  # noqa: BLE001 -- a template may raise anything (jinja, ValueError)
             self.template_errors.append(str(e))
             raise _Skip(SKIP_TEMPLATE_ERROR) from None
+        cut, encoding = self._cut(full, messages)
         spans: list[tuple[int, int]] = []
         pos = 0
         for i, m in enumerate(messages):
             if m["role"] != "assistant" or not m["content"].strip():
                 continue
-            # a reply that opens the conversation has no prefix to render: search for it
-            span = self._span_by_prefix(messages, i, full, pos) if i > 0 else None
-            if span is None:
+            if pos >= cut:
+                # every later reply starts at or after ``pos``, past the last kept token,
+                # so it labels no kept token; a text search still checks it is there
                 span = self._span_by_search(full, m["content"], pos)
-                self.n_searched += int(i > 0)
+            else:
+                # a reply that opens the conversation has no prefix to render: search for it
+                span = self._span_by_prefix(messages, i, full, pos) if i > 0 else None
+                if span is None:
+                    span = self._span_by_search(full, m["content"], pos)
+                    self.n_searched += int(i > 0)
             if span is None:
                 raise _Skip(SKIP_REPLY_NOT_FOUND)
             spans.append(span)
             pos = span[1]
-        return _Rendered(full, spans)
+        return _Rendered(full, spans, encoding=encoding)
+
+    def _cut(self, full: str, messages: list[dict[str, str]]) -> tuple[float, Any]:
+        """For a long chat that ``max_length`` truncates: the character offset where the
+        kept tokens end (no token before the cut reaches past it) and the tokenizer's
+        output for ``full`` (reused by :meth:`tokenize`). Otherwise ``(inf, None)``."""
+        if self.max_length is None or not getattr(self.tok, "is_fast", False):
+            return math.inf, None
+        replies = sum(1 for m in messages if m["role"] == "assistant" and m["content"].strip())
+        if replies <= _LONG_CHAT:
+            return math.inf, None
+        enc = self.tok(full, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+        if len(offsets) <= self.max_length:
+            return math.inf, enc
+        return max((e for _, e in offsets[: self.max_length]), default=0), enc
 
     def _span_by_prefix(
         self, messages: list[dict[str, str]], i: int, full: str, pos: int
@@ -260,9 +293,11 @@ class _LMEncoder:
     def tokenize(self, rendered: _Rendered) -> tuple[list[int], list[bool]]:
         text, spans = rendered.text, rendered.spans
         if getattr(self.tok, "is_fast", False):
-            enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+            enc = rendered.encoding
+            if enc is None:
+                enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
             ids = list(enc["input_ids"])
-            mask = [_in_spans(text, s, e, spans) for s, e in enc["offset_mapping"]]
+            mask = _span_mask(text, enc["offset_mapping"], spans)
         else:  # no offsets: tokenize the pieces between span boundaries separately
             ids, mask = [], []
             cuts = sorted({0, len(text), *(b for span in spans for b in span)})
@@ -278,6 +313,27 @@ class _LMEncoder:
             ids.append(self.eos_id)
             mask.append(True)
         return ids, mask
+
+
+def _span_mask(
+    text: str, offsets: Sequence[tuple[int, int]], spans: list[tuple[int, int]]
+) -> list[bool]:
+    """:func:`_in_spans` of every token. When the spans are sorted and disjoint (as the
+    renderers make them), each token is checked only against the spans it can overlap,
+    found by bisection: linear rather than tokens x spans for a chat of many turns."""
+    disjoint = all(s < e for s, e in spans) and all(
+        a[1] <= b[0] for a, b in itertools.pairwise(spans))
+    if len(spans) <= 4 or not disjoint:
+        return [_in_spans(text, s, e, spans) for s, e in offsets]
+    ends = [e for _, e in spans]
+    mask = []
+    for start, end in offsets:
+        j = bisect.bisect_right(ends, start)  # the first span ending after the token starts
+        k = j
+        while k < len(spans) and spans[k][0] < end:
+            k += 1
+        mask.append(k > j and _in_spans(text, start, end, spans[j:k]))
+    return mask
 
 
 def _in_spans(text: str, start: int, end: int, spans: list[tuple[int, int]]) -> bool:
@@ -330,7 +386,8 @@ def encode_lm(
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if template == "chat" and not has_template:
         report.warn("template='chat' but the tokenizer has no chat template; used plain text")
-    encoder = _LMEncoder(tokenizer, use_chat=template != "plain" and has_template)
+    encoder = _LMEncoder(tokenizer, use_chat=template != "plain" and has_template,
+                         max_length=max_length)
 
     examples: list[Example] = []
     for index, rec in enumerate(records):

@@ -17,6 +17,17 @@ Accepted record shapes (detected per record; one shape per file):
 A chat without any non-empty assistant reply has nothing to learn from: it is skipped
 and counted in the optional :class:`ReadReport` rather than failing the whole file (real
 ShareGPT dumps hold such conversations, often under the same id as a complete one).
+
+Hostile or broken input is refused with an :class:`~finesift.errors.InputError` naming the
+file and the line or record, never a traceback: character devices, named pipes and other
+non-regular files (each input is read twice: records, then its sha256), unreadable files,
+lines longer than 256 MiB, JSON nested more than :data:`MAX_DEPTH` levels, strings holding a
+NUL character or a lone UTF-16 surrogate (anywhere in a record, field names too), ids that
+are neither strings nor integers, chat messages mixing OpenAI (``role``/``content``) and
+ShareGPT (``from``/``value``) keys, CSV quotes that are never closed, Arrow text columns of
+timestamp, date or decimal type, binary text that is not UTF-8, and a file that looks like
+another format than the one it is read as (the message says which format was assumed and
+why).
 """
 
 from __future__ import annotations
@@ -25,8 +36,11 @@ import base64
 import csv
 import datetime
 import decimal
+import itertools
 import json
 import os
+import re
+import stat
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -54,6 +68,29 @@ EXTENSIONS: dict[str, str] = {
 """File extension -> format, used when ``fmt`` is not given (a folder is ``hf``)."""
 
 _FMT_ALIASES = {"ndjson": "jsonl", "datasets": "hf", "arrow": "hf", "pq": "parquet"}
+
+_FORMAT_NAMES = {
+    "jsonl": "JSON Lines",
+    "json": "JSON",
+    "csv": "CSV",
+    "parquet": "Parquet",
+    "hf": "a datasets save_to_disk folder",
+    "conll": "CoNLL",
+}
+
+MAX_DEPTH = 100
+"""Deepest nesting of lists and objects accepted in a record (the record itself is level 1)."""
+
+MAX_LINE_BYTES = 256 << 20
+"""Longest line accepted in a line-based file (JSONL, CSV, CoNLL): 256 MiB."""
+
+# Fields a record's content, id or labels are read from: their values must be text.
+_TEXT_FIELDS = frozenset({
+    "id", "messages", "conversations", "prompt", "completion", "instruction", "input",
+    "output", "question", "answer", "text", "tokens", "tags", "ner_tags",
+})
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 ACCEPTED_SHAPES = (
     "chat (messages: [{role, content}] or conversations: [{from, value}]), "
@@ -169,32 +206,54 @@ def read_file(
             message names the file and the line or record).
     """
     source = str(path)
+    if not source.strip():
+        raise OptionError("an empty path was given as an input file")
     p = Path(path)
-    if not p.exists():
+    info = _stat(source)
+    if info is None:
         raise InputError(source, "file not found")
     name = detect_format(path, fmt)
-    if name == "hf" and not p.is_dir():
+    is_dir = stat.S_ISDIR(info.st_mode)
+    if name == "hf" and not is_dir:
         raise InputError(source, "format 'hf' expects a datasets save_to_disk folder")
-    if name != "hf" and p.is_dir():
+    if name != "hf" and is_dir:
         raise InputError(source, f"is a folder, but format {name!r} expects a file")
-    rows = _ROW_READERS[name](source)
+    if not is_dir and not stat.S_ISREG(info.st_mode):
+        raise InputError(
+            source,
+            f"is a {_file_kind(info.st_mode)}, not a regular file; finesift reads every input "
+            "twice (its records, then its sha256 for the manifest), so give a file on disk",
+        )
+    _check_readable(source, is_dir)
+    if fmt is not None:
+        how = f"read as {_FORMAT_NAMES[name]} because the format {fmt!r} was given"
+    elif is_dir:
+        how = f"read as {_FORMAT_NAMES[name]} because it is a folder"
+    else:
+        how = f"read as {_FORMAT_NAMES[name]} because of the extension {p.suffix.lower()!r}"
+    rows = _ROW_READERS[name](source, how)
 
     records: list[Record] = []
     first: tuple[str, str] | None = None  # (shape, where) of the file's first record
-    for row, line, raw in rows:
-        rec = parse_record(raw, source, row=row, line=line)
-        if first is None:
-            first = (rec.shape, rec.where)
-        elif rec.shape != first[0]:
-            raise rec.error(
-                f"record shape {rec.shape!r} differs from the file's first record "
-                f"({first[1]}: {first[0]!r}); a file must hold records of one shape"
-            )
-        if rec.shape == "chat" and not _has_reply(rec.messages or []):
-            if report is not None:
-                report.skip(SKIP_NO_REPLY, rec.id)
-            continue
-        records.append(rec)
+    try:
+        for row, line, raw in rows:
+            rec = parse_record(raw, source, row=row, line=line)
+            if first is None:
+                first = (rec.shape, rec.where)
+            elif rec.shape != first[0]:
+                raise rec.error(
+                    f"record shape {rec.shape!r} differs from the file's first record "
+                    f"({first[1]}: {first[0]!r}); a file must hold records of one shape"
+                )
+            if rec.shape == "chat" and not _has_reply(rec.messages or []):
+                if report is not None:
+                    report.skip(SKIP_NO_REPLY, rec.id)
+                continue
+            records.append(rec)
+    except MemoryError:
+        raise InputError(source, f"too large to read into memory ({how})") from None
+    except OSError as e:
+        raise InputError(source, f"cannot read: {e.strerror or e}") from None
     if report is not None:
         report.n_records += len(records)
     return records
@@ -224,7 +283,12 @@ def load_records(
         raise OptionError(f"no {role} files given")
     seen_paths: dict[str, str] = {}
     for path in paths:
-        if not Path(path).exists():
+        if not str(path).strip():
+            raise OptionError(
+                f"an empty path was given as a {role} file (it would be read as the current "
+                "folder); give a file or a datasets folder"
+            )
+        if _stat(str(path)) is None:
             raise InputError(str(path), f"{role} file not found")
         real = os.path.realpath(path)
         if real in seen_paths:
@@ -279,12 +343,21 @@ def parse_record(raw: dict[str, Any], source: str, *, row: int, line: int | None
         InputError: unknown shape or a field of the wrong type.
     """
     loc = _Loc(source, row, line)
+    _check_values(raw, loc)
     present = {k for k, v in raw.items() if v is not None}
     rid = raw.get("id")
     if rid is None or rid == "":
         rec_id = f"{source}:{line if line is not None else row}"
-    else:
+    elif isinstance(rid, str) or (isinstance(rid, int) and not isinstance(rid, bool)):
         rec_id = str(rid)
+    else:
+        shown = json.dumps(rid, ensure_ascii=False, default=str)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        raise loc.error(
+            f"field 'id': expected a string or an integer, got {_type_name(rid)} {shown}"
+            + (" (an integer column with missing values read as floats?)"
+               if isinstance(rid, float) else "")
+        )
     meta = {k: raw[k] for k in ("subtask", "domain") if raw.get(k) is not None}
     base: dict[str, Any] = {
         "id": rec_id, "source": source, "row": row, "line": line, "raw": raw, "meta": meta
@@ -338,6 +411,118 @@ class _Loc:
         return InputError(self.source, message, record=self.row)
 
 
+def _stat(source: str) -> os.stat_result | None:
+    """``os.stat`` of an input, or ``None`` where there is nothing (or no usable path)."""
+    try:
+        return os.stat(source)
+    except (OSError, ValueError) as e:
+        if isinstance(e, OSError) and e.errno not in (None, 2, 20):  # not ENOENT/ENOTDIR
+            raise InputError(source, f"cannot read: {e.strerror or e}") from None
+        return None
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISFIFO, "named pipe (FIFO)"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return kind
+    return "special file"
+
+
+def _check_readable(source: str, is_dir: bool) -> None:
+    """An :class:`InputError` now, rather than an ``OSError`` while reading or hashing."""
+    try:
+        if is_dir:
+            os.listdir(source)
+        else:
+            with open(source, "rb") as f:
+                f.read(1)
+    except OSError as e:
+        raise InputError(source, f"cannot read: {e.strerror or e}") from None
+
+
+def _text_problem(text: str) -> str | None:
+    """Why a string cannot be used as text (a NUL or a lone surrogate), or ``None``."""
+    nul = text.find("\x00")
+    if nul >= 0:
+        return f"holds a NUL character (\\x00) at character {nul} (binary data?)"
+    if not text.isascii():
+        m = _SURROGATE.search(text)
+        if m is not None:
+            return (f"holds a lone UTF-16 surrogate {m.group()!r} at character {m.start()}, "
+                    "which is not valid Unicode text")
+    return None
+
+
+def _looks_fine(raw: dict[str, Any]) -> bool:
+    """The fast path of :func:`_check_values`: one walk gathers every string (field names
+    too) and checks the nesting depth, then one C-speed check of them all for a NUL or a
+    lone surrogate. ``False`` also where unsure; the slow walk then decides."""
+    strings: list[str] = []
+    stack: list[tuple[Any, int]] = [(raw, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return False
+        if isinstance(value, dict):
+            strings.extend(value)
+            items = value.values()
+        else:
+            items = value
+        for v in items:
+            if isinstance(v, str):
+                strings.append(v)
+            elif isinstance(v, (dict, list, tuple)):
+                stack.append((v, depth + 1))
+    try:
+        text = "".join(strings)
+    except TypeError:  # a field name that is not a string
+        return False
+    if "\x00" in text:
+        return False
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate
+            return False
+    return True
+
+
+def _check_values(raw: dict[str, Any], loc: _Loc) -> None:
+    """Refuse strings that are not text and nesting deeper than :data:`MAX_DEPTH`, anywhere
+    in the record (every field is written back to ``selected.jsonl``). Iterative, so a
+    deep record cannot exhaust the stack."""
+    if _looks_fine(raw):
+        return
+    stack: list[tuple[Any, str, str, int]] = [(raw, "", "", 1)]
+    while stack:
+        value, path, top, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise loc.error(
+                f"field {top!r} is nested more than {MAX_DEPTH} levels deep; records must be "
+                "flatter than that"
+            )
+        if isinstance(value, dict):
+            items = value.items()
+        else:
+            items = enumerate(value)
+        for key, item in items:
+            if isinstance(key, str):
+                sub = f"{path}.{key}" if path else key
+                problem = _text_problem(key)
+                if problem is not None:
+                    raise loc.error(f"a field name {'in ' + repr(path) + ' ' if path else ''}"
+                                    f"{problem}")
+            else:
+                sub = f"{path}[{key}]"
+            if isinstance(item, str):
+                problem = _text_problem(item)
+                if problem is not None:
+                    raise loc.error(f"field {sub!r} {problem}")
+            elif isinstance(item, (dict, list, tuple)):
+                stack.append((item, sub, top or sub, depth + 1))
+
+
 def _has_reply(messages: list[dict[str, str]]) -> bool:
     return any(m["role"] == "assistant" and m["content"].strip() for m in messages)
 
@@ -357,13 +542,18 @@ def _decode_json_string(value: Any, name: str, loc: _Loc, expected: str) -> Any:
     if not isinstance(value, str):
         return value
     try:
-        return json.loads(value)
+        decoded = json.loads(value)
+    except RecursionError:
+        raise loc.error(f"field {name!r}: its JSON is nested more than {MAX_DEPTH} levels "
+                        "deep") from None
     except json.JSONDecodeError:
         shown = value if len(value) <= 40 else value[:37] + "..."
         raise loc.error(
             f"field {name!r}: expected {expected} (or a JSON string encoding one), "
             f"got a string that is not JSON: {shown!r}"
         ) from None
+    _check_values({name: decoded}, loc)  # escapes may decode to NULs or lone surrogates
+    return decoded
 
 
 def _string_list(value: Any, name: str, loc: _Loc) -> list[str]:
@@ -374,7 +564,7 @@ def _string_list(value: Any, name: str, loc: _Loc) -> list[str]:
         raise loc.error(f"field {name!r}: expected a list of strings, got {_type_name(value)}")
     for j, item in enumerate(value):
         if not isinstance(item, str):
-            raise loc.error(f"field {name!r}[{j}]: expected a string, got {_type_name(item)}")
+            raise loc.error(f"field '{name}[{j}]': expected a string, got {_type_name(item)}")
     return value
 
 
@@ -383,6 +573,7 @@ def _messages(value: Any, name: str, loc: _Loc) -> list[dict[str, str]]:
     if not isinstance(value, list):
         raise loc.error(f"field {name!r}: expected a list of messages, got {_type_name(value)}")
     out: list[dict[str, str]] = []
+    style: tuple[str, str, str] | None = None  # (role key, content key, first message)
     for j, msg in enumerate(value):
         where = f"{name}[{j}]"
         if not isinstance(msg, dict):
@@ -390,12 +581,32 @@ def _messages(value: Any, name: str, loc: _Loc) -> list[dict[str, str]]:
                 f"field {where!r}: expected an object with role and content, "
                 f"got {_type_name(msg)}"
             )
+        if None in msg.values():  # keys holding null are absent (Arrow gives every
+            msg = {k: v for k, v in msg.items() if v is not None}  # message every key)
+        for a, b in (("role", "from"), ("content", "value")):
+            if a in msg and b in msg:
+                raise loc.error(
+                    f"field {where!r}: has both {a!r} and {b!r}; a message has role and "
+                    "content (OpenAI) or from and value (ShareGPT)"
+                )
         role_key = "role" if "role" in msg else "from"
         content_key = "content" if "content" in msg else "value"
         if role_key not in msg or content_key not in msg:
             raise loc.error(
                 f"field {where!r}: expected keys role and content (or from and value), "
                 f"found {', '.join(map(str, msg)) or 'none'}"
+            )
+        if (role_key, content_key) in (("role", "value"), ("from", "content")):
+            raise loc.error(
+                f"field {where!r}: mixes key styles ({role_key!r} with {content_key!r}); "
+                "use role and content (OpenAI) or from and value (ShareGPT)"
+            )
+        if style is None:
+            style = (role_key, content_key, where)
+        elif style[:2] != (role_key, content_key):
+            raise loc.error(
+                f"field {where!r}: uses {role_key}/{content_key} but {style[2]} uses "
+                f"{style[0]}/{style[1]}; one conversation uses one key style"
             )
         role = msg[role_key]
         if not isinstance(role, str):
@@ -417,50 +628,134 @@ def _messages(value: Any, name: str, loc: _Loc) -> list[dict[str, str]]:
 
 # --------------------------------------------------------------------------- row readers
 
-# A row reader yields (0-based row, 1-based line or None, raw dict).
+# A row reader takes the file and how it was chosen (``"read as CSV because of the
+# extension '.csv'"``, said in errors where the file may be of another format) and yields
+# (0-based row, 1-based line or None, raw dict).
 _Rows = Iterator[tuple[int, int | None, dict[str, Any]]]
 
 
-def _lines(source: str) -> Iterator[tuple[int, str]]:
-    """The file's lines (1-based numbers, newline stripped), decoded as UTF-8."""
+def _looks_like_json(text: str) -> str | None:
+    """What a line holding a whole JSON object or array looks like, else ``None``."""
+    text = text.strip()
+    if not text.startswith(("{", "[")):
+        return None
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    if isinstance(value, dict):
+        return "JSON Lines (a JSON object per line)"
+    if isinstance(value, list):
+        return "a JSON array"
+    return None
+
+
+_FORMAT_HINTS = {
+    "JSON Lines (a JSON object per line)": "name it .jsonl or give the format jsonl",
+    "a JSON array": "name it .json or give the format json",
+}
+
+
+def _binary_lines(source: str, how: str) -> Iterator[tuple[int, bytes]]:
+    """The file's lines as bytes (1-based numbers, BOM of the first line dropped), each at
+    most :data:`MAX_LINE_BYTES` long."""
     with open(source, "rb") as f:
-        for number, data in enumerate(f, start=1):
+        number = 0
+        while True:
+            data = f.readline(MAX_LINE_BYTES + 1)
+            if not data:
+                return
+            number += 1
+            if len(data) > MAX_LINE_BYTES:
+                raise InputError(
+                    source, f"line longer than {MAX_LINE_BYTES >> 20} MiB ({how}); is this a "
+                    "text file?", line=number)
             if number == 1 and data.startswith(b"\xef\xbb\xbf"):
                 data = data[3:]
-            try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise InputError(source, f"not valid UTF-8 text: {e}", line=number) from None
-            yield number, text.rstrip("\r\n")
+            yield number, data
 
 
-def _read_jsonl(source: str) -> _Rows:
+def _lines(source: str, how: str) -> Iterator[tuple[int, str]]:
+    """The file's lines (1-based numbers, newline stripped), decoded as UTF-8."""
+    for number, data in _binary_lines(source, how):
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(
+                source, f"not valid UTF-8 text: {e} ({how}; a binary file?)", line=number
+            ) from None
+        yield number, text.rstrip("\r\n")
+
+
+def _nesting_position(text: str) -> tuple[int, int, int | None]:
+    """Where JSON ``text`` first nests deeper than :data:`MAX_DEPTH`: (line, column, index
+    of the top-level array item it is in, if the text is an array)."""
+    depth, line, line_start, item = 0, 1, 0, -1
+    for m in re.finditer(r'"(?:[^"\\\n]|\\.)*"|[\[\]{}\n]', text):
+        tok = m.group()
+        if tok == "\n":
+            line, line_start = line + 1, m.end()
+        elif tok in "[{":
+            depth += 1
+            if depth == 2:
+                item += 1
+            if depth > MAX_DEPTH:
+                is_array = text.lstrip("\ufeff \t\r\n").startswith("[")
+                return line, m.start() - line_start + 1, item if is_array and item >= 0 else None
+        elif tok in "]}":
+            depth -= 1
+    return line, 1, None
+
+
+def _too_deep(col: int) -> str:
+    return (f"JSON nested more than {MAX_DEPTH} levels deep (at column {col}); records must "
+            "be flatter than that")
+
+
+def _read_jsonl(source: str, how: str) -> _Rows:
     row = 0
-    for number, text in _lines(source):
+    for number, text in _lines(source, how):
         if not text.strip():
             continue
         try:
             value = json.loads(text)
+        except RecursionError:
+            _, col, _ = _nesting_position(text)
+            raise InputError(source, _too_deep(col), line=number) from None
         except json.JSONDecodeError as e:
+            hint = f"; {how}"
+            if row == 0:
+                if text.lstrip().startswith("["):
+                    hint += "; it starts like a JSON array: name it .json or give the format json"
+                elif "," in text or "\t" in text:
+                    hint += "; it looks like CSV or tab-separated text, not JSON"
             raise InputError(
-                source, f"invalid JSON: {e.msg} (column {e.colno})", line=number
+                source, f"invalid JSON: {e.msg} (column {e.colno}){hint}", line=number
             ) from None
         if not isinstance(value, dict):
+            hint = ""
+            if isinstance(value, list) and row == 0:
+                hint = f" ({how}; a JSON array holding records needs .json or the format json)"
             raise InputError(
-                source, f"expected a JSON object per line, got {_type_name(value)}", line=number
+                source,
+                f"expected a JSON object per line, got {_type_name(value)}{hint}",
+                line=number,
             )
         yield row, number, value
         row += 1
 
 
-def _read_json(source: str) -> _Rows:
+def _read_json(source: str, how: str) -> _Rows:
     data = Path(source).read_bytes()
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise InputError(source, f"not valid UTF-8 text: {e}") from None
+        raise InputError(source, f"not valid UTF-8 text: {e} ({how}; a binary file?)") from None
     try:
         value = json.loads(text)
+    except RecursionError:
+        line, col, item = _nesting_position(text)
+        raise InputError(source, _too_deep(col), line=line, record=item) from None
     except json.JSONDecodeError as e:
         hint = ""
         if e.msg == "Extra data":
@@ -489,42 +784,87 @@ def _read_json(source: str) -> _Rows:
         yield row, None, item
 
 
-def _read_csv(source: str) -> _Rows:
+def _csv_lines(source: str, how: str, counter: list[int]) -> Iterator[str]:
+    """The file's lines for :mod:`csv`, ends kept, split at ``\\n``, ``\\r\\n`` and ``\\r``
+    as in text mode, each decoded on its own so that bad UTF-8 is reported at its line;
+    ``counter[0]`` is the number of the line last yielded."""
+    for _, data in _binary_lines(source, how):
+        for piece in data.splitlines(keepends=True):
+            counter[0] += 1
+            try:
+                yield piece.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(source, f"not valid UTF-8 text: {e} ({how}; a binary file?)",
+                                 line=counter[0]) from None
+
+
+def _read_csv(source: str, how: str) -> _Rows:
     old_limit = csv.field_size_limit()
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     try:
-        with open(source, encoding="utf-8-sig", newline="") as f:
-            reader = csv.reader(f)
-            try:
-                header = next(reader, None)
-                if header is None:
-                    return
-                dupes = sorted({h for h in header if header.count(h) > 1})
-                if dupes:
-                    raise InputError(source, f"duplicate column names: {dupes}", line=1)
-                row = 0
-                prev = reader.line_num
-                for cells in reader:
-                    line = prev + 1
-                    prev = reader.line_num
-                    if not cells or all(c == "" for c in cells):
-                        continue
-                    if len(cells) > len(header):
-                        raise InputError(
-                            source,
-                            f"{len(cells)} cells but the header has {len(header)} columns",
-                            line=line,
-                        )
-                    yield row, line, dict(zip(header, cells))
-                    row += 1
-            except csv.Error as e:
-                raise InputError(source, f"invalid CSV: {e}", line=reader.line_num) from None
-            except UnicodeDecodeError as e:
-                raise InputError(
-                    source, f"not valid UTF-8 text: {e}", line=reader.line_num + 1
-                ) from None
+        yield from _csv_rows(source, how)
     finally:
         csv.field_size_limit(old_limit)
+
+
+def _csv_rows(source: str, how: str) -> _Rows:
+    lines = _csv_lines(source, how, [0])
+    first_line = next(lines, None)
+    if first_line is None:
+        return
+    # strict: a quote that is never closed, or text after a closing quote, is an error
+    # rather than a field that swallows the rest of the file
+    reader = csv.reader(itertools.chain([first_line], lines), strict=True)
+    start = 1  # the first line of the record being read
+    try:
+        header = next(reader, None)
+        if header is None:
+            return
+        seen = _looks_like_json(first_line)
+        if seen is not None:
+            raise InputError(
+                source,
+                f"the first line looks like {seen}, not a CSV header ({how}); "
+                f"{_FORMAT_HINTS[seen]}",
+                line=1,
+            )
+        if len(header) == 1 and "\t" in header[0]:
+            raise InputError(
+                source,
+                "the header is one column holding tabs: this looks like tab-separated text "
+                f"(CoNLL 'token<TAB>tag'?), not CSV ({how})",
+                line=1,
+            )
+        dupes = sorted({h for h in header if header.count(h) > 1})
+        if dupes:
+            raise InputError(source, f"duplicate column names: {dupes}", line=1)
+        row = 0
+        prev = reader.line_num
+        start = prev + 1
+        for cells in reader:
+            line = prev + 1
+            prev = reader.line_num
+            start = prev + 1
+            if not cells or all(c == "" for c in cells):
+                continue
+            if len(cells) > len(header):
+                raise InputError(
+                    source,
+                    f"{len(cells)} cells but the header has {len(header)} columns",
+                    line=line,
+                )
+            yield row, line, dict(zip(header, cells))
+            row += 1
+    except csv.Error as e:
+        if "unexpected end of data" in str(e):
+            raise InputError(
+                source,
+                "invalid CSV: a quoted field opened in the record starting on this line is "
+                f"never closed (the file ends inside it, at line {reader.line_num}); an "
+                "unclosed quote?",
+                line=start,
+            ) from None
+        raise InputError(source, f"invalid CSV: {e}", line=reader.line_num) from None
 
 
 def _jsonable(value: Any) -> Any:
@@ -555,19 +895,92 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _read_parquet(source: str) -> _Rows:
+def _arrow_leaves(t: Any) -> Iterator[Any]:
+    """The leaf types of an Arrow type (through lists, structs, maps, dictionaries)."""
+    import pyarrow as pa
+
+    stack = [t]
+    while stack:
+        t = stack.pop()
+        if isinstance(t, pa.DictionaryType):
+            stack.append(t.value_type)
+        elif isinstance(t, pa.MapType):
+            stack += [t.key_type, t.item_type]
+        elif pa.types.is_struct(t):
+            stack += [t.field(i).type for i in range(t.num_fields)]
+        elif hasattr(t, "value_type"):  # list, large list, fixed-size list, list view
+            stack.append(t.value_type)
+        else:
+            yield t
+
+
+def _is_binary(t: Any) -> bool:
+    import pyarrow as pa
+
+    checks = ("is_binary", "is_large_binary", "is_fixed_size_binary", "is_binary_view")
+    return any(getattr(pa.types, name, lambda _: False)(t) for name in checks)
+
+
+def _text_columns(schema: Any, source: str) -> list[str]:
+    """Check the Arrow columns that hold a record's text: refuse temporal and decimal
+    types (they would be turned into text silently) and return the columns that hold
+    binary values (checked value by value: they must be UTF-8)."""
+    import pyarrow as pa
+
+    binary: list[str] = []
+    for fld in schema:
+        if fld.name not in _TEXT_FIELDS:
+            continue
+        for leaf in _arrow_leaves(fld.type):
+            if pa.types.is_temporal(leaf) or pa.types.is_decimal(leaf):
+                raise InputError(
+                    source,
+                    f"column {fld.name!r} has Arrow type {fld.type}; a record's text, id and "
+                    "tags must be strings (convert the column to strings first)",
+                )
+            if _is_binary(leaf) and fld.name not in binary:
+                binary.append(fld.name)
+    return binary
+
+
+def _check_binary(value: Any, name: str, source: str, row: int) -> None:
+    """Every bytes value inside ``value`` must be UTF-8 text."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, (bytes, bytearray)):
+            try:
+                bytes(v).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(
+                    source, f"field {name!r}: binary data that is not UTF-8 text ({e.reason} "
+                    f"at byte {e.start})", record=row) from None
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+
+
+def _arrow_rows(rows: Iterator[dict[str, Any]], binary: list[str], source: str) -> _Rows:
+    for row, item in enumerate(rows):
+        for col in binary:
+            _check_binary(item.get(col), col, source, row)
+        yield row, None, _jsonable(item)
+
+
+def _read_parquet(source: str, how: str) -> _Rows:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         table = pq.read_table(source)
     except (pa.ArrowException, OSError) as e:
-        raise InputError(source, f"not a readable Parquet file: {e}") from None
-    for row, item in enumerate(table.to_pylist()):
-        yield row, None, _jsonable(item)
+        raise InputError(source, f"not a readable Parquet file ({how}): {e}") from None
+    binary = _text_columns(table.schema, source)
+    yield from _arrow_rows(iter(table.to_pylist()), binary, source)
 
 
-def _read_hf(source: str) -> _Rows:
+def _read_hf(source: str, how: str) -> _Rows:
     folder = Path(source)
     if (folder / "dataset_dict.json").exists():
         splits = sorted(p.name for p in folder.iterdir() if p.is_dir())
@@ -582,6 +995,20 @@ def _read_hf(source: str) -> _Rows:
             "is a folder but not a datasets save_to_disk folder (no state.json); "
             "accepted folders hold a Dataset saved with save_to_disk",
         )
+    try:
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        files = [d["filename"] for d in state["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(source, f"state.json is not a datasets state file: {e}") from None
+    if not files:  # save_to_disk of a Dataset without rows writes no data file
+        return
+    for name in files:
+        if not isinstance(name, str) or not (folder / name).is_file():
+            raise InputError(
+                source,
+                f"state.json lists the data file {name!r}, which is missing from the folder "
+                "(an incomplete copy of a save_to_disk folder?)",
+            )
     import datasets
 
     try:
@@ -590,14 +1017,14 @@ def _read_hf(source: str) -> _Rows:
         raise InputError(source, f"cannot load the datasets folder: {e}") from None
     if not isinstance(ds, datasets.Dataset):
         raise InputError(source, f"expected a Dataset, got {type(ds).__name__}")
+    binary = _text_columns(ds.data.schema, source)
     # Integer class labels (e.g. ner_tags in conll2003/wnut_17) -> their names.
     names: dict[str, list[str]] = {}
     for col, feat in ds.features.items():
         inner = getattr(feat, "feature", None)
         if isinstance(inner, datasets.ClassLabel):
             names[col] = list(inner.names)
-    for row, item in enumerate(ds.to_list()):
-        item = _jsonable(item)
+    for row, line, item in _arrow_rows(iter(ds.to_list()), binary, source):
         for col, labels in names.items():
             values = item.get(col)
             if isinstance(values, list):
@@ -605,15 +1032,15 @@ def _read_hf(source: str) -> _Rows:
                     labels[v] if isinstance(v, int) and 0 <= v < len(labels) else v
                     for v in values
                 ]
-        yield row, None, item
+        yield row, line, item
 
 
-def _read_conll(source: str) -> _Rows:
+def _read_conll(source: str, how: str) -> _Rows:
     row = 0
     tokens: list[str] = []
     tags: list[str] = []
     start: int | None = None
-    for number, text in _lines(source):
+    for number, text in _lines(source, how):
         if not text.strip():
             if tokens:
                 yield row, start, {"tokens": tokens, "tags": tags}
@@ -622,13 +1049,21 @@ def _read_conll(source: str) -> _Rows:
             continue
         if text.startswith("-DOCSTART-"):
             continue
+        seen = _looks_like_json(text)
+        if seen is not None:
+            raise InputError(
+                source,
+                f"this line looks like {seen}, not CoNLL 'token<TAB>tag' ({how}); "
+                f"{_FORMAT_HINTS[seen]}",
+                line=number,
+            )
         parts = text.split("\t") if "\t" in text else text.split(" ")
         parts = [p.strip() for p in parts]
         if len(parts) < 2 or not parts[0] or not parts[-1]:
             shown = text if len(text) <= 60 else text[:57] + "..."
             raise InputError(
                 source,
-                f"expected 'token<TAB>tag' (or 'token tag'), got {shown!r}",
+                f"expected 'token<TAB>tag' (or 'token tag'), got {shown!r} ({how})",
                 line=number,
             )
         if start is None:

