@@ -47,7 +47,8 @@ def test_shipped_configs_pass_the_overlap_guard(suite_data: Path, tmp_path: Path
     (tmp_path / "data").symlink_to(suite_data)
     cfg = load_config(cfg_path)
     data = prepare_data(cfg, tmp_path / "out")
-    assert len(data.test) == 300 and len(data.val) == 64
+    assert cfg.test_limit == 150 and len(data.val) == 64
+    assert [r.id for r in data.test] == _ids(suite_data / "gsm8k_test.jsonl")[:150]
     sources = {s.name for s in cfg.pool}
     assert sources == ({"sharegpt"} if name.endswith("-absent") else {"sharegpt", "gsm8k"})
 
