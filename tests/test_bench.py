@@ -384,3 +384,18 @@ def test_config_rejects_a_bad_tune_grid(tmp_path, write_jsonl):
     cfg = make_suite(tmp_path, write_jsonl, CONFIG + "tune: {lr: [-1.0]}\n")
     with pytest.raises(ConfigError, match="lr must be positive"):
         load_config(cfg)
+
+
+def test_seeds_first_runs_every_method_on_a_seed_before_the_next(tmp_path, write_jsonl):
+    from finesift.evaluate.bench import run_order
+
+    cfg = load_config(make_suite(tmp_path, write_jsonl, CONFIG.replace(
+        "methods: [random, {tov: {mode: basic, lr: 3.0e-3, val_epochs: 2}}]",
+        "methods: [random, {dsir: {}, seeds: [1]}, embed]")
+        .replace("seeds: [0, 1]", "seeds: [0, 1, 2]")))
+    by_method = [(s.label, seed) for s, seed in run_order(cfg.methods, cfg.seeds)]
+    by_seed = [(s.label, seed) for s, seed in run_order(cfg.methods, cfg.seeds, True)]
+    assert by_method == [("random", 0), ("random", 1), ("random", 2), ("dsir", 1),
+                         ("embed", 0), ("embed", 1), ("embed", 2)]
+    assert by_seed == [("random", 0), ("embed", 0), ("random", 1), ("dsir", 1),
+                       ("embed", 1), ("random", 2), ("embed", 2)]

@@ -559,6 +559,7 @@ def run_bench(
     progress: bool = False,
     log: Callable[[str], None] | None = None,
     report_only: bool = False,
+    seeds_first: bool = False,
 ) -> BenchResult:
     """Run every method x budget x seed of a config (skipping finished runs) and report.
 
@@ -570,6 +571,8 @@ def run_bench(
         log: receives progress messages.
         report_only: run nothing; write the tables and reports from the finished runs
             (e.g. while another invocation is still running).
+        seeds_first: run every method on the first seed before any method on the next
+            (a whole leaderboard on fewer seeds early), instead of method by method.
     """
     from finesift.evaluate.report import write_report
     from finesift.select.strategies import parse_budget
@@ -635,40 +638,39 @@ def run_bench(
 
     from finesift.methods.base import available
 
-    for spec in ([] if report_only else cfg.methods):
+    for spec, seed in ([] if report_only else run_order(cfg.methods, seeds, seeds_first)):
         per_budget = bool(getattr(available().get(spec.name), "uses_budget", False))
-        for seed in method_seeds(spec, seeds):
-            todo = [b for b in budgets
-                    if finished.get(run_key(spec.key, b, seed), {}).get("status") != "ok"]
-            n_skipped += len(budgets) - len(todo)
-            if not todo:
-                continue
-            # one scoring per seed at the largest budget, or one per budget (HARP)
-            groups = [[b] for b in todo] if per_budget else [todo]
-            for group in groups:
-                try:
-                    columns, sel_cost = _selection(
-                        cfg, data, spec, seed, group[0] if per_budget else largest, model,
-                        out_dir, progress, log, per_budget=per_budget)
-                    base = _base_figures(cfg, data, model, seed, labels, res_dir, log)
-                except FinesiftError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - a method crashed: record it, go on
-                    for b in group:
-                        _append(results_path, _failed_row(cfg, spec, b, counts[b], seed, exc))
-                        n_failed += 1
-                    continue
+        todo = [b for b in budgets
+                if finished.get(run_key(spec.key, b, seed), {}).get("status") != "ok"]
+        n_skipped += len(budgets) - len(todo)
+        if not todo:
+            continue
+        # one scoring per seed at the largest budget, or one per budget (HARP)
+        groups = [[b] for b in todo] if per_budget else [todo]
+        for group in groups:
+            try:
+                columns, sel_cost = _selection(
+                    cfg, data, spec, seed, group[0] if per_budget else largest, model,
+                    out_dir, progress, log, per_budget=per_budget)
+                base = _base_figures(cfg, data, model, seed, labels, res_dir, log)
+            except FinesiftError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a method crashed: record it, go on
                 for b in group:
-                    row = _one_run(cfg, data, spec, b, counts[b], seed, columns, sel_cost,
-                                   base, by_id, model, finetune, labels, progress, log,
-                                   as_selected=per_budget, trained=trained)
-                    _append(results_path, row)
-                    if (done_key := _train_key(row)) is not None:
-                        trained.setdefault(done_key, row)
-                    if row["status"] == "ok":
-                        n_done += 1
-                    else:
-                        n_failed += 1
+                    _append(results_path, _failed_row(cfg, spec, b, counts[b], seed, exc))
+                    n_failed += 1
+                continue
+            for b in group:
+                row = _one_run(cfg, data, spec, b, counts[b], seed, columns, sel_cost,
+                               base, by_id, model, finetune, labels, progress, log,
+                               as_selected=per_budget, trained=trained)
+                _append(results_path, row)
+                if (done_key := _train_key(row)) is not None:
+                    trained.setdefault(done_key, row)
+                if row["status"] == "ok":
+                    n_done += 1
+                else:
+                    n_failed += 1
 
     rows = _ordered_rows(load_finished(results_path), cfg, budgets, seeds)
     add_improvements(rows)
@@ -685,6 +687,16 @@ def run_bench(
         write_leaderboard(cfg.results.parent, cfg.leaderboard,
                           pending=pending_suites(cfg.path.parent, cfg.results.parent))
     return BenchResult(out_dir, rows, n_done, n_skipped, n_failed, seconds, res_dir)
+
+
+def run_order(methods: list[MethodSpec], seeds: list[int],
+              seeds_first: bool = False) -> list[tuple[MethodSpec, int]]:
+    """The (method, seed) pairs in the order they run: method by method, or with
+    ``seeds_first`` seed by seed (every method on seed 0, then every method on seed 1...)."""
+    pairs = [(spec, seed) for spec in methods for seed in method_seeds(spec, seeds)]
+    if seeds_first:
+        pairs.sort(key=lambda p: seeds.index(p[1]))  # stable: methods keep config order
+    return pairs
 
 
 def method_seeds(spec: MethodSpec, seeds: list[int]) -> list[int]:

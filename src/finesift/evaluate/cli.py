@@ -76,6 +76,9 @@ def register_eval_commands(sub: Any) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--report-only", action="store_true",
                    help="run nothing: write the tables and reports from the finished runs")
+    p.add_argument("--seeds-first", action="store_true",
+                   help="run every method on the first seed before any on the next: a whole "
+                        "leaderboard on fewer seeds early (default: method by method)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("bench-data", help="build the data files of a shipped benchmark suite")
@@ -119,7 +122,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     result = run_bench(args.config, out=args.out, quick=args.quick,
                        progress=not args.no_progress, log=_eprint,
-                       report_only=args.report_only)
+                       report_only=args.report_only, seeds_first=args.seeds_first)
     print(f"{result.n_done} run(s) done ({result.n_skipped} already finished, "
           f"{result.n_failed} failed) in {result.seconds:.0f} s")
     for name in ("results.csv", "results.json", "report.md", "report.html"):
