@@ -132,12 +132,32 @@ def test_adam_direction_matches_a_hand_computation():
     m = torch.tensor([[0.1, 0.2, -0.3]])
     v = torch.tensor([[0.01, 0.04, 0.09]])
     step, (b1, b2), eps = 3, (0.9, 0.999), 1e-8
-    out = G.adam_direction(g, m, v, step, (b1, b2), eps)
+    paper = G.adam_direction(g, m, v, step, (b1, b2), eps, formula="paper")
+    reference = G.adam_direction(g, m, v, step, (b1, b2), eps)  # the default
     for j in range(3):
         mj = 0.9 * float(m[0, j]) + 0.1 * float(g[0, j])
         vj = 0.999 * float(v[0, j]) + 0.001 * float(g[0, j]) ** 2
         mh, vh = mj / (1 - 0.9**4), vj / (1 - 0.999**4)
-        assert math.isclose(float(out[0, j]), mh / (math.sqrt(vh) + eps), rel_tol=1e-5)
+        assert math.isclose(float(paper[0, j]), mh / (math.sqrt(vh) + eps), rel_tol=1e-5)
+        # LESS's code: no bias correction, eps inside the root
+        assert math.isclose(float(reference[0, j]), mj / math.sqrt(vj + eps), rel_tol=1e-5)
+    with pytest.raises(ValueError, match="reference, paper"):
+        G.adam_direction(g, m, v, step, (b1, b2), eps, formula="adamw")
+
+
+def test_reference_adam_direction_floors_the_denominator_at_sqrt_eps():
+    """Coordinates whose second moment is far below eps are divided by about sqrt(eps)
+    in LESS's code, by their own scale in the paper's formula."""
+    g = torch.tensor([[1e-7, 1e-3]])
+    m = torch.zeros(1, 2)
+    v = torch.zeros(1, 2)
+    ref = G.adam_direction(g, m, v, 100, (0.9, 0.999), 1e-8)
+    paper = G.adam_direction(g, m, v, 100, (0.9, 0.999), 1e-8, formula="paper")
+    # tiny coordinate: m = 1e-8, v = 1e-17 -> m / sqrt(v + 1e-8) ~ 1e-8 / 1e-4
+    assert math.isclose(float(ref[0, 0]), 1e-8 / math.sqrt(1e-17 + 1e-8), rel_tol=1e-4)
+    assert float(ref[0, 0]) < 1e-3 * float(paper[0, 0])
+    # large coordinate: v = 1e-9 is below eps too, but the floor matters less
+    assert float(ref[0, 1]) < float(paper[0, 1])
 
 
 def test_adam_direction_is_torch_adams_next_update():
@@ -155,7 +175,8 @@ def test_adam_direction_is_torch_adams_next_update():
     before = p.detach().clone()
     p.grad = g.clone()
     opt.step()
-    want = G.adam_direction(g[None], m[None], v[None], step, (0.9, 0.999), 1e-8)[0]
+    want = G.adam_direction(g[None], m[None], v[None], step, (0.9, 0.999), 1e-8,
+                            formula="paper")[0]
     torch.testing.assert_close((before - p.detach()) / 0.1, want, atol=1e-6, rtol=1e-5)
 
 

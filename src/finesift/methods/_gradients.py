@@ -150,6 +150,9 @@ def batched_grads(
     return flat, losses
 
 
+ADAM_FORMULAS = ("reference", "paper")
+
+
 def adam_direction(
     g: torch.Tensor,
     exp_avg: torch.Tensor,
@@ -157,14 +160,26 @@ def adam_direction(
     step: int,
     betas: tuple[float, float],
     eps: float,
+    formula: str = "reference",
 ) -> torch.Tensor:
-    """The Adam update direction if ``g`` (rows: examples) were the next step's gradient:
-    m = b1 m + (1-b1) g, v = b2 v + (1-b2) g^2, t = step + 1,
-    m_hat / (sqrt(v_hat) + eps) with m_hat = m / (1 - b1^t), v_hat = v / (1 - b2^t)."""
+    """The Adam update direction if ``g`` (rows: examples) were the next step's gradient.
+
+    Both formulas first fold ``g`` into the moments: m = b1 m + (1-b1) g,
+    v = b2 v + (1-b2) g^2.
+
+    - ``reference`` (LESS's released code): m / sqrt(v + eps). No bias correction, and
+      eps inside the root floors the denominator at sqrt(eps) (1e-4 for eps = 1e-8).
+    - ``paper`` (the Adam update as written): m_hat / (sqrt(v_hat) + eps) with
+      m_hat = m / (1 - b1^t), v_hat = v / (1 - b2^t), t = step + 1.
+    """
     b1, b2 = betas
-    t = step + 1
     m = b1 * exp_avg + (1 - b1) * g
     v = b2 * exp_avg_sq + (1 - b2) * g * g
+    if formula == "reference":
+        return m / (v + eps).sqrt()
+    if formula != "paper":
+        raise ValueError(f"adam formula must be one of {', '.join(ADAM_FORMULAS)}, got {formula!r}")
+    t = step + 1
     m_hat = m / (1 - b1**t)
     v_hat = v / (1 - b2**t)
     return m_hat / (v_hat.sqrt() + eps)
