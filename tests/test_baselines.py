@@ -1,7 +1,8 @@
 """Baselines: dsir, embed, uncertainty, perplexity (and every registered method's contract).
 
 * DSIR: importance weights separate GSM8K from ShareGPT on the real bundled data; they
-  equal a by-hand computation on toy corpora; Gumbel top-k resampling follows them.
+  equal a by-hand computation on toy corpora and, by default, the official
+  ``data-selection`` package's weights on real data; Gumbel top-k resampling follows them.
 * uncertainty / perplexity: equal a direct computation from the model's logits, and pick
   the planted examples of a bigram LM whose probabilities are set by hand.
 * embed: target-like records rank first (model embedder and MiniLM); MiniLM puts
@@ -32,8 +33,12 @@ from finesift.methods.dsir import (
     gumbel_keys,
     ngram_bucket,
     ngram_hash,
+    sha256_bucket,
     word_hash,
 )
+
+FORMER = {"smoothing": 1.0, "floor": 0.0, "hashing": "blake2b"}
+"""dsir's defaults before 0.2 (add-one smoothing, BLAKE2b hashing)."""
 from finesift.methods.perplexity import order_scores
 from finesift.methods.uncertainty import log1mexp
 from finesift.testing import tiny_causal_lm, tiny_tokenizer
@@ -169,10 +174,19 @@ def test_dsir_ranks_gsm8k_above_sharegpt_on_real_data():
 
     det = get_method("dsir", {"sampling": "top"}).score(ctx)
     assert det.scores.shape == (n + len(share_pool),)
-    assert auc(det.scores[:n], det.scores[n:]) > 0.98  # measured 0.995
-    # the default (Gumbel) resample of 200 is still almost all GSM8K
-    res = get_method("dsir").score(ctx)
-    np.testing.assert_array_equal(res.columns["log_importance_weight"], det.scores)
+    # the official formula (no smoothing, 1e-8 floor): each n-gram the 32 target problems
+    # never use costs about log(1e-8) = -18 nats, so long GSM8K problems fall behind
+    # short ShareGPT turns (measured AUC 0.918); per-n-gram weights (normalize) and the
+    # former add-one smoothing separate the two almost perfectly (0.995 each)
+    assert 0.88 < auc(det.scores[:n], det.scores[n:]) < 0.95
+    norm = get_method("dsir", {"sampling": "top", "normalize": True}).score(ctx)
+    assert auc(norm.scores[:n], norm.scores[n:]) > 0.98
+    former = get_method("dsir", {"sampling": "top", **FORMER}).score(ctx)
+    assert auc(former.scores[:n], former.scores[n:]) > 0.98
+    # the Gumbel resample of 200 under add-one smoothing is still almost all GSM8K
+    # (measured 0.945)
+    res = get_method("dsir", FORMER).score(ctx)
+    np.testing.assert_array_equal(res.columns["log_importance_weight"], former.scores)
     picked = np.argsort(-res.scores)[:n]
     assert (picked < n).mean() > 0.9
 
@@ -189,14 +203,15 @@ TOY_POOL = [
 ]
 
 
-def _by_hand(target, pool, bucket, num_buckets: int, smoothing: float) -> np.ndarray:
+def _by_hand(target, pool, bucket, num_buckets: int, smoothing: float,
+             floor: float = 0.0) -> np.ndarray:
     """sum over x's n-grams of log p_target(bucket) - log p_pool(bucket), by enumeration."""
     ct = Counter(bucket(g) for t in target for g in _toy_ngrams(t))
     cp = Counter(bucket(g) for t in pool for g in _toy_ngrams(t))
     nt, np_ = sum(ct.values()), sum(cp.values())
 
     def logp(c, total, b):
-        return math.log((c[b] + smoothing) / (total + smoothing * num_buckets))
+        return math.log((c[b] + smoothing) / (total + smoothing * num_buckets) + floor)
 
     return np.array([
         sum(logp(ct, nt, bucket(g)) - logp(cp, np_, bucket(g)) for g in _toy_ngrams(x))
@@ -204,17 +219,62 @@ def _by_hand(target, pool, bucket, num_buckets: int, smoothing: float) -> np.nda
     ])
 
 
-@pytest.mark.parametrize("smoothing", [1.0, 0.05])
-def test_dsir_log_weights_equal_direct_computation_without_collisions(smoothing):
+def _real_texts(n_target: int, n_gsm: int, n_share: int):
+    from finesift import bundled
+
+    try:
+        gsm = bundled.gsm8k_records()
+        share = bundled.sharegpt_first_turns(n_share)
+    except FinesiftError as e:
+        pytest.skip(str(e))
+    order = np.random.default_rng(0).permutation(len(gsm))
+    target = [record_text(r) for r in records([gsm[i] for i in order[:n_target]], "t")]
+    pool = [record_text(r) for r in records(
+        [gsm[i] for i in order[n_target:n_target + n_gsm]] + share, "p")]
+    return pool, target
+
+
+def test_dsir_default_equals_the_official_package(tmp_path):
+    """finesift's default weights equal those of the official ``data-selection`` package
+    (HashedNgramDSIR, run end to end on files), and its former add-one default does not."""
+    official = pytest.importorskip("data_selection")
+    import json
+
+    pool, target = _real_texts(32, 120, 200)
+    for name, texts in (("pool", pool), ("target", target)):
+        with open(tmp_path / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
+    dsir = official.HashedNgramDSIR([str(tmp_path / "pool.jsonl")],
+                                    [str(tmp_path / "target.jsonl")],
+                                    cache_dir=str(tmp_path / "cache"), num_proc=1)
+    dsir.fit_importance_estimator(num_tokens_to_fit="all")
+    dsir.compute_importance_weights()
+    want = np.load(tmp_path / "cache" / "log_importance_weights" / "0.npy")
+    assert want.shape == (len(pool),)
+    ctx = dsir_ctx(pool, target)
+    got = get_method("dsir", {"sampling": "top"}).score(ctx).scores
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-6)
+    former = get_method("dsir", {"sampling": "top", **FORMER}).score(ctx).scores
+    from scipy.stats import spearmanr
+
+    assert spearmanr(former, want).statistic < 0.99  # the departure is real
+
+
+@pytest.mark.parametrize(("smoothing", "floor", "hashing"),
+                         [(1.0, 0.0, "blake2b"), (0.05, 0.0, "sha256"), (0.0, 1e-8, "sha256"),
+                          (0.5, 1e-3, "blake2b")])
+def test_dsir_log_weights_equal_direct_computation_without_collisions(smoothing, floor,
+                                                                      hashing):
     # plenty of buckets: every distinct n-gram gets its own, so the model is exact n-gram
     # counting and the bucket index does not matter
     B = 100_003
     grams = {g for t in TOY_TARGET + TOY_POOL for g in _toy_ngrams(t)}
-    assert len({ngram_bucket(g, B) for g in grams}) == len(grams)
+    assert len({ngram_bucket(g, B, hashing) for g in grams}) == len(grams)
     index = {g: i for i, g in enumerate(sorted(grams))}
-    expected = _by_hand(TOY_TARGET, TOY_POOL, index.__getitem__, B, smoothing)
+    expected = _by_hand(TOY_TARGET, TOY_POOL, index.__getitem__, B, smoothing, floor)
     res = get_method(
-        "dsir", {"sampling": "top", "num_buckets": B, "smoothing": smoothing}
+        "dsir", {"sampling": "top", "num_buckets": B, "smoothing": smoothing, "floor": floor,
+                 "hashing": hashing}
     ).score(dsir_ctx(TOY_POOL, TOY_TARGET))
     np.testing.assert_allclose(res.scores, expected, rtol=1e-10, atol=1e-10)
     assert res.scores[7] == 0.0  # no n-grams: weight 1
@@ -223,25 +283,32 @@ def test_dsir_log_weights_equal_direct_computation_without_collisions(smoothing)
     np.testing.assert_array_equal(res.columns["n_ngrams"], [len(_toy_ngrams(t)) for t in TOY_POOL])
 
 
-def test_dsir_hashed_counts_and_weights_with_collisions():
+@pytest.mark.parametrize("hashing", ["sha256", "blake2b"])
+def test_dsir_hashed_counts_and_weights_with_collisions(hashing):
     # 7 buckets: many collisions; the vectorised hashing must match the scalar reference
     B = 7
-    feat = HashedNgrams(B, ngrams=2)
+    feat = HashedNgrams(B, ngrams=2, hashing=hashing)
     got = feat.transform(TOY_POOL).toarray()
     for i, text in enumerate(TOY_POOL):
-        want = np.bincount([ngram_bucket(g, B) for g in _toy_ngrams(text)], minlength=B)
+        want = np.bincount([ngram_bucket(g, B, hashing) for g in _toy_ngrams(text)],
+                           minlength=B)
         np.testing.assert_array_equal(got[i], want)
-    expected = _by_hand(TOY_TARGET, TOY_POOL, lambda g: ngram_bucket(g, B), B, 1.0)
-    res = get_method("dsir", {"sampling": "top", "num_buckets": B}).score(
+    # a second transform reuses the n-gram tables: same counts
+    np.testing.assert_array_equal(feat.transform(TOY_POOL[::-1]).toarray(), got[::-1])
+    expected = _by_hand(TOY_TARGET, TOY_POOL, lambda g: ngram_bucket(g, B, hashing), B, 1.0)
+    res = get_method("dsir", {"sampling": "top", "num_buckets": B, "smoothing": 1.0,
+                              "floor": 0.0, "hashing": hashing}).score(
         dsir_ctx(TOY_POOL, TOY_TARGET)
     )
     np.testing.assert_allclose(res.scores, expected, rtol=1e-10, atol=1e-10)
-    # trigrams: ngram_hash folds one more word in
-    f3 = HashedNgrams(B, ngrams=3).transform(["a b c d"]).toarray()[0]
+    # trigrams: one more word folded in, across documents never
+    f3 = HashedNgrams(B, ngrams=3, hashing=hashing).transform(["a b c d", "e f"]).toarray()
     grams = [(w,) for w in "abcd"] + [("a", "b"), ("b", "c"), ("c", "d")]
     grams += [("a", "b", "c"), ("b", "c", "d")]
-    np.testing.assert_array_equal(f3, np.bincount([ngram_bucket(g, B) for g in grams],
-                                                  minlength=B))
+    np.testing.assert_array_equal(f3[0], np.bincount([ngram_bucket(g, B, hashing)
+                                                      for g in grams], minlength=B))
+    np.testing.assert_array_equal(f3[1], np.bincount(
+        [ngram_bucket(g, B, hashing) for g in [("e",), ("f",), ("e", "f")]], minlength=B))
 
 
 def test_dsir_hash_is_stable():
@@ -249,6 +316,9 @@ def test_dsir_hash_is_stable():
     assert word_hash("the") == 0x2E3A97906CABDA5E
     assert ngram_hash(("the", "cat")) == 0xE5BAF8C2A908EA21
     assert ngram_bucket(("the", "cat"), 10_000) == 6961
+    # the official package's bucket: int(sha256("the cat").hexdigest(), 16) % 10000
+    assert sha256_bucket("the cat", 10_000) == 143
+    assert ngram_bucket(("the", "cat"), 10_000, "sha256") == 143
 
 
 def test_dsir_tokenises_lowercase_words_and_punctuation():
@@ -310,7 +380,8 @@ def test_dsir_planted_ngrams_rank_first(tok):
 
 def test_dsir_needs_no_model_and_rejects_bad_options():
     assert get_method("dsir").needs_model is False
-    for bad in ({"sampling": "best"}, {"num_buckets": 0}, {"smoothing": 0}, {"ngrams": 0}):
+    for bad in ({"sampling": "best"}, {"num_buckets": 0}, {"smoothing": 0, "floor": 0},
+                {"smoothing": -1}, {"floor": 2}, {"hashing": "md5"}, {"ngrams": 0}):
         with pytest.raises(OptionError):
             get_method("dsir", bad)
     ctx = dsir_ctx(["a b"], ["a"])

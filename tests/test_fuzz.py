@@ -790,7 +790,11 @@ def option_cases() -> list[Case]:
         "smoothing=-Infinity": "option smoothing=-inf: expected a finite number",
         "smoothing=NaN": "option smoothing=nan: expected a finite number",
         "smoothing=1e999": "option smoothing=inf: expected a finite number",
-        "smoothing=0": "smoothing must be > 0",
+        "smoothing=-1": "smoothing and floor must be >= 0",
+        "floor=-1e-8": "smoothing and floor must be >= 0",
+        "floor=0": "smoothing or floor must be > 0",  # with smoothing=0, the default
+        "floor=Infinity": "option floor=inf: expected a finite number",
+        "hashing=md5": "hashing must be one of sha256, blake2b",
         "smoothing=1e308": "smoothing 1e+308 is too large",
         "smoothing=false": "option smoothing=False is not a number",
         "normalize=maybe": "option normalize='maybe': expected true or false",

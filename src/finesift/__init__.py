@@ -7,7 +7,7 @@
 from finesift import select as _select_package  # noqa: F401
 from finesift.errors import FinesiftError, InputError, OptionError
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def select(*args, **kwargs):

@@ -482,9 +482,14 @@ def _selection(cfg: BenchConfig, data: BenchData, spec: MethodSpec, seed: int, b
     tag = f"-b{_slug(str(budget))}" if per_budget else ""
     sel_dir = out / "selections" / f"{spec.dirname}-seed{seed}{tag}"
     done = sel_dir / "DONE.json"
+    current = resolved_options(spec)
     if done.exists() and (sel_dir / "scores.parquet").exists():
         cost = {**json.loads(done.read_text()), "dir": sel_dir.name}
-        return pq.read_table(sel_dir / "scores.parquet").to_pydict(), cost
+        if is_current(cost, current):
+            return pq.read_table(sel_dir / "scores.parquet").to_pydict(), cost
+        log(f"[{cfg.name}] {spec.label}, seed {seed}: the options of the selection in "
+            f"{sel_dir} differ from this run's: scoring again")
+        done.unlink()
     costs = Stopwatch()
     log(f"[{cfg.name}] scoring the pool with {spec.label}, seed {seed} ...")
     with costs.stage("select"):
@@ -499,7 +504,8 @@ def _selection(cfg: BenchConfig, data: BenchData, spec: MethodSpec, seed: int, b
         info["auto_winner"] = sel.manifest["auto"]["winner"]
     cost = {**costs.stages["select"], "dir": sel_dir.name,
             "method_info": {k: v for k, v in info.items()
-                            if isinstance(v, (int, float, str, bool)) or v is None}}
+                            if isinstance(v, (int, float, str, bool)) or v is None},
+            "resolved_options": current}
     from finesift.store import write_json
 
     write_json(done, cost)
@@ -640,8 +646,16 @@ def run_bench(
 
     for spec, seed in ([] if report_only else run_order(cfg.methods, seeds, seeds_first)):
         per_budget = bool(getattr(available().get(spec.name), "uses_budget", False))
-        todo = [b for b in budgets
-                if finished.get(run_key(spec.key, b, seed), {}).get("status") != "ok"]
+        current = resolved_options(spec)
+        todo = []
+        for b in budgets:
+            row = finished.get(run_key(spec.key, b, seed), {})
+            if row.get("status") == "ok" and not is_current(row, current):
+                log(f"[{cfg.name}] {spec.label}, budget {b}, seed {seed}: its options "
+                    "changed since it ran (a default?): running it again")
+            elif row.get("status") == "ok":
+                continue
+            todo.append(b)
         n_skipped += len(budgets) - len(todo)
         if not todo:
             continue
@@ -697,6 +711,29 @@ def run_order(methods: list[MethodSpec], seeds: list[int],
     if seeds_first:
         pairs.sort(key=lambda p: seeds.index(p[1]))  # stable: methods keep config order
     return pairs
+
+
+def resolved_options(spec: MethodSpec) -> dict[str, Any] | None:
+    """Every option of ``spec``'s method with its value in this run, defaults included
+    (None for a method without an options dataclass, such as ``auto``). Recorded in each
+    row and selection: a run whose recorded options differ (a default changed since) is
+    run again instead of being reused."""
+    import dataclasses
+
+    from finesift.methods.base import available, options_from_dict
+
+    cls = available().get(spec.name)
+    if cls is None or not dataclasses.is_dataclass(cls.Options):
+        return None
+    opts = options_from_dict(cls, spec.options)
+    return json.loads(json.dumps(dataclasses.asdict(opts), sort_keys=True, default=str))
+
+
+def is_current(record: dict[str, Any], current: dict[str, Any] | None) -> bool:
+    """Whether a finished row or selection was made with the options of this run (a
+    record from before options were recorded counts as current)."""
+    done = record.get("resolved_options")
+    return current is None or done is None or done == current
 
 
 def method_seeds(spec: MethodSpec, seeds: list[int]) -> list[int]:
@@ -810,6 +847,7 @@ def _one_run(cfg, data, spec, budget, k, seed, columns, sel_cost, base, by_id, m
     row: dict[str, Any] = {
         "key": run_key(spec.key, budget, seed), "config": cfg.name, "method": spec.label,
         "method_name": spec.name, "method_options": json.dumps(spec.options, sort_keys=True),
+        "resolved_options": resolved_options(spec),
         "budget": str(budget), "budget_count": k, "seed": seed,
     }
     info = sel_cost.get("method_info") or {}

@@ -1,17 +1,25 @@
 """``dsir``: data selection with importance resampling (Xie et al., arXiv 2302.03169).
 
 Each example's text (prompt and reply; see :func:`finesift.methods._text.record_text`)
-is lower-cased, split into words (runs of word characters, or of punctuation) and turned
-into counts of hashed n-grams (unigrams and bigrams by default) in ``num_buckets``
-buckets. Two bag-of-n-grams (multinomial) models are fitted over the buckets, one on the
-target and one on the raw pool (the whole pool), with ``smoothing`` pseudo-counts per
-bucket:
+is lower-cased, split into words (runs of word characters, or of punctuation: NLTK's
+WordPunct split) and turned into counts of hashed n-grams (unigrams and bigrams by
+default) in ``num_buckets`` buckets. Two bag-of-n-grams (multinomial) models are fitted
+over the buckets, one on the target and one on the raw pool (the whole pool):
 
     p(b) = (count(b) + smoothing) / (total + smoothing * num_buckets)
 
 The log importance weight of a pool example x with bucket counts z_b(x) is
 
-    log w(x) = sum_b z_b(x) * (log p_target(b) - log p_pool(b)).
+    log w(x) = sum_b z_b(x) * (log(p_target(b) + floor) - log(p_pool(b) + floor)).
+
+The defaults are those of the official ``data-selection`` package: ``smoothing=0`` and
+``floor=1e-8``, and each n-gram (its words joined by one space) hashed to
+``int(sha256(ngram)) % num_buckets`` (``hashing="sha256"``), so finesift's weights equal
+the package's. finesift versions before 0.2 used add-one smoothing (``smoothing=1``,
+``floor=0``) and a vectorised BLAKE2b hash (``hashing="blake2b"``); these remain options.
+Add-one smoothing is a departure: with 10,000 buckets it adds as many pseudo-counts as a
+small target has n-grams, flattening the target model (on the demo it ranked the pool at
+Spearman 0.93 against the official weights, top-30 overlap 0.47).
 
 Selecting k of them by resampling without replacement with probabilities proportional to
 w is the Gumbel top-k trick: with ``sampling="gumbel"`` (default) the score is
@@ -19,11 +27,12 @@ w is the Gumbel top-k trick: with ``sampling="gumbel"`` (default) the score is
 ``top`` strategy draws a weighted sample without replacement (the paper's procedure).
 ``sampling="top"`` scores by ``log w`` itself (deterministic top-k).
 
-Hashing is stable across runs and machines (not Python's salted ``hash()``): a word's
-hash is the 64-bit BLAKE2b digest of its UTF-8 bytes; an n-gram's hash folds its words'
-hashes with a 64-bit mixer (:func:`ngram_hash`); its bucket is the hash modulo
-``num_buckets``. Featurisation is vectorised with numpy and scipy.sparse and runs over
-the pool in chunks; no model is used.
+Hashing is stable across runs and machines (not Python's salted ``hash()``). With
+``sha256``, each distinct n-gram is hashed once (n-grams are numbered level by level
+from pairs of (n-1)-gram and word numbers with numpy). With ``blake2b``, a word's hash is
+the 64-bit BLAKE2b digest of its UTF-8 bytes and an n-gram's hash folds its words' hashes
+with a 64-bit mixer (:func:`ngram_hash`), fully vectorised. Featurisation runs over the
+pool in chunks; no model is used.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ from finesift.methods._text import texts_of
 from finesift.methods.base import Method, MethodContext, MethodResult, register
 
 SAMPLINGS = ("gumbel", "top")
+HASHINGS = ("sha256", "blake2b")
 MAX_BUCKETS = 100_000_000
 """Most hash buckets accepted (two float64 vectors of this size are kept)."""
 MAX_NGRAMS = 16
@@ -97,9 +107,18 @@ def ngram_hash(ngram: Sequence[str]) -> int:
     return h
 
 
-def ngram_bucket(ngram: Sequence[str], num_buckets: int) -> int:
-    """The bucket of an n-gram: ``ngram_hash(ngram) % num_buckets``."""
+def ngram_bucket(ngram: Sequence[str], num_buckets: int, hashing: str = "blake2b") -> int:
+    """The bucket of an n-gram: ``ngram_hash(ngram) % num_buckets`` (``blake2b``), or
+    :func:`sha256_bucket` of its words joined by a space (``sha256``)."""
+    if hashing == "sha256":
+        return sha256_bucket(" ".join(ngram), num_buckets)
     return ngram_hash(ngram) % num_buckets
+
+
+def sha256_bucket(text: str, num_buckets: int) -> int:
+    """The official package's bucket of a string: its SHA-256 digest as a big-endian
+    integer, modulo ``num_buckets``."""
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest(), "big") % num_buckets
 
 
 class HashedNgrams:
@@ -108,16 +127,27 @@ class HashedNgrams:
     Args:
         num_buckets: number of hash buckets (feature dimension).
         ngrams: the longest n-gram; every n-gram from 1 to ``ngrams`` words is counted.
+        hashing: ``sha256`` (the official package's buckets) or ``blake2b``.
 
-    The word -> hash table grows as texts are seen, so each distinct word is hashed once.
-    Override :meth:`words` for another tokenisation.
+    The word -> hash table (and with ``sha256`` the n-gram -> bucket tables) grow as
+    texts are seen, so each distinct word or n-gram is hashed once. Override
+    :meth:`words` for another tokenisation.
     """
 
-    def __init__(self, num_buckets: int = 10_000, ngrams: int = 2) -> None:
+    def __init__(self, num_buckets: int = 10_000, ngrams: int = 2,
+                 hashing: str = "sha256") -> None:
+        if hashing not in HASHINGS:
+            raise ValueError(f"hashing must be one of {', '.join(HASHINGS)}, got {hashing!r}")
         self.num_buckets = int(num_buckets)
         self.ngrams = int(ngrams)
+        self.hashing = hashing
         self._ids: dict[str, int] = {}
         self._hashes = np.zeros(1024, dtype=np.uint64)
+        # sha256: per level n (1-based), the n-grams seen, numbered: their text (not kept
+        # for the longest level) and bucket; level n >= 2 keyed by (n-1)-gram and word
+        self._gram_ids: list[dict[tuple[int, int], int]] = [{} for _ in range(self.ngrams + 1)]
+        self._gram_text: list[list[str]] = [[] for _ in range(self.ngrams + 1)]
+        self._gram_bucket: list[list[int]] = [[] for _ in range(self.ngrams + 1)]
 
     def words(self, text: str) -> list[str]:
         """Tokenise one text (default: :func:`words`)."""
@@ -134,10 +164,48 @@ class HashedNgrams:
                 grown[: len(self._hashes)] = self._hashes
                 self._hashes = grown
             new = list(ids)[n_before:]
-            self._hashes[n_before : len(ids)] = np.fromiter(
-                (word_hash(w) for w in new), dtype=np.uint64, count=len(new)
-            )
+            if self.hashing == "sha256":
+                self._gram_text[1].extend(new)
+                self._gram_bucket[1].extend(sha256_bucket(w, self.num_buckets) for w in new)
+            else:
+                self._hashes[n_before : len(ids)] = np.fromiter(
+                    (word_hash(w) for w in new), dtype=np.uint64, count=len(new)
+                )
         return out
+
+    def _sha256_columns(self, ids: np.ndarray, doc: np.ndarray
+                        ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Rows (documents) and buckets of every n-gram occurrence, ``sha256`` hashing."""
+        rows = [doc]
+        cols = [np.asarray(self._gram_bucket[1], dtype=np.int64)[ids]]
+        prev = ids  # number of the (n-1)-gram starting at each position; -1: crosses documents
+        for n in range(2, self.ngrams + 1):
+            m = len(ids) - n + 1
+            if m <= 0:
+                break
+            valid = (prev[:m] >= 0) & (doc[:m] == doc[n - 1:])
+            pairs = np.stack([prev[:m][valid], ids[n - 1:][valid]], axis=1)
+            uniq, inv = (np.unique(pairs, axis=0, return_inverse=True) if len(pairs)
+                         else (pairs, np.zeros(0, dtype=np.int64)))
+            table, texts, buckets = self._gram_ids[n], self._gram_text, self._gram_bucket[n]
+            keep_text = n < self.ngrams
+            words, lower = self._gram_text[1], texts[n - 1]
+            nums = np.empty(len(uniq), dtype=np.int64)
+            for j, (a, w) in enumerate(uniq.tolist()):
+                num = table.get((a, w))
+                if num is None:
+                    num = table[(a, w)] = len(buckets)
+                    text = lower[a] + " " + words[w]
+                    buckets.append(sha256_bucket(text, self.num_buckets))
+                    if keep_text:
+                        texts[n].append(text)
+                nums[j] = num
+            cur = np.full(m, -1, dtype=np.int64)
+            cur[valid] = nums[inv.reshape(-1)]
+            rows.append(doc[:m][valid])
+            cols.append(np.asarray(buckets, dtype=np.int64)[cur[valid]])
+            prev = cur
+        return rows, cols
 
     @property
     def vocabulary_size(self) -> int:
@@ -153,8 +221,11 @@ class HashedNgrams:
             lengths[i] = len(w)
             toks.extend(w)
         ids = self._word_ids(toks)  # may grow self._hashes: look it up afterwards
-        h = self._hashes[ids]
         doc = np.repeat(np.arange(len(texts), dtype=np.int64), lengths)
+        if self.hashing == "sha256":
+            rows, cols = self._sha256_columns(ids, doc)
+            return self._matrix(rows, cols, len(texts))
+        h = self._hashes[ids]
         rows, cols = [doc], [h]
         gram = h
         for n in range(2, self.ngrams + 1):
@@ -163,10 +234,14 @@ class HashedNgrams:
             same = doc[: len(gram)] == doc[n - 1 :]
             rows.append(doc[: len(gram)][same])
             cols.append(gram[same])
+        cols = [(c % np.uint64(self.num_buckets)).astype(np.int64) for c in cols]
+        return self._matrix(rows, cols, len(texts))
+
+    def _matrix(self, rows: list[np.ndarray], cols: list[np.ndarray], n: int) -> sp.csr_matrix:
         row = np.concatenate(rows)
-        col = (np.concatenate(cols) % np.uint64(self.num_buckets)).astype(np.int64)
+        col = np.concatenate(cols).astype(np.int64)
         data = np.ones(len(row), dtype=np.float64)
-        mat = sp.coo_matrix((data, (row, col)), shape=(len(texts), self.num_buckets))
+        mat = sp.coo_matrix((data, (row, col)), shape=(n, self.num_buckets))
         return mat.tocsr()  # sums duplicate (row, bucket) entries
 
     def transform_chunks(
@@ -177,10 +252,16 @@ class HashedNgrams:
             yield self.transform(texts[s : s + chunk_size])
 
 
-def bag_of_ngrams_logprobs(counts: np.ndarray, smoothing: float) -> np.ndarray:
-    """Log-probabilities of a multinomial over buckets with additive smoothing."""
+def bag_of_ngrams_logprobs(counts: np.ndarray, smoothing: float, floor: float = 0.0
+                           ) -> np.ndarray:
+    """``log(p + floor)`` for the multinomial over buckets with additive smoothing,
+    p = (count + smoothing) / (total + smoothing * buckets) (p = 0 with no counts and no
+    smoothing)."""
     counts = np.asarray(counts, dtype=np.float64)
-    return np.log(counts + smoothing) - np.log(counts.sum() + smoothing * len(counts))
+    total = counts.sum() + smoothing * len(counts)
+    p = (counts + smoothing) / total if total > 0 else np.zeros_like(counts)
+    with np.errstate(divide="ignore"):
+        return np.log(p + floor)
 
 
 def gumbel_keys(log_weights: np.ndarray, seed: int) -> np.ndarray:
@@ -203,8 +284,14 @@ class DSIROptions:
         ngrams: count every n-gram of 1 to ``ngrams`` words (default 2: unigrams and
             bigrams).
         smoothing: pseudo-count added to every bucket of both bag-of-n-grams models
-            (default 1.0: add-one / Laplace smoothing). Must be > 0, so that every
+            (default 0, as in the official package; 1.0 is add-one / Laplace smoothing,
+            finesift's default before 0.2: a departure that flattens a small target's
+            model).
+        floor: added to every bucket's probability before the log (default 1e-8, the
+            official package's). ``smoothing`` or ``floor`` must be > 0, so that every
             log-ratio is finite.
+        hashing: ``sha256`` (default: the official package's buckets, so the weights
+            equal its) or ``blake2b`` (finesift's vectorised hash before 0.2).
         sampling: ``gumbel`` (default): score = log importance weight + Gumbel noise
             seeded by the run's seed, so the ``top`` strategy resamples without
             replacement in proportion to the weights; ``top``: score = log importance
@@ -217,7 +304,9 @@ class DSIROptions:
 
     num_buckets: int = 10_000
     ngrams: int = 2
-    smoothing: float = 1.0
+    smoothing: float = 0.0
+    floor: float = 1e-8
+    hashing: str = "sha256"
     sampling: str = "gumbel"
     normalize: bool = False
     chunk_size: int = 4096
@@ -228,8 +317,17 @@ class DSIROptions:
                               f"got {self.num_buckets}")
         if not 1 <= self.ngrams <= MAX_NGRAMS:
             raise OptionError(f"dsir: ngrams must be from 1 to {MAX_NGRAMS}, got {self.ngrams}")
-        if not self.smoothing > 0:
-            raise OptionError("dsir: smoothing must be > 0")
+        if not (self.smoothing >= 0 and self.floor >= 0):
+            raise OptionError("dsir: smoothing and floor must be >= 0")
+        if not (self.smoothing > 0 or self.floor > 0):
+            raise OptionError("dsir: smoothing or floor must be > 0 (else a bucket the "
+                              "target never uses has log-probability -inf)")
+        if not self.floor <= 1:
+            raise OptionError(f"dsir: floor must be <= 1, got {self.floor}")
+        if self.hashing not in HASHINGS:
+            raise OptionError(
+                f"dsir: hashing must be one of {', '.join(HASHINGS)}, got {self.hashing!r}"
+            )
         if not np.isfinite(self.smoothing * self.num_buckets):
             raise OptionError(f"dsir: smoothing {self.smoothing} is too large: the pseudo-counts "
                               "of all buckets must add up to a finite number")
@@ -253,7 +351,7 @@ def dsir_log_weights(
         per-text n-gram counts (``n_ngrams``) and figures for the manifest.
     """
     opts = options or DSIROptions()
-    feat = HashedNgrams(opts.num_buckets, opts.ngrams)
+    feat = HashedNgrams(opts.num_buckets, opts.ngrams, opts.hashing)
     t0 = time.perf_counter()
     target_counts = np.zeros(opts.num_buckets, dtype=np.float64)
     for chunk in feat.transform_chunks(target_texts, opts.chunk_size):
@@ -264,9 +362,8 @@ def dsir_log_weights(
         pool_counts += np.asarray(chunk.sum(axis=0)).ravel()
         chunks.append(chunk)
     t1 = time.perf_counter()
-    log_ratio = bag_of_ngrams_logprobs(target_counts, opts.smoothing) - bag_of_ngrams_logprobs(
-        pool_counts, opts.smoothing
-    )
+    log_ratio = (bag_of_ngrams_logprobs(target_counts, opts.smoothing, opts.floor)
+                 - bag_of_ngrams_logprobs(pool_counts, opts.smoothing, opts.floor))
     log_w = np.concatenate([c @ log_ratio for c in chunks]) if chunks else np.zeros(0)
     n_ngrams = (
         np.concatenate([np.asarray(c.sum(axis=1)).ravel() for c in chunks])
