@@ -240,7 +240,12 @@ def test_dsir_default_equals_the_official_package(tmp_path):
     official = pytest.importorskip("data_selection")
     import json
 
+    import nltk
+
+    if tuple(int(x) for x in nltk.__version__.split(".")[:2]) >= (3, 10):
+        pytest.skip("NLTK 3.10 splits words with the regex module (pyproject pins nltk<3.10)")
     pool, target = _real_texts(32, 120, 200)
+    pool += ["Done ✔️ — naïve café, 3.5% off!", "x"]  # marks, accents, emoji, one word
     for name, texts in (("pool", pool), ("target", target)):
         with open(tmp_path / f"{name}.jsonl", "w") as f:
             f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
