@@ -219,3 +219,123 @@ def test_parallel_beats_basic_at_influence(problem: Problem, parallel, basic):
     rho_parallel = _spearman(parallel.scores, problem.influence)
     rho_basic = _spearman(basic.scores, problem.influence)
     assert rho_parallel > rho_basic + 0.1
+
+
+# -- exact recursions: token mean, and interleaved rounds ---------------------------------
+#
+# The tests above use one label token per example and check limits, so they could not
+# tell a per-example token *sum* from the token mean, nor an interleaved run that
+# continues each round from the base-trained weights from one that continues from the
+# target-tuned weights. The two below replay ToV's recursion by hand in float64.
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """An example of several label tokens: features x_t (rows) and labels y_t."""
+
+    x: np.ndarray  # (T, D)
+    y: np.ndarray  # (T,)
+
+
+class MultiTokenLogRegTask(Task):
+    """Token t of an example: log p = log sigmoid(y_t <theta, x_t>)."""
+
+    def length(self, example: Tokens) -> int:
+        return len(example.y)
+
+    def n_labels(self, example: Tokens) -> int:
+        return len(example.y)
+
+    def collate(self, examples):
+        return {
+            "x": torch.tensor(np.concatenate([e.x for e in examples]), dtype=torch.float32),
+            "y": torch.tensor(np.concatenate([e.y for e in examples]), dtype=torch.float32),
+            "row": torch.tensor(np.repeat(np.arange(len(examples)),
+                                          [len(e.y) for e in examples])),
+        }
+
+    def label_logprobs(self, model, batch):
+        margin = model(batch["x"]).squeeze(-1) * batch["y"]
+        return -torch.nn.functional.softplus(-margin), batch["row"]
+
+
+def _token_examples(rng, n: int, shift: float) -> list[Tokens]:
+    out = []
+    for _ in range(n):
+        t = int(rng.integers(1, 7))  # 1 to 6 label tokens
+        x = rng.normal(size=(t, D)) + shift
+        out.append(Tokens(x, np.where(rng.random(t) < 0.5, 1.0, -1.0)))
+    return out
+
+
+def _logsig(z: np.ndarray) -> np.ndarray:
+    return -np.logaddexp(0.0, -z)
+
+
+def _mean_token_logp(ex: Tokens, theta: np.ndarray) -> float:
+    return float(_logsig(ex.y * (ex.x @ theta)).mean())
+
+
+def _loss_grad(examples: list[Tokens], theta: np.ndarray) -> np.ndarray:
+    """Gradient of the training loss: the mean over examples of each example's mean
+    token log-loss."""
+    g = np.zeros_like(theta)
+    for e in examples:
+        s = -e.y * _sigmoid(-e.y * (e.x @ theta))  # d(-log sigmoid(y m)) / dm
+        g += (s[:, None] * e.x).mean(0)
+    return g / len(examples)
+
+
+def _run(pool, target, theta0, **options):
+    model = torch.nn.Linear(D, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor(theta0[None, :], dtype=torch.float32))
+    opts = {"adapter": "full", "optimizer": "sgd", "grad_clip": 0.0,
+            "batch_size": max(len(pool), len(target)), "base_size": len(pool)}
+    ctx = MethodContext(pool=pool, target=target, pool_records=[], target_records=[],
+                        task=MultiTokenLogRegTask(), model=model, precision="fp32",
+                        batch_size=len(pool))
+    return get_method("tov", {**opts, **options}).score(ctx)
+
+
+def test_basic_scores_are_the_token_mean_of_log_prob_changes():
+    rng = np.random.default_rng(1)
+    pool, target = _token_examples(rng, 40, 0.0), _token_examples(rng, 10, 0.8)
+    theta0 = rng.normal(size=D) * 0.3
+    lr = 0.5
+    res = _run(pool, target, theta0, mode="basic", lr=lr, val_epochs=1)
+    theta1 = theta0 - lr * _loss_grad(target, theta0)  # one full-batch SGD step
+    want = np.array([_mean_token_logp(e, theta1) - _mean_token_logp(e, theta0) for e in pool])
+    np.testing.assert_allclose(res.scores, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+    # a per-example token sum would be far off: the examples have 1 to 6 tokens
+    sums = want * np.array([len(e.y) for e in pool])
+    assert np.abs(sums - want).max() > 100 * (1e-4 * np.abs(want).max())
+
+
+def test_interleaved_continues_each_round_from_the_target_tuned_weights():
+    rng = np.random.default_rng(2)
+    pool, target = _token_examples(rng, 30, 0.0), _token_examples(rng, 8, 1.0)
+    theta0 = rng.normal(size=D) * 0.3
+    lr, eps, wd, rounds = 0.4, 0.5, 0.01, 3
+    res = _run(pool, target, theta0, mode="interleaved", lr=lr, eps=eps, weight_decay=wd,
+               rounds=rounds)
+
+    def replay(continue_from_target: bool) -> tuple[np.ndarray, list[np.ndarray]]:
+        theta, per_round = theta0.copy(), []
+        for _ in range(rounds):
+            bas = theta - lr * (_loss_grad(pool, theta) + wd * theta)  # SGD weight decay
+            val = bas - lr * eps * _loss_grad(target, bas)  # no penalty on target epochs
+            per_round.append(np.array([_mean_token_logp(e, val) - _mean_token_logp(e, bas)
+                                       for e in pool]))
+            theta = val if continue_from_target else bas
+        return np.mean(per_round, axis=0), per_round
+
+    want, want_rounds = replay(True)
+    wrong, _ = replay(False)
+    tol = 1e-4 * np.abs(want).max()
+    for k in range(rounds):
+        np.testing.assert_allclose(res.columns[f"score_round_{k + 1}"], want_rounds[k],
+                                   rtol=1e-4, atol=tol)
+    np.testing.assert_allclose(res.scores, want, rtol=1e-4, atol=tol)
+    # continuing from the base-trained weights gives other scores, far beyond the tolerance
+    assert np.abs(wrong - want).max() > 100 * tol
