@@ -286,7 +286,7 @@ def _loss_grad(examples: list[Tokens], theta: np.ndarray) -> np.ndarray:
     return g / len(examples)
 
 
-def _run(pool, target, theta0, **options):
+def _run(pool, target, theta0, new_head=False, **options):
     model = torch.nn.Linear(D, 1, bias=False)
     with torch.no_grad():
         model.weight.copy_(torch.tensor(theta0[None, :], dtype=torch.float32))
@@ -294,7 +294,7 @@ def _run(pool, target, theta0, **options):
             "batch_size": max(len(pool), len(target)), "base_size": len(pool)}
     ctx = MethodContext(pool=pool, target=target, pool_records=[], target_records=[],
                         task=MultiTokenLogRegTask(), model=model, precision="fp32",
-                        batch_size=len(pool))
+                        batch_size=len(pool), new_head=new_head)
     return get_method("tov", {**opts, **options}).score(ctx)
 
 
@@ -339,3 +339,31 @@ def test_interleaved_continues_each_round_from_the_target_tuned_weights():
     np.testing.assert_allclose(res.scores, want, rtol=1e-4, atol=tol)
     # continuing from the base-trained weights gives other scores, far beyond the tolerance
     assert np.abs(wrong - want).max() > 100 * tol
+
+
+def test_basic_warmup_measures_the_target_fine_tune_from_the_base_trained_weights():
+    """With a new head (or warmup=on), basic mode first trains on the base set U, and the
+    scores are the log-prob changes of the target fine-tune from there."""
+    rng = np.random.default_rng(3)
+    pool, target = _token_examples(rng, 30, 0.0), _token_examples(rng, 8, 1.0)
+    theta0 = rng.normal(size=D) * 0.3
+    lr = 0.4
+    warm = theta0 - lr * _loss_grad(pool, theta0)  # base_size >= pool: U is the pool
+    val = warm - lr * _loss_grad(target, warm)
+    want = np.array([_mean_token_logp(e, val) - _mean_token_logp(e, warm) for e in pool])
+    tol = 1e-4 * np.abs(want).max()
+    on = _run(pool, target, theta0, mode="basic", lr=lr, warmup="on")
+    np.testing.assert_allclose(on.scores, want, rtol=1e-4, atol=tol)
+    assert on.info["rounds"][0]["warmup_examples"] == len(pool)
+    assert on.base_set is not None and len(on.base_set) == len(pool)
+    new_head = _run(pool, target, theta0, new_head=True, mode="basic", lr=lr)  # auto
+    np.testing.assert_array_equal(new_head.scores, on.scores)
+    # auto without a new head, and off: no warm-up
+    cold = theta0 - lr * _loss_grad(target, theta0)
+    want_cold = np.array([_mean_token_logp(e, cold) - _mean_token_logp(e, theta0)
+                          for e in pool])
+    for res in (_run(pool, target, theta0, mode="basic", lr=lr),
+                _run(pool, target, theta0, new_head=True, mode="basic", lr=lr, warmup="off")):
+        np.testing.assert_allclose(res.scores, want_cold, rtol=1e-4, atol=tol)
+        assert "warmup_examples" not in res.info["rounds"][0] and res.base_set is None
+    assert np.abs(want - want_cold).max() > 100 * tol

@@ -293,6 +293,7 @@ def select(
         shard=shard,
         executor=run_executor,
         model_spec={"name": _model_name(model), "task": task, "labels": labels, "seed": seed},
+        new_head=str(model_info.get("head", "")).startswith("new"),
     )
     if meth.uses_budget and k is not None:
         meth.bind_budget(k)

@@ -52,6 +52,8 @@ class MethodContext:
             :mod:`finesift.executors` (e.g. Ray workers).
         model_spec: how another process loads ``model`` again: ``{"name", "task",
             "labels", "seed"}`` as passed to :func:`finesift.models.loader.load_model`.
+        new_head: the model's classification head was freshly initialised for this run
+            (token classification from a model without a trained head for these labels).
     """
 
     pool: list[Example]
@@ -71,6 +73,7 @@ class MethodContext:
     shard: ShardSpec | None = None
     executor: Any = None
     model_spec: dict[str, Any] | None = None
+    new_head: bool = False
 
 
 @dataclass

@@ -9,7 +9,12 @@ fine-tuning raised the log-probability of its label tokens:
 Modes:
 
 * ``basic``: theta_base = the starting model; theta_val = after fine-tuning on the
-  target. Two forward passes over the pool.
+  target. Two forward passes over the pool. With a freshly initialised classification
+  head (token classification), fine-tuning on the target would mostly teach the head
+  the tag prior, and the largest log-prob gains would land on examples with no entity
+  at all; so by default (``warmup="auto"``) theta_base is then the model after
+  ``base_epochs`` on a random base set U of the pool, as interleaved mode's first
+  round does, and the target fine-tune starts from there.
 * ``interleaved`` (the paper's main algorithm): a base set U is drawn from the pool.
   Round k trains one epoch on U at eta_k (-> theta_bas_k), then one epoch on the target
   at eps * eta_k (-> theta_val_k), scores the pool at both, and continues from
@@ -64,6 +69,7 @@ from finesift.store.chunks import ChunkStore, chunk_grid, grid_rows, shard_chunk
 MODES = ("basic", "interleaved", "parallel")
 TRANSFORMS = ("identity", "abs", "relu")
 SCHEDULES = ("constant", "linear", "cosine")
+WARMUPS = ("auto", "on", "off")
 # Part of the resume fingerprint: bump when saved round state changes meaning.
 _STATE_VERSION = 3
 
@@ -100,6 +106,11 @@ class ToVOptions:
         chunk_size: pool examples per scoring chunk; each finished chunk is saved, so a
             killed run loses at most one chunk of scoring work.
         lora_rank, lora_alpha, lora_dropout: the LoRA adapter.
+        warmup: ``basic`` mode: first train ``base_epochs`` on a random base set U of
+            ``base_size`` pool examples at ``lr``, and measure the target fine-tune's
+            log-prob changes from there. ``auto`` (default): only when the model's
+            classification head is new (a fresh head's first updates learn the tag
+            prior, which would dominate the scores); ``on``; ``off``.
     """
 
     mode: str = "interleaved"
@@ -121,8 +132,11 @@ class ToVOptions:
     lora_rank: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
+    warmup: str = "auto"
 
     def validate(self) -> None:
+        if self.warmup not in WARMUPS:
+            raise OptionError(f"tov: warmup must be one of {WARMUPS}, got {self.warmup!r}")
         if self.mode not in MODES:
             raise OptionError(f"tov: mode must be one of {MODES}, got {self.mode!r}")
         if self.transform not in TRANSFORMS:
@@ -229,7 +243,9 @@ class ToV(Method):
         return res
 
     def _fingerprint(self, ctx: MethodContext) -> str:
-        return run_fingerprint(f"state-v{_STATE_VERSION}", self.options, ctx)
+        # a new head changes what warmup="auto" does
+        tag = f"state-v{_STATE_VERSION}{'-new-head' if ctx.new_head else ''}"
+        return run_fingerprint(tag, self.options, ctx)
 
     # -- resume --------------------------------------------------------------------
     def _work_prefix(self, ctx: MethodContext) -> Path | None:
@@ -319,7 +335,7 @@ class ToV(Method):
         start = trainable_state(model)
         if o.mode == "basic":
             trajs: dict[str, _Trajectory] = {}
-            base_idx = None
+            base_idx = self._basic_base_set(ctx)
             rounds = 1
         else:
             n = len(ctx.pool)
@@ -357,13 +373,24 @@ class ToV(Method):
         if o.mode == "basic" and prog.done == 0:
             load_trainable_state(model, start)
             t0 = time.perf_counter()
+            warm: dict[str, Any] = {}
+            if base_idx is not None:  # theta_base: after base_epochs on U
+                torch.manual_seed(ctx.seed + 0x70F)
+                rw = self._train(ctx, model, [ctx.pool[i] for i in base_idx], lr=o.lr,
+                                 epochs=o.base_epochs, optimizer=None, seed=ctx.seed + 0x70F,
+                                 desc="tov: warm-up on the base set")
+                start = trainable_state(model)
+                warm = {"warmup_examples": len(base_idx), "warmup_steps": rw["steps"],
+                        "warmup_train_loss": rw["mean_loss"]}
+                ctx.log(f"tov: warmed up on a base set of {len(base_idx)} pool examples "
+                        f"({'new classification head' if ctx.new_head else 'warmup=on'})")
             torch.manual_seed(ctx.seed)
             res = self._train(ctx, model, ctx.target, lr=o.lr, epochs=o.val_epochs,
                               optimizer=None, seed=ctx.seed, desc="tov: fine-tune on target")
             prog.checkpoints.append((start, trainable_state(model)))
             prog.info.append({
                 "round": 1, "target_lr": o.lr, "target_steps": res["steps"],
-                "target_train_loss": res["mean_loss"],
+                "target_train_loss": res["mean_loss"], **warm,
                 "seconds_training": round(time.perf_counter() - t0, 3),
             })
             prog.done = 1
@@ -413,6 +440,16 @@ class ToV(Method):
             self._save(path, prog, trajs)
             ctx.log(f"tov: round {k + 1}/{rounds} trained")
         return prog, base_idx
+
+    def _basic_base_set(self, ctx: MethodContext) -> np.ndarray | None:
+        """``basic`` mode's warm-up set U (drawn as interleaved mode draws it), or None
+        when there is no warm-up."""
+        o = self.options
+        if o.warmup == "off" or (o.warmup == "auto" and not ctx.new_head):
+            return None
+        n = len(ctx.pool)
+        rng = np.random.default_rng([ctx.seed, 0x70F])
+        return np.sort(rng.choice(n, size=min(o.base_size, n), replace=False))
 
     # -- phase 2: scoring ----------------------------------------------------------
     def _score_phase(
