@@ -75,6 +75,25 @@ def test_verdict_names_the_best_and_tells_noise_from_a_real_lead():
     assert line.split("text-only baseline embed")[1].count("outside the interval") == 1
 
 
+def test_verdict_says_whether_auto_picked_the_leaderboards_best_candidate():
+    rng = np.random.default_rng(3)
+    # embed clearly best, dsir second; less is better than both but not a candidate
+    rows = _rows(_planted(rng, {"random": 0.0, "embed": 0.10, "dsir": 0.05, "less": 0.15,
+                                "auto": 0.05}))
+    methods = [{"label": m, "name": m} for m in ("random", "embed", "dsir", "less", "auto")]
+    for pick, agrees in (("embed", True), ("dsir", False)):
+        for r in rows:
+            if r["method"] == "auto":
+                r["auto_winner"] = pick
+                r["method_options"] = '{"candidates": "embed,dsir"}'
+        line = verdict(rows, summarize(rows, methods, budgets=["10", "20"]), n_resamples=200)
+        tail = line.split("**auto** picked ")[1]
+        assert tail.startswith(f"{pick} (3 of 3); of its candidates (embed, dsir, random)")
+        assert ("ranking agrees" in tail) == agrees
+        if not agrees:
+            assert "the best candidate here is embed (embed)" in tail
+
+
 def test_verdict_when_nothing_beats_random():
     rng = np.random.default_rng(1)
     rows = _rows(_planted(rng, {"random": 0.0, "tov": -0.05}))

@@ -226,7 +226,35 @@ def verdict(rows: Sequence[dict[str, Any]], summaries: Sequence[MethodSummary], 
         text += " (the runner-up is the best text-only baseline)"
     else:
         text += "; no text-only baseline has finished runs"
-    return text + "."
+    return text + "." + auto_agreement(rows, ranked)
+
+
+def auto_agreement(rows: Sequence[dict[str, Any]], ranked: Sequence[MethodSummary]) -> str:
+    """Whether ``--method auto``'s pick is the method this leaderboard ranks first among
+    the candidates auto could pick (its trials run on folds of the val set; the
+    leaderboard measures on the test set), or "" when auto has no finished runs."""
+    from finesift.evaluate.auto import AutoOptions
+
+    out = []
+    for s in ranked:
+        if not s.auto_picks:
+            continue
+        mine = [r for r in _ok(rows) if r.get("method") == s.label]
+        given = json.loads(mine[0].get("method_options") or "{}") if mine else {}
+        cands = [c.strip() for c in str(given.get("candidates", AutoOptions.candidates))
+                 .split(",") if c.strip()] + ["random"]
+        among = [m for m in ranked if m.name in cands and not m.auto_picks]
+        if not among:
+            continue
+        best = among[0]
+        picks = ", ".join(f"{w} ({n} of {sum(s.auto_picks.values())})"
+                          for w, n in sorted(s.auto_picks.items(), key=lambda kv: -kv[1]))
+        top = max(s.auto_picks.items(), key=lambda kv: kv[1])[0]
+        state = ("agrees" if top == best.name else
+                 f"disagrees: the best candidate here is {best.name} ({best.label})")
+        out.append(f" **{s.label}** picked {picks}; of its candidates "
+                   f"({', '.join(dict.fromkeys(cands))}), the leaderboard's ranking {state}.")
+    return "".join(out)
 
 
 # --------------------------------------------------------------------------- cells
