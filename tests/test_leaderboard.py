@@ -94,6 +94,18 @@ def test_verdict_says_whether_auto_picked_the_leaderboards_best_candidate():
             assert "the best candidate here is embed (embed)" in tail
 
 
+def test_compute_hours_counts_each_selection_once_and_no_reused_run():
+    from finesift.evaluate.leaderboard import compute_hours
+
+    rows = _rows({"random": np.ones((6, 3)), "tov": np.ones((6, 3))})
+    # per method: 3 selections (one per seed) + 6 runs of 8 + 2 s
+    want = 3 * 0.01 + 3 * 2.0 + 12 * 10.0
+    assert compute_hours(rows) * 3600 == pytest.approx(want)
+    rows[0]["reused_from"] = "elsewhere"
+    rows.append({"method": "x", "status": "failed", "finetune_seconds": 99.0})
+    assert compute_hours(rows) * 3600 == pytest.approx(want - 10.0)
+
+
 def test_verdict_when_nothing_beats_random():
     rng = np.random.default_rng(1)
     rows = _rows(_planted(rng, {"random": 0.0, "tov": -0.05}))
@@ -189,7 +201,8 @@ def test_leaderboard_is_written_between_markers_and_keeps_the_rest(committed):
     assert "| dsir |" in board and "| ppl-one-seed |" in board
     assert "| less | not run: too costly for this test |" in board
     assert "corrupted" in board and "seeds 0" in board
-    assert "`auto` picked" in board
+    assert "**auto** picked " in board and "of its candidates (dsir, perplexity" in board
+    assert re.search(r"tiny: \d+ runs, \d+\.\d h", board)
     md = (folder / "results" / "tiny" / "report.md").read_text()
     assert "Head to head against random" in md and "Configuration as run" in md
     assert md.splitlines()[2].startswith(("Best:", "No method beats random"))

@@ -408,15 +408,6 @@ def leaderboard_markdown(suites: Sequence[SuiteResults],
               "benchmarks/<suite>.yaml`); do not edit by hand."), ""]
     for s in suites:
         line = verdict(s.rows, summaries[s.name], n_resamples=n_resamples)
-        auto = [m for m in summaries[s.name] if m.auto_picks]
-        if auto:
-            ranked = sorted((m for m in summaries[s.name]
-                             if m.improvement is not None and not m.auto_picks),
-                            key=lambda m: -m.improvement["mean"])
-            best = ranked[0].label if ranked else None
-            picks = ", ".join(f"{w} x{n}" for w, n in auto[0].auto_picks.items())
-            line += (f" `auto` picked {picks}; the best measured method is {best}"
-                     if best else f" `auto` picked {picks}.")
         lines.append(f"- **{s.name}**: " + line)
     lines += ["", "### % test log-loss improvement over random [95% CI], wins/pairs", "",
               "| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
@@ -427,10 +418,25 @@ def leaderboard_markdown(suites: Sequence[SuiteResults],
               "| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for label in order:
         lines.append(f"| {label} | " + " | ".join(cost_cell(s, label) for s in suites) + " |")
-    runs = ", ".join(f"{s.name}: {sum(m.n_runs for m in summaries[s.name])} runs"
-                     for s in suites)
-    lines += ["", stats_note(n_resamples) + f" Finished runs: {runs}.", ""]
+    runs = ", ".join(f"{s.name}: {sum(m.n_runs for m in summaries[s.name])} runs, "
+                     f"{compute_hours(s.rows):.1f} h" for s in suites)
+    lines += ["", stats_note(n_resamples) + f" Finished runs and the wall time they took "
+              f"(selection once per selection, fine-tuning and evaluation once per run; "
+              f"reused runs count nothing): {runs}.", ""]
     return "\n".join(lines)
+
+
+def compute_hours(rows: Sequence[dict[str, Any]]) -> float:
+    """Wall hours the finished runs of a suite took: each selection's scoring once, each
+    run's fine-tuning and evaluation (a run that reused another's figures adds none)."""
+    ok = _ok(rows)
+    sels = {(r.get("method"), r.get("seed"), r.get("selection_dir")): r.get("select_seconds")
+            for r in ok}
+    seconds = sum(v for v in sels.values() if isinstance(v, (int, float)))
+    for r in ok:
+        if "reused_from" not in r:
+            seconds += sum(float(r.get(k) or 0.0) for k in ("finetune_seconds", "eval_seconds"))
+    return seconds / 3600.0
 
 
 def write_leaderboard(results_root: Path, md_path: Path,
