@@ -282,11 +282,14 @@ def test_quick_bench_runs_harp_per_budget_and_reports_its_cost(tmp_path, write_j
             assert (out / r["selection_dir"] / "manifest.json").exists()
             sel = json.loads((out / r["selection_dir"] / "manifest.json").read_text())
             assert sel["method_info"]["budget"] == r["budget_count"]
-    # the leaf measurements are the same for both envelopes and budgets: done once
-    runs_files = list((out / "work").glob("harp_runs-*.json"))
-    assert len(runs_files) == 1
-    measured = len(json.loads(runs_files[0].read_text())["runs"])
-    assert measured == rows[("harp-c", "6")]["train_evaluate_runs"]
+    # the leaf measurements are shared by a method's budgets (done once per method), not
+    # across methods: each method's cost is what it costs alone
+    for m in ("harp-c", "harp-e"):
+        runs_files = list((out / "work").glob(f"{m}-*/harp_runs-*.json"))
+        assert len(runs_files) == 1
+        measured = len(json.loads(runs_files[0].read_text())["runs"])
+        assert measured == rows[(m, "6")]["train_evaluate_runs"]
+    assert not list((out / "work").glob("harp_runs-*.json"))
     report = (out / "report.md").read_text()
     assert "train-eval runs" in report
 

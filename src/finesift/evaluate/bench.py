@@ -468,9 +468,11 @@ def _selection(cfg: BenchConfig, data: BenchData, spec: MethodSpec, seed: int, b
     """Score the pool with ``spec`` at ``seed`` (or reuse a finished selection).
 
     ``per_budget``: the method's choice depends on the budget (HARP), so this selection
-    is for ``budget`` alone and gets its own folder. Every selection shares the work
-    folder ``OUT/work``, where methods keep fingerprinted state (HARP's train-evaluate
-    runs are reused across budgets and envelopes).
+    is for ``budget`` alone and gets its own folder. Each method entry has its own work
+    folder ``OUT/work/<method>``, where it keeps fingerprinted state (HARP's
+    train-evaluate runs are reused across its budgets), so a method's selection cost is
+    what it costs alone: no method reuses another's cached passes (perplexity and
+    uncertainty would otherwise share one forward pass over the pool).
 
     Returns ``(columns, cost)``: the score table and the scoring stage's cost, with the
     method's scalar figures (``method_info``) from the manifest.
@@ -497,7 +499,7 @@ def _selection(cfg: BenchConfig, data: BenchData, spec: MethodSpec, seed: int, b
             [str(p) for p in data.pool_files], str(data.val_file), budget=budget,
             method=spec.name, method_options=spec.options, task=cfg.task, model=model,
             strategy=cfg.strategy, seed=seed, out=sel_dir, max_length=cfg.max_length,
-            progress=progress, log=log, workdir=out / "work",
+            progress=progress, log=log, workdir=out / "work" / spec.dirname,
         )
     info = dict(sel.manifest.get("method_info") or {})
     if "auto" in sel.manifest:  # --method auto: which candidate won its trials
