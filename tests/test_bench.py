@@ -297,10 +297,12 @@ def test_quick_bench_runs_harp_per_budget_and_reports_its_cost(tmp_path, write_j
 @dataclasses.dataclass
 class _FixedOptions:
     tag: str = "a"  # changes the method key, not the choice
+    reverse: bool = False  # score by the reverse order instead
 
 
 class _FixedOrder(Method):
-    """Scores the pool by its order alone: every seed, budget and tag picks the same."""
+    """Scores the pool by its order alone (or its reverse order): every seed, budget and
+    tag picks the same."""
 
     name = "t-fixed-order"
     description = "test only"
@@ -308,7 +310,8 @@ class _FixedOrder(Method):
     Options = _FixedOptions
 
     def score(self, ctx):
-        return MethodResult(scores=-np.arange(len(ctx.pool), dtype=np.float64))
+        s = -np.arange(len(ctx.pool), dtype=np.float64)
+        return MethodResult(scores=-s if self.options.reverse else s)
 
 
 def test_quick_bench_reuses_the_figures_of_an_identical_subset(tmp_path, write_jsonl,
@@ -405,42 +408,24 @@ def test_seeds_first_runs_every_method_on_a_seed_before_the_next(tmp_path, write
 
 
 @dataclasses.dataclass
-class _OrderOptions:
-    reverse: bool = False
-
-
-@dataclasses.dataclass
-class _OrderOptionsReversed:
+class _FixedOptionsReversed(_FixedOptions):
     reverse: bool = True  # the same option, a new default
-
-
-class _Order(Method):
-    """Scores the pool by its order, or by its reverse order."""
-
-    name = "t-order"
-    description = "test only"
-    needs_model = False
-    Options = _OrderOptions
-
-    def score(self, ctx):
-        s = -np.arange(len(ctx.pool), dtype=np.float64)
-        return MethodResult(scores=-s if self.options.reverse else s)
 
 
 def test_a_changed_default_runs_again_instead_of_reusing(tmp_path, write_jsonl, monkeypatch):
     """The config names no options, so the run key stays; the recorded options (defaults
     included) tell the old runs and selections from the new."""
-    monkeypatch.setitem(REGISTRY, _Order.name, _Order)
+    monkeypatch.setitem(REGISTRY, _FixedOrder.name, _FixedOrder)
     cfg = make_suite(tmp_path, write_jsonl, CONFIG.replace(
         "methods: [random, {tov: {mode: basic, lr: 3.0e-3, val_epochs: 2}}]",
-        "methods: [t-order]").replace("seeds: [0, 1]", "seeds: [0]"))
+        "methods: [t-fixed-order]").replace("seeds: [0, 1]", "seeds: [0]"))
     first = run_bench(cfg, out=tmp_path / "out", quick=True)
     assert first.n_done == 2 and first.n_failed == 0
-    assert all(r["resolved_options"] == {"reverse": False} for r in first.rows)
+    assert all(r["resolved_options"] == {"tag": "a", "reverse": False} for r in first.rows)
     again = run_bench(cfg, out=tmp_path / "out", quick=True)
     assert again.n_done == 0 and again.n_skipped == 2
 
-    monkeypatch.setattr(_Order, "Options", _OrderOptionsReversed)
+    monkeypatch.setattr(_FixedOrder, "Options", _FixedOptionsReversed)
     messages: list[str] = []
     changed = run_bench(cfg, out=tmp_path / "out", quick=True, log=messages.append)
     assert changed.n_done == 2 and changed.n_skipped == 0
@@ -448,5 +433,5 @@ def test_a_changed_default_runs_again_instead_of_reusing(tmp_path, write_jsonl, 
     assert sum("scoring again" in m for m in messages) == 1
     old = {r["budget"]: r["selected_ids"] for r in first.rows}
     for r in changed.rows:
-        assert r["resolved_options"] == {"reverse": True}
+        assert r["resolved_options"] == {"tag": "a", "reverse": True}
         assert r["selected_ids"] != old[r["budget"]]

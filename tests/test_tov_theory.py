@@ -367,3 +367,13 @@ def test_basic_warmup_measures_the_target_fine_tune_from_the_base_trained_weight
         np.testing.assert_allclose(res.scores, want_cold, rtol=1e-4, atol=tol)
         assert "warmup_examples" not in res.info["rounds"][0] and res.base_set is None
     assert np.abs(want - want_cold).max() > 100 * tol
+
+
+def test_the_loader_says_when_a_token_classification_head_is_new(tiny_lm_dir, tiny_ner_dir,
+                                                                 tiny_tagger_dir):
+    """``warmup=auto`` follows this flag (through ``MethodContext.new_head``)."""
+    from finesift.models.loader import load_model
+
+    assert load_model(str(tiny_ner_dir), "ner", labels=["O", "B-PER", "I-PER"]).new_head
+    assert not load_model(str(tiny_tagger_dir), "ner", labels=["O", "B-PER", "I-PER"]).new_head
+    assert not load_model(str(tiny_lm_dir), "lm").new_head

@@ -253,9 +253,11 @@ def select(
         if meth.needs_model:
             bundle = load_model(model, task, labels=labels, seed=seed)
             tokenizer, model_obj, model_info = bundle.tokenizer, bundle.model, bundle.info
+            new_head = bundle.new_head
         else:
             tokenizer, model_obj = load_tokenizer(model, task), None
             model_info = {"name": model, "loaded": False}
+            new_head = False
 
     with watch.stage("encode"):
         enc_pool = encode(pool_records, tokenizer, task, max_length=max_length,
@@ -293,7 +295,7 @@ def select(
         shard=shard,
         executor=run_executor,
         model_spec={"name": _model_name(model), "task": task, "labels": labels, "seed": seed},
-        new_head=str(model_info.get("head", "")).startswith("new"),
+        new_head=new_head,
     )
     if meth.uses_budget and k is not None:
         meth.bind_budget(k)

@@ -144,7 +144,8 @@ class HashedNgrams:
         self._ids: dict[str, int] = {}
         self._hashes = np.zeros(1024, dtype=np.uint64)
         # sha256: per level n (1-based), the n-grams seen, numbered: their text (not kept
-        # for the longest level) and bucket; level n >= 2 keyed by (n-1)-gram and word
+        # for the longest level) and, for n >= 2, their bucket (words keep theirs in
+        # _hashes); level n >= 2 keyed by (n-1)-gram and word
         self._gram_ids: list[dict[tuple[int, int], int]] = [{} for _ in range(self.ngrams + 1)]
         self._gram_text: list[list[str]] = [[] for _ in range(self.ngrams + 1)]
         self._gram_bucket: list[list[int]] = [[] for _ in range(self.ngrams + 1)]
@@ -164,20 +165,20 @@ class HashedNgrams:
                 grown[: len(self._hashes)] = self._hashes
                 self._hashes = grown
             new = list(ids)[n_before:]
-            if self.hashing == "sha256":
+            if self.hashing == "sha256":  # the word's bucket itself, not a 64-bit hash
                 self._gram_text[1].extend(new)
-                self._gram_bucket[1].extend(sha256_bucket(w, self.num_buckets) for w in new)
+                hashed = (sha256_bucket(w, self.num_buckets) for w in new)
             else:
-                self._hashes[n_before : len(ids)] = np.fromiter(
-                    (word_hash(w) for w in new), dtype=np.uint64, count=len(new)
-                )
+                hashed = (word_hash(w) for w in new)
+            self._hashes[n_before : len(ids)] = np.fromiter(hashed, dtype=np.uint64,
+                                                            count=len(new))
         return out
 
     def _sha256_columns(self, ids: np.ndarray, doc: np.ndarray
                         ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Rows (documents) and buckets of every n-gram occurrence, ``sha256`` hashing."""
         rows = [doc]
-        cols = [np.asarray(self._gram_bucket[1], dtype=np.int64)[ids]]
+        cols = [self._hashes[ids].astype(np.int64)]
         prev = ids  # number of the (n-1)-gram starting at each position; -1: crosses documents
         for n in range(2, self.ngrams + 1):
             m = len(ids) - n + 1
@@ -191,6 +192,7 @@ class HashedNgrams:
             keep_text = n < self.ngrams
             words, lower = self._gram_text[1], texts[n - 1]
             nums = np.empty(len(uniq), dtype=np.int64)
+            ubuckets = np.empty(len(uniq), dtype=np.int64)
             for j, (a, w) in enumerate(uniq.tolist()):
                 num = table.get((a, w))
                 if num is None:
@@ -199,11 +201,12 @@ class HashedNgrams:
                     buckets.append(sha256_bucket(text, self.num_buckets))
                     if keep_text:
                         texts[n].append(text)
-                nums[j] = num
+                nums[j], ubuckets[j] = num, buckets[num]
+            inv = inv.reshape(-1)
             cur = np.full(m, -1, dtype=np.int64)
-            cur[valid] = nums[inv.reshape(-1)]
+            cur[valid] = nums[inv]
             rows.append(doc[:m][valid])
-            cols.append(np.asarray(buckets, dtype=np.int64)[cur[valid]])
+            cols.append(ubuckets[inv])
             prev = cur
         return rows, cols
 

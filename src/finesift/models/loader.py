@@ -60,6 +60,7 @@ class ModelBundle:
         task: ``"lm"`` or ``"ner"``.
         name: the built-in name or the folder given.
         info: provenance for the manifest (source file, fingerprint, parameter count).
+        new_head: the token-classification head was freshly initialised for these labels.
     """
 
     model: Any
@@ -67,6 +68,7 @@ class ModelBundle:
     task: str
     name: str
     info: dict[str, Any] = field(default_factory=dict)
+    new_head: bool = False
 
 
 def cache_dir() -> Path:
@@ -239,6 +241,7 @@ def load_model(
 
     name, path, info = resolve_path(name, task)
     tok = load_tokenizer(name, task)
+    new_head = False
     if task == "lm":
         with _loading(path, "model"):
             model = AutoModelForCausalLM.from_pretrained(
@@ -274,10 +277,12 @@ def load_model(
                     use_safetensors=True,
                 )
             info["head"] = f"new ({len(labels)} labels, seed {seed})"
+            new_head = True
     model.eval()
     info["n_parameters"] = int(sum(p.numel() for p in model.parameters()))
     info["architecture"] = type(model).__name__
-    return ModelBundle(model=model, tokenizer=tok, task=task, name=name, info=info)
+    return ModelBundle(model=model, tokenizer=tok, task=task, name=name, info=info,
+                       new_head=new_head)
 
 
 def pretrained_labels(name: str | None, task: str) -> dict[str, int] | None:
