@@ -435,3 +435,21 @@ def test_a_changed_default_runs_again_instead_of_reusing(tmp_path, write_jsonl, 
     for r in changed.rows:
         assert r["resolved_options"] == {"tag": "a", "reverse": True}
         assert r["selected_ids"] != old[r["budget"]]
+
+
+def test_only_and_seeds_restrict_the_runs_and_name_the_choices(tmp_path, write_jsonl):
+    from finesift.evaluate.bench import restrict_order, run_order
+
+    cfg = load_config(make_suite(tmp_path, write_jsonl, CONFIG.replace(
+        "methods: [random, {tov: {mode: basic, lr: 3.0e-3, val_epochs: 2}}]",
+        "methods: [random, {dsir: {}, label: dsir-x}, embed]")
+        .replace("seeds: [0, 1]", "seeds: [0, 1, 2]")))
+    order = run_order(cfg.methods, cfg.seeds, True)
+    kept = restrict_order(order, cfg, ["embed", "random"], [0, 2])
+    assert [(s.label, seed) for s, seed in kept] == [("random", 0), ("embed", 0),
+                                                     ("random", 2), ("embed", 2)]
+    assert restrict_order(order, cfg, None, None) == order
+    with pytest.raises(ConfigError, match=r"no method labelled dsir; .*random, dsir-x, embed"):
+        restrict_order(order, cfg, ["dsir"], None)
+    with pytest.raises(ConfigError, match=r"--seeds: 5 not among"):
+        restrict_order(order, cfg, None, [5])

@@ -39,7 +39,7 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -568,6 +568,8 @@ def run_bench(
     log: Callable[[str], None] | None = None,
     report_only: bool = False,
     seeds_first: bool = False,
+    only: Sequence[str] | None = None,
+    only_seeds: Sequence[int] | None = None,
 ) -> BenchResult:
     """Run every method x budget x seed of a config (skipping finished runs) and report.
 
@@ -581,6 +583,9 @@ def run_bench(
             (e.g. while another invocation is still running).
         seeds_first: run every method on the first seed before any method on the next
             (a whole leaderboard on fewer seeds early), instead of method by method.
+        only: run only the methods with these labels (the others' finished runs still
+            count in the report).
+        only_seeds: run only these of the config's seeds.
     """
     from finesift.evaluate.report import write_report
     from finesift.select.strategies import parse_budget
@@ -646,7 +651,9 @@ def run_bench(
 
     from finesift.methods.base import available
 
-    for spec, seed in ([] if report_only else run_order(cfg.methods, seeds, seeds_first)):
+    order = [] if report_only else run_order(cfg.methods, seeds, seeds_first)
+    order = restrict_order(order, cfg, only, only_seeds)
+    for spec, seed in order:
         per_budget = bool(getattr(available().get(spec.name), "uses_budget", False))
         current = resolved_options(spec)
         todo = []
@@ -713,6 +720,27 @@ def run_order(methods: list[MethodSpec], seeds: list[int],
     if seeds_first:
         pairs.sort(key=lambda p: seeds.index(p[1]))  # stable: methods keep config order
     return pairs
+
+
+def restrict_order(order: list[tuple[MethodSpec, int]], cfg: BenchConfig,
+                   only: Sequence[str] | None, only_seeds: Sequence[int] | None,
+                   ) -> list[tuple[MethodSpec, int]]:
+    """``order`` cut to the method labels in ``only`` and the seeds in ``only_seeds``
+    (None: all); a label or seed the config does not have is an error naming the choices."""
+    if only:
+        labels = [spec.label for spec in cfg.methods]
+        unknown = [lab for lab in only if lab not in labels]
+        if unknown:
+            raise ConfigError(cfg.path, f"--only: no method labelled {', '.join(unknown)}; "
+                                        f"the config's methods: {', '.join(labels)}")
+        order = [(spec, seed) for spec, seed in order if spec.label in only]
+    if only_seeds:
+        unknown_seeds = [s for s in only_seeds if s not in cfg.seeds]
+        if unknown_seeds:
+            raise ConfigError(cfg.path, f"--seeds: {', '.join(map(str, unknown_seeds))} not "
+                                        f"among the config's seeds {list(cfg.seeds)}")
+        order = [(spec, seed) for spec, seed in order if seed in only_seeds]
+    return order
 
 
 def resolved_options(spec: MethodSpec) -> dict[str, Any] | None:

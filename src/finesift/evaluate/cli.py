@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from finesift.errors import OptionError
+
 
 def _eprint(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
@@ -79,6 +81,11 @@ def register_eval_commands(sub: Any) -> None:
     p.add_argument("--seeds-first", action="store_true",
                    help="run every method on the first seed before any on the next: a whole "
                         "leaderboard on fewer seeds early (default: method by method)")
+    p.add_argument("--only", default=None, metavar="LABEL[,LABEL...]",
+                   help="run only these methods (labels as in the config; random is the "
+                        "reference every row is compared with)")
+    p.add_argument("--seeds", default=None, metavar="SEED[,SEED...]",
+                   help="run only these of the config's seeds")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("bench-data", help="build the data files of a shipped benchmark suite")
@@ -116,13 +123,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split_list(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def _seed_list(text: str | None) -> list[int] | None:
+    items = _split_list(text)
+    if items is None:
+        return None
+    try:
+        return [int(t) for t in items]
+    except ValueError:
+        raise OptionError(f"--seeds takes whole numbers separated by commas, got {text!r}") from None
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """``finesift bench``: run (or resume) every method x budget x seed, then report."""
     from finesift.evaluate.bench import run_bench
 
     result = run_bench(args.config, out=args.out, quick=args.quick,
                        progress=not args.no_progress, log=_eprint,
-                       report_only=args.report_only, seeds_first=args.seeds_first)
+                       report_only=args.report_only, seeds_first=args.seeds_first,
+                       only=_split_list(args.only), only_seeds=_seed_list(args.seeds))
     print(f"{result.n_done} run(s) done ({result.n_skipped} already finished, "
           f"{result.n_failed} failed) in {result.seconds:.0f} s")
     for name in ("results.csv", "results.json", "report.md", "report.html"):
