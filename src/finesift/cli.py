@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import re
@@ -14,7 +13,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from finesift.config import RunConfig, add_arguments, describe
 from finesift.errors import FinesiftError
+from finesift.methods import available
 from finesift.select.strategies import STRATEGIES
 
 
@@ -40,6 +41,15 @@ def _parse_options(pairs: list[str] | None) -> dict[str, Any]:
 
 def _eprint(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+RAY_FLAGS = (
+    ("num_cpus", int, "CPUs of the local Ray instance (default: all)"),
+    ("workers", int, "Ray workers (default: cluster GPUs / gpus per worker, else CPUs)"),
+    ("cpus_per_worker", float, "CPUs (and torch threads) per Ray worker (default 1)"),
+    ("gpus_per_worker", float, "GPUs per Ray worker (default 0; 1 = one worker per GPU, on cuda)"),
+)
+"""``--ray-NAME`` flags: the keys of :class:`~finesift.config.RunConfig`'s ``ray_options``."""
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -88,79 +98,77 @@ def _preview(record, width: int = 70) -> str:
     return text[:width] + ("..." if len(text) > width else "")
 
 
-def _check_proxy(method: str, proxy: str, options: dict[str, Any]) -> None:
-    """``--proxy`` is an option of the methods whose options have a ``proxy`` field."""
-    from finesift.methods import available
+def method_flags() -> dict[str, list[tuple[str, str]]]:
+    """The ``finesift select`` flags the registered methods declare (``cli_flags``): flag
+    name -> the (method, option) pairs it sets."""
+    flags: dict[str, list[tuple[str, str]]] = {}
+    for name, cls in available().items():
+        for flag, option_name in cls.cli_flags.items():
+            flags.setdefault(flag, []).append((name, option_name))
+    return flags
 
-    def takes_proxy(cls: Any) -> bool:
-        opt = getattr(cls, "Options", None)
-        return dataclasses.is_dataclass(opt) and "proxy" in {f.name for f in dataclasses.fields(opt)}
 
-    methods = available()
-    if method in methods and not takes_proxy(methods[method]):
-        supported = ", ".join(n for n, c in methods.items() if takes_proxy(c))
-        raise FinesiftError(f"--method {method} does not support --proxy (methods that do: {supported})")
-    if options.get("proxy", proxy) != proxy:
-        raise FinesiftError("--proxy and -o proxy=... disagree")
+def run_config(args: argparse.Namespace) -> RunConfig:
+    """The run's configuration: ``--config``'s file (if given), with the flags given on
+    the command line laid over it (``-o`` options over the file's method options; a
+    ``--method`` other than the file's drops the file's method options)."""
+    data: dict[str, Any] = {}
+    if args.config:
+        data = RunConfig.from_yaml(args.config).api_kwargs()
+    given = {i.name: getattr(args, i.name) for i in describe(RunConfig) if hasattr(args, i.name)}
+    if "method" in given and given["method"] != data.get("method", given["method"]):
+        data.pop("method_options", None)
+    data.update(given)
+    if isinstance(data.get("batch_size"), str):
+        data["batch_size"] = _batch_size(data["batch_size"])
+    method = data.get("method", "tov")
+    options = {**(data.get("method_options") or {}), **_parse_options(args.option)}
+    for flag, owners in method_flags().items():
+        value = getattr(args, f"method_flag_{flag}", None)
+        if value is None:
+            continue
+        names = ", ".join(dict.fromkeys(m for m, _ in owners))
+        mine = dict(owners).get(method)
+        if method == "auto":
+            first, opt = owners[0]
+            raise FinesiftError(f"--{flag} is not an option of --method auto (--{flag} is an "
+                                f"option of --method {names}); give it to a candidate: "
+                                f"-o {first}.{opt}={value}")
+        if mine is None:
+            raise FinesiftError(f"--method {method} does not support --{flag} (methods that "
+                                f"do: {names})")
+        if options.get(mine, value) != value:
+            raise FinesiftError(f"--{flag} and -o {mine}=... disagree")
+        options[mine] = value
+    data["method_options"] = options
+    ray = dict(data.get("ray_options") or {})
+    ray.update({name: getattr(args, f"ray_{name}") for name, _, _ in RAY_FLAGS
+                if getattr(args, f"ray_{name}") is not None})
+    data["ray_options"] = ray
+    missing = [f"--{k}" for k in ("pool", "target", "out") if data.get(k) in (None, [])]
+    if missing:
+        raise FinesiftError(f"the following arguments are required: {', '.join(missing)} "
+                            "(on the command line or in the --config file)")
+    return RunConfig.from_dict(data)
 
 
 def cmd_select(args: argparse.Namespace) -> int:
     from finesift.api import select
 
-    options = _parse_options(args.option)
-    if args.envelope is not None:
-        if args.method != "harp":
-            raise FinesiftError(f"--envelope is an option of --method harp, not {args.method}")
-        if options.get("envelope", args.envelope) != args.envelope:
-            raise FinesiftError("--envelope and -o envelope=... disagree")
-        options["envelope"] = args.envelope
-    if args.proxy is not None:
-        if args.method == "auto":
-            raise FinesiftError("--proxy is not an option of --method auto; give it to a "
-                                "candidate: -o less.proxy=iprox:0.7")
-        _check_proxy(args.method, args.proxy, options)
-        options["proxy"] = args.proxy
-    sharded = args.shard_index is not None
-    if args.budget is None and not sharded:
+    run = run_config(args)
+    sharded = run.shard_index is not None
+    if run.budget is None and not sharded:
         raise FinesiftError("--budget is required (except in a shard run: --shard-index)")
-    if args.budget is not None and sharded:
+    if run.budget is not None and sharded:
         _eprint("warning: a shard run selects nothing; --budget is ignored (give it to merge)")
-    ray_options = {k: v for k, v in (
-        ("num_cpus", args.ray_num_cpus), ("workers", args.ray_workers),
-        ("cpus_per_worker", args.ray_cpus_per_worker),
-        ("gpus_per_worker", args.ray_gpus_per_worker)) if v is not None}
-    sel = select(
-        args.pool,
-        args.target,
-        budget=args.budget,
-        method=args.method,
-        method_options=options,
-        task=args.task,
-        model=args.model,
-        strategy=args.strategy,
-        seed=args.seed,
-        out=args.out,
-        fmt=args.format,
-        max_length=args.max_length,
-        template=args.template,
-        precision=args.precision,
-        batch_size=args.batch_size,
-        progress=not args.no_progress,
-        log=_eprint,
-        device=args.device,
-        num_shards=args.num_shards,
-        shard_index=args.shard_index,
-        executor=args.executor,
-        ray_address=args.ray_address,
-        ray_options=ray_options,
-    )
+    sel = select(**run.api_kwargs(), progress=not args.no_progress, log=_eprint)
     if sharded:
         if not sel.pool:
-            _eprint(f"warning: shard {args.shard_index} got no examples: the pool has fewer "
+            _eprint(f"warning: shard {run.shard_index} got no examples: the pool has fewer "
                     f"chunks than shards (use fewer shards; tov: or a smaller -o chunk_size)")
-        print(f"scored shard {args.shard_index} of {args.num_shards}: {len(sel.pool)} of "
+        print(f"scored shard {run.shard_index} of {run.num_shards}: {len(sel.pool)} of "
               f"{sel.manifest['shard']['pool_size']} pool examples")
-        print(f"wrote {args.out}/scores.parquet, manifest.json "
+        print(f"wrote {run.out}/scores.parquet, manifest.json "
               f"({sel.manifest['wall_seconds']:.0f} s); combine the shards with finesift merge")
         return 0
     if "auto" in sel.manifest:  # --method auto: the trials that chose the method
@@ -168,7 +176,7 @@ def cmd_select(args: argparse.Namespace) -> int:
 
         print(format_trials(sel.manifest["auto"]))
     print(_summary(sel))
-    print(f"wrote {args.out}/scores.parquet, selected.jsonl, manifest.json "
+    print(f"wrote {run.out}/scores.parquet, selected.jsonl, manifest.json "
           f"({sel.manifest['wall_seconds']:.0f} s)")
     return 0
 
@@ -220,24 +228,43 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
+    """``finesift methods``: every method with its options and defaults; ``finesift
+    methods NAME``: one method with the help of each option."""
+    import textwrap
+
+    from finesift.config import describe
     from finesift.evaluate import auto
     from finesift.methods import available
 
-    entries: dict[str, tuple[str, list[str]]] = {}
-    for name, cls in available().items():
-        lines = []
-        if dataclasses.is_dataclass(cls.Options):
-            for f in dataclasses.fields(cls.Options):
-                default = f.default if f.default is not dataclasses.MISSING else "?"
-                lines.append(f"    {f.name} = {default!r}")
-        entries[name] = (cls.description, lines)
-    entries[auto.NAME] = (auto.DESCRIPTION, [
-        *(f"    {key} = {default}" for key, default in auto.describe_options()),
-        "    METHOD.KEY: a candidate's own option, e.g. -o tov.mode=basic"])
-    for name, (description, lines) in sorted(entries.items()):
+    methods = available()
+    entries: dict[str, tuple[str, list[Any]]] = {
+        name: (cls.description, describe(cls.Options)) for name, cls in methods.items()}
+    entries[auto.NAME] = (auto.DESCRIPTION, describe(auto.AutoOptions))
+    shown = {(auto.NAME, key): default for key, default in auto.describe_options()}
+    names = getattr(args, "name", None) or []
+    unknown = [n for n in names if n not in entries]
+    if unknown:
+        raise FinesiftError(f"unknown method {', '.join(unknown)}; available methods: "
+                            f"{', '.join(sorted(entries))}")
+    for name, (description, infos) in sorted(entries.items()):
+        if names and name not in names:
+            continue
         print(f"{name:14s} {description}")
-        for line in lines:
-            print(line)
+        width = max((len(i.name) for i in infos), default=0)
+        for info in infos:
+            default = shown.get((name, info.name), repr(info.default))
+            if not names:
+                print(f"    {info.name} = {default}")
+                continue
+            kind = (f"one of {', '.join(map(str, info.choices))}" if info.choices
+                    else info.type)
+            print(f"    {info.name:{width}s} = {default}  ({kind})")
+            for line in textwrap.wrap(info.help, width=88):
+                print(f"    {'':{width}s}   {line}")
+        if name == auto.NAME:
+            print("    METHOD.KEY: a candidate's own option, e.g. -o tov.mode=basic")
+        if names and not infos:
+            print("    (no options)")
     return 0
 
 
@@ -275,47 +302,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("select", help="score a pool and select a subset")
-    p.add_argument("--method", default="tov",
-                   help="selection method (see `finesift methods`), or auto: try candidate "
-                        "methods on folds of the target and select with the best")
-    p.add_argument("--pool", nargs="+", required=True, help="pool file(s)")
-    p.add_argument("--target", nargs="+", required=True, help="target example file(s)")
-    p.add_argument("--budget", default=None,
-                   help="count (500) or share of the pool (10%%); required unless --shard-index")
-    p.add_argument("--strategy", default="top", choices=list(STRATEGIES))
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--num-shards", type=int, default=1,
-                   help="split the pool into N shards (with --shard-index; default 1)")
-    p.add_argument("--shard-index", type=int, default=None,
-                   help="score only shard I (0..N-1) and write its scores for finesift merge; "
-                        "chunk c of the length-sorted chunk grid belongs to shard c %% N")
-    p.add_argument("--device", default="cpu",
-                   help="torch device of this process: cpu (default), cuda, cuda:1, ... "
-                        "(Ray GPU workers always use their own GPU)")
-    p.add_argument("--executor", choices=["local", "ray"], default="local",
-                   help="where the pool is scored: this process (default) or Ray workers (tov)")
-    p.add_argument("--ray-address", default=None,
-                   help="Ray cluster to join (default: start a local Ray instance)")
-    p.add_argument("--ray-num-cpus", type=int, default=None,
-                   help="CPUs of the local Ray instance (default: all)")
-    p.add_argument("--ray-workers", type=int, default=None,
-                   help="Ray workers (default: cluster GPUs / gpus per worker, else CPUs)")
-    p.add_argument("--ray-cpus-per-worker", type=float, default=None,
-                   help="CPUs (and torch threads) per Ray worker (default 1)")
-    p.add_argument("--ray-gpus-per-worker", type=float, default=None,
-                   help="GPUs per Ray worker (default 0; 1 = one worker per GPU, on cuda)")
-    p.add_argument("--format", default=None,
-                   choices=["jsonl", "json", "csv", "parquet", "hf", "conll"],
-                   help="input format (default: from the file extension)")
+    p.add_argument("--config", default=None, metavar="RUN.YAML",
+                   help="read the run's options from this file (a run folder's config.yaml "
+                        "runs that run again); flags given here override it")
+    add_arguments(p, RunConfig)  # one flag per field of the run's configuration
     p.add_argument("-o", "--option", action="append", metavar="KEY=VALUE",
-                   help="method option, e.g. -o mode=basic -o rounds=2 (repeatable)")
-    p.add_argument("--envelope", choices=["c", "e"], default=None,
-                   help="harp: HARP-C (one best helpful leaf per domain counts, every harm "
-                        "counts; default) or HARP-E (leaf effects add up)")
-    p.add_argument("--proxy", default=None, metavar="iprox:RHO",
-                   help="less/tracin: run on an IProX influence-preserving low-rank proxy of "
-                        "the model with compression ratio RHO in [0, 1), e.g. iprox:0.7")
-    _add_common(p)
+                   help="method option, e.g. -o mode=basic -o rounds=2 (repeatable; "
+                        "`finesift methods NAME` lists a method's options)")
+    for flag, owners in method_flags().items():  # flags the methods declare (--envelope)
+        first, option_name = owners[0]
+        info = next(i for i in describe(available()[first].Options) if i.name == option_name)
+        p.add_argument(f"--{flag}", default=None, dest=f"method_flag_{flag}", metavar=flag.upper(),
+                       choices=list(info.choices) if info.choices else None,
+                       help=f"{', '.join(dict.fromkeys(m for m, _ in owners))}: "
+                            + info.help.replace("%", "%%"))
+    for name, kind, text in RAY_FLAGS:
+        p.add_argument(f"--ray-{name.replace('_', '-')}", type=kind, default=None, dest=f"ray_{name}",
+                       help=text)
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("merge", help="combine shard runs (select --shard-index) and select")
@@ -341,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("methods", help="list the selection methods and their options")
+    p.add_argument("name", nargs="*", metavar="NAME",
+                   help="print these methods' options with the help of each")
     p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("data", help="bundled data sets")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
 
 class FinesiftError(Exception):
     """Base class of every error finesift raises on purpose (bad input, bad options)."""
@@ -39,3 +43,15 @@ class InputError(FinesiftError):
 
 class OptionError(FinesiftError):
     """An invalid option or combination of options (budget, method name, ...)."""
+
+
+@contextlib.contextmanager
+def loading(path: Any, what: str) -> Iterator[None]:
+    """Turn transformers' errors for a broken model folder into an :class:`OptionError`
+    naming the folder and what could not be loaded (``"model"``, ``"tokenizer"``)."""
+    try:
+        yield
+    except (OSError, ValueError) as exc:
+        detail = " ".join(str(exc).split())
+        raise OptionError(f"--model {path}: cannot load the {what}: {detail}") from exc
+

@@ -24,7 +24,6 @@ import hashlib
 import itertools
 import json
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,16 +31,16 @@ from typing import Any
 import numpy as np
 
 from finesift.errors import InputError, OptionError
-from finesift.store import (
-    Stopwatch,
-    file_fingerprint,
-    package_versions,
-    peak_rss_mb,
-    write_json,
-    write_jsonl,
-    write_parquet,
-)
+from finesift.pipeline import Selection
+from finesift.store import Stopwatch, file_fingerprint
 from finesift.store.chunks import ShardSpec
+from finesift.store.run import (
+    SETTING_KEYS,
+    check_out_dir,
+    run_manifest,
+    selection_entries,
+    write_run,
+)
 
 SHARD_KIND = "finesift-shard"
 # Settings that must agree across the shards of one run (and enter the fingerprint).
@@ -89,12 +88,10 @@ def write_shard(
     data: dict[str, Any],
     watch: Stopwatch,
     t_start: float,
-):
+) -> Selection:
     """Write a shard run's ``scores.parquet`` and ``manifest.json`` (called by
-    :func:`finesift.api.select`); returns a :class:`~finesift.api.Selection` with no
+    :func:`finesift.api.select`); returns a :class:`~finesift.pipeline.Selection` with no
     selected records."""
-    from finesift.api import Selection
-
     n_pool = len(enc_pool.examples)
     rows = np.asarray(result.rows if result.rows is not None else np.arange(n_pool),
                       dtype=np.int64)
@@ -118,37 +115,20 @@ def write_shard(
     encoded = {"pool": _encoded_hash(enc_pool.examples),
                "target": _encoded_hash(enc_target.examples), "pool_size": str(n_pool)}
     identity = run_identity(run, data, shard.num_shards, encoded)
-    manifest: dict[str, Any] = {
-        "kind": SHARD_KIND,
-        "finesift_version": package_versions().get("finesift"),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        **run,
-        "shard": {
-            **shard.to_dict(),
-            "fingerprint": fingerprint(identity),
-            "rows": len(rows),
-            "pool_size": n_pool,
-            "assignment": "chunk c of the length-sorted chunk grid goes to shard c % N",
-            "identity": identity,
-        },
-        "data": data,
-        "method_info": result.info,
-        "stages": watch.to_dict(),
-        "wall_seconds": round(time.perf_counter() - t_start, 3),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-        "versions": package_versions(),
+    shard_entry = {
+        **shard.to_dict(),
+        "fingerprint": fingerprint(identity),
+        "rows": len(rows),
+        "pool_size": n_pool,
+        "assignment": "chunk c of the length-sorted chunk grid goes to shard c % N",
+        "identity": identity,
     }
-    from finesift.api import write_outputs
-
-    def write_manifest(path: Path) -> None:
-        # the manifest is written last and names the scores file it belongs to
-        manifest["shard"]["scores_sha256"] = file_fingerprint(
-            out_dir / "scores.parquet")["sha256"]
-        write_json(path, manifest)
-
-    # a rerun: no old manifest may vouch for the new scores (write_outputs removes it first)
-    write_outputs(out_dir, [("scores.parquet", lambda path: write_parquet(path, columns)),
-                            ("manifest.json", write_manifest)])
+    manifest = run_manifest(run, data, {"kind": SHARD_KIND, "shard": shard_entry,
+                                        "method_info": result.info},
+                            watch=watch, t_start=t_start)
+    # a rerun: no old manifest may vouch for the new scores (write_run removes it first);
+    # the manifest, written last, names the scores file it belongs to
+    write_run(out_dir, columns, manifest)
     return Selection(selected=[], scores=scores, pool=recs, columns=columns,
                      manifest=manifest, out=out_dir)
 
@@ -190,7 +170,7 @@ def merge(
     budget: str | int,
     strategy: str = "top",
     log: Callable[[str], None] | None = None,
-):
+) -> Selection:
     """Combine the shard folders of one run and select ``budget`` examples.
 
     Args:
@@ -208,7 +188,6 @@ def merge(
     """
     import pyarrow.parquet as pq
 
-    from finesift.api import Selection
     from finesift.data.readers import load_records
     from finesift.select.strategies import STRATEGIES, parse_budget, score_table, select_indices
 
@@ -220,8 +199,6 @@ def merge(
     folders = [Path(d) for d in shard_dirs]
     if not folders:
         raise OptionError("merge needs at least one shard folder")
-    from finesift.api import check_out_dir
-
     out_dir = check_out_dir(out)
 
     with watch.stage("read_shards"):
@@ -329,31 +306,13 @@ def merge(
          "peak_rss_mb": m.get("peak_rss_mb"), "method_info": m.get("method_info")}
         for f, m in sorted(zip(folders, mans, strict=True), key=lambda fm: fm[1]["shard"]["index"])
     ]
-    manifest: dict[str, Any] = {
-        "finesift_version": package_versions().get("finesift"),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        **{k: mans[0].get(k) for k in ("method", "method_options", "task", "model")},
-        "strategy": strategy,
-        "budget": {"requested": str(budget), "count": int(k)},
-        **{k: mans[0].get(k) for k in ("seed", "max_length", "template", "precision",
-                                       "batch_size", "device", "format")},
-        "data": data,
-        "selected": {"count": len(selected), "by_source": dict(Counter(r.source for r in selected))},
-        "method_info": mans[0].get("method_info"),
-        "merged_from": {"num_shards": n_shards, "fingerprint": ref["fingerprint"],
-                        "shards": shard_info},
-        "stages": watch.to_dict(),
-        "wall_seconds": round(time.perf_counter() - t_start, 3),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-        "versions": package_versions(),
-    }
-    from finesift.api import write_outputs
-
-    write_outputs(out_dir, [
-        ("scores.parquet", lambda path: write_parquet(path, columns)),
-        ("selected.jsonl", lambda path: write_jsonl(path, (r.raw for r in selected))),
-        ("manifest.json", lambda path: write_json(path, manifest)),
-    ])
+    manifest = run_manifest(
+        {**{key: mans[0].get(key) for key in SETTING_KEYS}, "strategy": strategy}, data,
+        {**selection_entries(budget, k, selected), "method_info": mans[0].get("method_info"),
+         "merged_from": {"num_shards": n_shards, "fingerprint": ref["fingerprint"],
+                         "shards": shard_info}},
+        watch=watch, t_start=t_start)
+    write_run(out_dir, columns, manifest, selected)
     log(f"merged {n_shards} shard(s): {n_pool} pool examples")
     return Selection(selected=selected, scores=scores, pool=pool, columns=columns,
                      manifest=manifest, out=out_dir)

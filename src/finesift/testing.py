@@ -81,3 +81,18 @@ def tiny_token_classifier(
         label2id={lab: i for i, lab in enumerate(labels)},
     )
     return BertForTokenClassification(cfg).eval()
+
+
+def tiny_encoder(words: list[str] | tuple[str, ...]):
+    """``(model, tokenizer)``: a tiny random BERT encoder (no head) whose lower-cased
+    WordPiece vocabulary is the special tokens plus ``words``."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(words)]
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=4,
+                                 max_position_embeddings=128))
+    return model, tok
+

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from finesift.engine.batching import shuffled_batches
 from finesift.engine.precision import autocast
-from finesift.engine.tasks import Task
+from finesift.engine.tasks import Task, task_class
 
 
 @dataclass
@@ -36,7 +36,7 @@ class LoraOptions:
         return asdict(self)
 
 
-def add_lora(model: torch.nn.Module, task: str, options: LoraOptions, *, seed: int = 0):
+def add_lora(model: torch.nn.Module, task: Any, options: LoraOptions, *, seed: int = 0):
     """Wrap ``model`` with a fresh LoRA adapter (B = 0, so outputs are unchanged).
 
     For token classification the classification head is trained in full as well
@@ -47,24 +47,9 @@ def add_lora(model: torch.nn.Module, task: str, options: LoraOptions, *, seed: i
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    kwargs: dict[str, Any] = {}
     targets = options.target_modules
     factored = any(getattr(m, "finesift_factored", False) for m in model.modules())
-    if task == "ner":
-        kwargs["task_type"] = "TOKEN_CLS"
-        # the head is "classifier" (BERT-like) or "score" (decoder models); it is trained
-        # in full, so it must not also receive a LoRA adapter
-        head = next((h for h in ("classifier", "score") if hasattr(model, h)), None)
-        if head:
-            kwargs["modules_to_save"] = [head]
-            if targets == "all-linear" and not factored:
-                targets = sorted({
-                    name.rsplit(".", 1)[-1]
-                    for name, mod in model.named_modules()
-                    if isinstance(mod, torch.nn.Linear) and not name.startswith(head)
-                })
-    else:
-        kwargs["task_type"] = "CAUSAL_LM"
+    targets, kwargs = task_class(task).lora_config(model, targets, factored)
     if targets == "all-linear" and factored:
         # an IProX proxy (finesift.methods.iprox): peft's "all-linear" matches by the last
         # name component, which would also hit factored layers (not nn.Linear) that share a

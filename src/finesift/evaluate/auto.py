@@ -22,7 +22,9 @@ the methods' own resumable state (``work/``). A killed run started again redoes 
 what had not finished; two candidates that chose the same subset share one fine-tune.
 
 This module orchestrates selection and evaluation, so it sits above both:
-``finesift.api.select`` imports it lazily (only when ``method == "auto"``).
+``finesift.api.select`` imports it lazily (only when ``method == "auto"``) and hands it
+the plain select as ``select_with``; it imports the shared pieces from
+:mod:`finesift.pipeline`, never :mod:`finesift.api` (which imports it: no cycle).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from finesift import api
+from finesift import pipeline
 from finesift.data.records import Record
 from finesift.errors import FinesiftError, OptionError
 from finesift.evaluate.finetune import FinetuneOptions, finetune_and_evaluate, label_names
@@ -344,6 +346,7 @@ def select_auto(
     pool: str | Path | Sequence[str | Path],
     target: str | Path | Sequence[str | Path],
     *,
+    select_with: Callable[..., pipeline.Selection],
     budget: str | int | None,
     method_options: dict[str, Any] | None = None,
     task: str = "lm",
@@ -365,13 +368,15 @@ def select_auto(
     executor: Any = "local",
     ray_address: str | None = None,
     ray_options: dict[str, Any] | None = None,
-) -> api.Selection:
+) -> pipeline.Selection:
     """``finesift.select(..., method="auto")``: trial every candidate on folds of the
     target, then select with the winner. Arguments as :func:`finesift.api.select`;
     ``method_options`` are :class:`AutoOptions` plus ``METHOD.KEY`` candidate options.
+    ``select_with`` is the plain select (:func:`finesift.api.select`, which passes
+    itself) that every trial and the final selection go through.
 
     Returns:
-        The winner's :class:`~finesift.api.Selection` (all target examples, the whole
+        The winner's :class:`~finesift.pipeline.Selection` (all target examples, the whole
         pool), whose manifest has an ``auto`` section: ``trials`` (per candidate: held-out
         loss per fold and mean, mean improvement over random in %, selection and
         fine-tune seconds, the subset sizes), ``winner``, ``base_heldout_loss_per_fold``
@@ -394,8 +399,9 @@ def select_auto(
         raise OptionError("a budget is needed (--budget)")
     if strategy not in STRATEGIES:
         raise OptionError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
-    if task not in ("lm", "ner"):
-        raise OptionError(f"--task must be 'lm' or 'ner', got {task!r}")
+    from finesift.engine.tasks import task_class
+
+    task_class(task)  # an OptionError naming the known tasks
     if precision not in ("auto", "bf16", "fp32"):
         raise OptionError(f"precision must be 'auto', 'bf16' or 'fp32', got {precision!r}")
     if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
@@ -404,13 +410,13 @@ def select_auto(
     from finesift.engine.budget import parse_batch_size
 
     parse_batch_size(batch_size)
-    api._check_device(device)
-    pool_paths, target_paths = api._as_list(pool), api._as_list(target)
+    pipeline.check_device(device)
+    pool_paths, target_paths = pipeline.as_list(pool), pipeline.as_list(target)
 
     pool_records = load_records(pool_paths, fmt, role="pool")
     target_records = load_records(target_paths, fmt, role="target")
-    api.check_shapes(pool_records, task)
-    api.check_shapes(target_records, task)
+    pipeline.check_shapes(pool_records, task)
+    pipeline.check_shapes(target_records, task)
     k_full = parse_budget(budget, len(pool_records))
     if len(target_records) < opts.folds:
         raise OptionError(f"method 'auto': {opts.folds} folds need at least {opts.folds} "
@@ -427,9 +433,10 @@ def select_auto(
     try:
         section = _run_trials(
             plan, pool_paths, target_paths, pool_records, target_records, k_full,
-            work=work / "auto", task=task, model=model, strategy=strategy, seed=seed,
-            fmt=fmt, max_length=max_length, template=template, precision=precision,
-            batch_size=batch_size, device=device, progress=progress, log=log)
+            select_with=select_with, work=work / "auto", task=task, model=model,
+            strategy=strategy, seed=seed, fmt=fmt, max_length=max_length, template=template,
+            precision=precision, batch_size=batch_size, device=device, progress=progress,
+            log=log)
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -438,7 +445,7 @@ def select_auto(
     winner = section["winner"]
     log(f"auto: the winner is {winner}; selecting with it from the whole pool and every "
         "target example ...")
-    sel = api.select(
+    sel = select_with(
         pool_paths, target_paths, budget=budget, method=winner,
         method_options=plan.candidate_options[winner], task=task, model=model,
         strategy=strategy, seed=seed, out=out, fmt=fmt, max_length=max_length,
@@ -454,7 +461,8 @@ def select_auto(
 
 def _run_trials(plan: AutoPlan, pool_paths: list[str], target_paths: list[str],
                 pool_records: list[Record], target_records: list[Record], k_full: int, *,
-                work: Path, task: str, model: str | None, strategy: str, seed: int,
+                select_with: Callable[..., pipeline.Selection], work: Path, task: str,
+                model: str | None, strategy: str, seed: int,
                 fmt: str | None, max_length: int | None, template: str, precision: str,
                 batch_size: int | str, device: str, progress: bool,
                 log: Callable[[str], None]) -> dict[str, Any]:
@@ -469,7 +477,7 @@ def _run_trials(plan: AutoPlan, pool_paths: list[str], target_paths: list[str],
     data = _prepare(pool_records, target_records, opts, seed, data_dir, log)
     trial_k = min(data.n_trial_pool, max(1, round(k_full * data.n_trial_pool / data.n_pool)))
     labels = label_names(task, model, [target_records, pool_records])
-    model_id = {s: model_identity({"name": api._model_name(model), "task": task,
+    model_id = {s: model_identity({"name": pipeline.model_name(model), "task": task,
                                    "labels": labels, "seed": s}) for s in seeds}
     log(f"auto: {len(plan.candidates)} candidates ({', '.join(plan.candidates)}) x "
         f"{opts.folds} folds x {len(seeds)} seed(s); each selects {trial_k} of "
@@ -516,7 +524,7 @@ def _run_trials(plan: AutoPlan, pool_paths: list[str], target_paths: list[str],
                     log(f"auto: trial {done}/{n_trials} ({where}): selecting ...")
                     t0 = time.perf_counter()
                     try:
-                        sel = api.select(
+                        sel = select_with(
                             [str(p) for p in data.pool_files], str(data.target_files[fold]),
                             budget=trial_k, method=cand, method_options=cand_opts, task=task,
                             model=model, strategy=strategy, seed=s, out=sel_dir, fmt=None,

@@ -99,10 +99,9 @@ class MethodSpec:
     @property
     def key(self) -> str:
         """Label plus a hash of the options: changed options never reuse old runs."""
-        import hashlib
+        from finesift.store.work import fingerprint
 
-        blob = json.dumps(self.options, sort_keys=True, default=str).encode()
-        return f"{self.label}#{hashlib.sha1(blob).hexdigest()[:8]}"
+        return f"{self.label}#{fingerprint(self.options, version='bench-v0')}"
 
     @property
     def dirname(self) -> str:
@@ -209,8 +208,10 @@ def load_config(path: str | Path) -> BenchConfig:
             raise ConfigError(path, f"missing key '{key}'")
     base = path.resolve().parent
     task = raw["task"]
-    if task not in ("lm", "ner"):
-        raise ConfigError(path, f"task: expected lm or ner, got {task!r}")
+    from finesift.engine.tasks import TASKS
+
+    if task not in TASKS:
+        raise ConfigError(path, f"task: expected {' or '.join(TASKS)}, got {task!r}")
     if not isinstance(raw["pool"], list) or not raw["pool"]:
         raise ConfigError(path, "pool: expected a list of {name, path[, limit]}")
     pool = []
@@ -394,21 +395,9 @@ def build_quick_model(task: str, records: list[Record], folder: Path) -> Path:
     for r in records:
         words.update(re.findall(r"\w+|[^\w\s]", record_text(r).replace("\x1f", " ")))
     common = [w for w, _ in words.most_common(QUICK_VOCAB)]
-    if task == "lm":
-        from finesift.testing import tiny_causal_lm, tiny_tokenizer
+    from finesift.engine.tasks import task_class
 
-        tok = tiny_tokenizer(common)
-        model = tiny_causal_lm(len(tok))
-    else:
-        import torch
-        from transformers import BertConfig, BertModel, BertTokenizerFast
-
-        vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(common)]
-        tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
-        torch.manual_seed(0)
-        model = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                                     num_hidden_layers=2, num_attention_heads=4,
-                                     max_position_embeddings=128))
+    model, tok = task_class(task).tiny_model(common)
     model.save_pretrained(folder, safe_serialization=True)
     tok.save_pretrained(folder)
     return folder
@@ -539,7 +528,10 @@ def _base_figures(cfg: BenchConfig, data: BenchData, model: str | None, seed: in
                   labels: list[str] | None, out: Path, log: Callable[[str], None]
                   ) -> dict[str, Any]:
     """The untouched model's test figures (cached; an NER head depends on the seed)."""
-    key = f"seed{seed}" if cfg.task == "ner" else "all"
+    from finesift.engine.tasks import task_class
+
+    # a new classification head is drawn per seed, so the untouched model is too
+    key = f"seed{seed}" if task_class(cfg.task).trains_head else "all"
     path = out / "base.json"
     cache = json.loads(path.read_text()) if path.exists() else {}
     if key in cache and "base_test_losses" in cache[key]:
@@ -882,7 +874,10 @@ def _one_run(cfg, data, spec, budget, k, seed, columns, sel_cost, base, by_id, m
     }
     info = sel_cost.get("method_info") or {}
     row["method_info"] = info
-    for key in ("n_selected_by_harp", "train_evaluate_runs", "auto_winner"):
+    from finesift.methods.base import report_columns
+
+    # what each method says to report, and auto's winner (set by _select above)
+    for key in (*report_columns(), "auto_winner"):
         if key in info:
             row[key] = info[key]
     base_loss = base.get("base_test_loss")
@@ -1004,7 +999,7 @@ TABLE_COLUMNS = (
     "method", "budget", "budget_count", "seed", "status", "test_loss", "base_test_loss",
     "improvement_over_random_pct", "improvement_over_base_pct", "test_f1", "base_test_f1",
     "test_em", "base_test_em", "em_samples", "n_train", "n_test", "train_loss",
-    "n_selected_by_harp", "train_evaluate_runs", "select_seconds", "select_peak_rss_mb", "finetune_seconds", "finetune_peak_rss_mb",
+    "select_seconds", "select_peak_rss_mb", "finetune_seconds", "finetune_peak_rss_mb",
     "eval_seconds", "eval_peak_rss_mb", "load_seconds", "select_cpu_seconds",
     "finetune_cpu_seconds", "eval_cpu_seconds", "method_options", "selection_dir",
     "finished_at", "error",
@@ -1020,7 +1015,9 @@ def write_tables(out: Path, rows: list[dict[str, Any]]) -> None:
 
     extra = sorted({k for r in rows for k in r if k.startswith(("n_from_", "share_"))})
     extra.append("worse_than_untouched")
-    cols = list(TABLE_COLUMNS[:17]) + extra + list(TABLE_COLUMNS[17:])
+    from finesift.methods.base import report_columns
+
+    cols = list(TABLE_COLUMNS[:17]) + extra + list(report_columns()) + list(TABLE_COLUMNS[17:])
     with atomic_path(out / "results.csv") as tmp, open(tmp, "w", newline="",
                                                        encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")

@@ -14,7 +14,6 @@ and the same hyperparameters are used whatever chose the subset.
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,14 @@ from typing import Any, ClassVar
 import numpy as np
 
 from finesift.data.records import Example, Record
+from finesift.engine.metrics import (  # noqa: F401  (importable from here as before)
+    em_candidates,
+    entity_f1,
+    exact_match,
+    gold_answer,
+    ner_predictions,
+    predicted_answer,
+)
 from finesift.errors import InputError, OptionError
 from finesift.store import Stopwatch
 
@@ -65,6 +72,8 @@ class FinetuneOptions:
         em_samples: lm only: how many test records to generate answers for and score by
             exact match of the final ``#### <number>`` answer (default 0 = off).
         max_new_tokens: generation length cap for exact match (default 256).
+        template: how chat and prompt/completion records are rendered, as in
+            ``finesift select --template``: ``auto`` (default), ``chat`` or ``plain``.
     """
 
     epochs: float = 1.0
@@ -82,6 +91,7 @@ class FinetuneOptions:
     eval_batch_size: int = 16
     em_samples: int = 0
     max_new_tokens: int = 256
+    template: str = "auto"
 
     def validate(self) -> None:
         """Raise :class:`OptionError` for an out-of-range value."""
@@ -117,6 +127,8 @@ class FinetuneOptions:
             raise OptionError(f"em_samples must be >= 0, got {self.em_samples!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise OptionError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.template not in ("auto", "chat", "plain"):
+            raise OptionError(f"template must be auto, chat or plain, got {self.template!r}")
         if self.eval_precision not in ("bf16", "fp32"):
             raise OptionError(f"eval_precision must be bf16 or fp32, got {self.eval_precision!r}")
 
@@ -124,7 +136,7 @@ class FinetuneOptions:
     # behaviour: left out of setup_fields() at that value, so those folders still resume
     _LATER_DEFAULTS: ClassVar[dict[str, Any]] = {"steps": None, "eval_precision": "fp32",
                                                   "head_lr": None, "warmup": 0.0,
-                                                  "schedule": "constant"}
+                                                  "schedule": "constant", "template": "auto"}
 
     @property
     def full(self) -> bool:
@@ -155,6 +167,7 @@ class FinetuneOptions:
             **how, "optimizer": "adamw", "batch_size": self.batch_size,
             "max_length": self.max_length, "precision": self.precision,
             "eval_precision": self.eval_precision,
+            **({"template": self.template} if self.template != "auto" else {}),
         }
 
     @classmethod
@@ -246,163 +259,39 @@ def read_records(paths: str | Path | Sequence[str | Path], role: str) -> list[Re
     return load_records([str(p) for p in paths], role=role)
 
 
-def label_names(task: str, model: str | None, record_lists: Sequence[Sequence[Record]]) -> list[str] | None:
-    """NER tag names for a new head (``O`` first), or ``None`` for lm / a trained tagger."""
-    if task != "ner":
-        return None
-    from finesift.data.encode import build_label_map
+def label_names(task: Any, model: str | None, record_lists: Sequence[Sequence[Record]]) -> list[str] | None:
+    """Label names for a new classification head (``O`` first for NER), or ``None`` for a
+    task without one (lm) and a trained tagger's own."""
+    from finesift.engine.tasks import task_class
     from finesift.models.loader import pretrained_labels
 
-    label2id = pretrained_labels(model, task) or build_label_map(record_lists)
-    return [lab for lab, _ in sorted(label2id.items(), key=lambda kv: kv[1])]
+    kind = task_class(task)
+    return kind.label_names(pretrained_labels(model, kind), record_lists)
 
 
-def _encode(records: Sequence[Record], tokenizer: Any, task: str, max_length: int | None,
-            label2id: dict[str, int] | None, role: str) -> tuple[list[Example], dict[str, Any]]:
-    from finesift.data.encode import encode_lm, encode_ner
+def _encode(records: Sequence[Record], tokenizer: Any, task: Any, max_length: int | None,
+            label2id: dict[str, int] | None, role: str,
+            template: str = "auto") -> tuple[list[Example], dict[str, Any]]:
+    from finesift.engine.tasks import task_class
 
-    bad = next((r for r in records if (r.shape == "ner") != (task == "ner")), None)
+    kind = task_class(task)
+    bad = next((r for r in records if not kind.accepts(r)), None)
     if bad is not None:
-        raise bad.error(f"a {bad.shape} {role} record cannot be used with --task {task}")
-    if task == "ner":
-        examples, report = encode_ner(records, tokenizer, label2id or {}, max_length)
-    else:
-        examples, report = encode_lm(records, tokenizer, max_length)
+        raise bad.error(f"a {bad.shape} {role} record cannot be used with --task {kind.name}")
+    examples, report = kind.encode(records, tokenizer, max_length=max_length,
+                                   label2id=label2id, template=template)
     if not examples:
         src = ", ".join(dict.fromkeys(r.source for r in records)) or role
         raise InputError(src, f"no usable {role} records after encoding: {report.to_dict()}")
     return examples, report.to_dict()
 
 
-def ner_predictions(model: Any, task_obj: Any, examples: Sequence[Example], id2label: list[str],
-                    *, batch_size: int = 16) -> tuple[list[list[str]], list[list[str]]]:
-    """Gold and argmax tag sequences at each word's first sub-token (fp32, no grad)."""
-    import torch
-
-    from finesift.engine.batching import sorted_batches
-
-    gold: list[list[str]] = [[] for _ in examples]
-    pred: list[list[str]] = [[] for _ in examples]
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        for idx in sorted_batches(examples, [len(e) for e in examples], batch_size=batch_size):
-            batch = task_obj.collate([examples[i] for i in idx])
-            logits = model(input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"]).logits
-            best = logits.argmax(-1).numpy()
-            labels = batch["labels"].numpy()
-            for j, i in enumerate(idx):
-                keep = labels[j] != -100
-                gold[i] = [id2label[t] for t in labels[j][keep]]
-                pred[i] = [id2label[t] for t in best[j][keep]]
-    if was_training:
-        model.train()
-    return gold, pred
-
-
-def entity_f1(gold: list[list[str]], pred: list[list[str]]) -> float:
-    """Entity-level micro F1 (seqeval, conlleval rules; BIO tags; plain tags = one-word
-    entities)."""
-    from seqeval.metrics import f1_score
-
-    def bio(seq: list[str]) -> list[str]:
-        return [t if t == "O" or t[:2] in ("B-", "I-", "E-", "S-") else f"B-{t}" for t in seq]
-
-    return float(f1_score([bio(s) for s in gold], [bio(s) for s in pred], zero_division=0))
-
-
-# --------------------------------------------------------------------------- exact match
-
-_NUM = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def _clean_number(text: str) -> str | None:
-    text = text.replace(",", "").replace("$", "").strip().rstrip(".")
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return str(int(value)) if value == int(value) else repr(value)
-
-
-def gold_answer(completion: str | None) -> str | None:
-    """The number after ``####`` in a GSM8K-style answer, normalised, else ``None``."""
-    if not completion or "####" not in completion:
-        return None
-    m = _NUM.search(completion.rsplit("####", 1)[1])
-    return _clean_number(m.group(0)) if m else None
-
-
-def predicted_answer(generated: str) -> str | None:
-    """The model's final answer: the number after its last ``####``, else its last number."""
-    tail = generated.rsplit("####", 1)[1] if "####" in generated else generated
-    nums = _NUM.findall(tail) if "####" in generated else _NUM.findall(generated)
-    if not nums:
-        return None
-    return _clean_number(nums[0] if "####" in generated else nums[-1])
-
-
-def _prompt_ids(record: Record, tokenizer: Any) -> list[int]:
-    if record.messages:  # everything before the last assistant reply
-        last = max((i for i, m in enumerate(record.messages) if m.get("role") == "assistant"),
-                   default=len(record.messages))
-        msgs = record.messages[:last]
-    else:
-        msgs = [{"role": "user", "content": record.prompt or ""}]
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-    else:
-        text = "\n".join(m["content"] for m in msgs) + "\n"
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _answer_text(record: Record) -> str | None:
-    if record.completion is not None:
-        return record.completion
-    if record.messages:
-        replies = [m["content"] for m in record.messages if m.get("role") == "assistant"]
-        return replies[-1] if replies else None
-    return None
-
-
-def em_candidates(records: Sequence[Record], n: int, seed: int) -> list[Record]:
-    """Up to ``n`` records with a ``#### <number>`` answer, a seeded random subsample."""
-    usable = [r for r in records if r.shape != "ner" and gold_answer(_answer_text(r))]
-    if n <= 0 or not usable:
-        return []
-    rng = np.random.default_rng([seed, 0xE4])
-    pick = np.sort(rng.choice(len(usable), size=min(n, len(usable)), replace=False))
-    return [usable[i] for i in pick]
-
-
-def exact_match(model: Any, tokenizer: Any, records: Sequence[Record], *,
-                max_new_tokens: int = 256, precision: str = "auto") -> float | None:
-    """Share of ``records`` whose greedy generation ends in the gold final answer."""
-    import torch
-
-    from finesift.engine.precision import autocast
-
-    if not records:
-        return None
-    hits = 0
-    model.eval()
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    for rec in records:
-        ids = torch.tensor([_prompt_ids(rec, tokenizer)])
-        with torch.inference_mode(), autocast(precision):
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                 max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=eos, pad_token_id=pad)
-        text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-        hits += int(predicted_answer(text) == gold_answer(_answer_text(rec)))
-    return hits / len(records)
-
-
 # --------------------------------------------------------------------------- the harness
 
-_HEADS = ("classifier", "score")  # a token classifier's head (BERT-like / decoder models)
+def _heads() -> tuple[str, ...]:
+    from finesift.engine.tasks import TokenClassificationTask
+
+    return TokenClassificationTask.HEADS  # a token classifier's head (BERT-like / decoder)
 
 
 def _split_head(net: Any) -> tuple[list[Any], list[Any]]:
@@ -411,7 +300,7 @@ def _split_head(net: Any) -> tuple[list[Any], list[Any]]:
     head, body = [], []
     for name, p in net.named_parameters():
         if p.requires_grad:
-            (head if any(part in _HEADS for part in name.split(".")) else body).append(p)
+            (head if any(part in _heads() for part in name.split(".")) else body).append(p)
     if not head:
         raise OptionError("head_lr: the model has no trainable classifier / score head")
     return head, body
@@ -455,15 +344,14 @@ def finetune_and_evaluate(
     import torch
 
     from finesift.engine.scoring import example_losses
-    from finesift.engine.tasks import task_for
+    from finesift.engine.tasks import task_class, task_for
     from finesift.engine.train import LoraOptions, TrainOptions, add_lora, train
     from finesift.models.loader import load_model
 
     opts = options or FinetuneOptions()
     opts.validate()
     log = log or (lambda msg: None)
-    if task not in ("lm", "ner"):
-        raise OptionError(f"--task must be 'lm' or 'ner', got {task!r}")
+    kind = task_class(task)  # an OptionError naming the known tasks
     if train_records is not None and not train_records:
         raise OptionError("no training records to fine-tune on")
     if train_records is None:
@@ -472,8 +360,8 @@ def finetune_and_evaluate(
         raise OptionError("no test records to evaluate on")
     costs = Stopwatch()
     t_start = time.perf_counter()
-    if task == "ner" and labels is None:
-        labels = label_names(task, model, [train_records, test_records])
+    if labels is None:
+        labels = label_names(kind, model, [train_records or [], test_records])
 
     with costs.stage("load_model"):
         bundle = load_model(model, task, labels=labels, seed=opts.seed)
@@ -482,37 +370,35 @@ def finetune_and_evaluate(
     id2label: list[str] = []
     base_loss = base_f1 = base_em = None
     base_losses = None
-    if task == "ner":
+    if kind.trains_head:  # the head's own label order
         id2label = [net.config.id2label[i] for i in range(net.config.num_labels)]
         label2id = {lab: i for i, lab in enumerate(id2label)}
     with costs.stage("encode"):
         train_ex, train_rep = ([], {}) if train_records is None else _encode(
-            train_records, tok, task, opts.max_length, label2id, "train")
-        test_ex, test_rep = _encode(test_records, tok, task, opts.max_length, label2id, "test")
+            train_records, tok, kind, opts.max_length, label2id, "train", opts.template)
+        test_ex, test_rep = _encode(test_records, tok, kind, opts.max_length, label2id, "test",
+                                    opts.template)
     task_obj = task_for(task, tok)
     measure = {"batch_size": opts.eval_batch_size, "precision": opts.eval_precision,
                "progress": progress}
     test_ids = [test_records[e.index].id for e in test_ex]
-    em_records = em_candidates(test_records, opts.em_samples, opts.seed) if task == "lm" else []
+    em_records = kind.exact_match_records(test_records, opts.em_samples, opts.seed)
+    quality = {"labels": id2label, "options": opts, "em_records": em_records}
 
     if measure_base:
         log("measuring the untouched model on the test set ...")
         with costs.stage("eval_base"):
             base_losses = example_losses(net, task_obj, test_ex, desc="base test", **measure)
             base_loss = float(np.mean(base_losses))
-            if task == "ner":
-                base_f1 = entity_f1(*ner_predictions(net, task_obj, test_ex, id2label,
-                                                     batch_size=opts.eval_batch_size))
-            if em_records:
-                base_em = exact_match(net, tok, em_records, max_new_tokens=opts.max_new_tokens,
-                                      precision=opts.precision)
+            base_q = task_obj.quality(net, tok, test_ex, test_records, **quality)
+            base_f1, base_em = base_q.get("f1"), base_q.get("em")
 
     if train_records is None:
         return EvalResult(
             test_loss=float(base_loss), base_test_loss=base_loss, test_losses=np.array([]),
             n_train=0, n_test=len(test_ex), train_loss=float("nan"), f1=base_f1,
             base_f1=base_f1, em=base_em, base_em=base_em, em_n=len(em_records),
-            costs=costs.to_dict(), info={"task": task, "model": bundle.info,
+            costs=costs.to_dict(), info={"task": kind.name, "model": bundle.info,
                                          "test_encoding": test_rep},
             base_test_losses=base_losses, test_ids=test_ids,
         )
@@ -526,7 +412,7 @@ def finetune_and_evaluate(
     train_opts.warmup_steps = round(opts.warmup * total_steps)
     length = (f"{opts.steps} steps" if opts.steps is not None else f"{opts.epochs:g} epoch(s)")
     how = "full fine-tuning" if opts.full else f"LoRA rank {opts.lora_rank}"
-    head_lr = opts.head_lr if task == "ner" else None
+    head_lr = opts.head_lr if kind.trains_head else None
     log(f"fine-tuning on {len(train_ex)} examples ({length}, {how}, lr {opts.lr:g}"
         f"{f', head lr {head_lr:g}' if head_lr is not None else ''}) ...")
     with costs.stage("finetune"):
@@ -546,13 +432,8 @@ def finetune_and_evaluate(
                       precision=opts.precision, progress=progress, desc="fine-tuning")
     with costs.stage("eval"):
         losses = example_losses(net, task_obj, test_ex, desc="test", **measure)
-        f1 = em = None
-        if task == "ner":
-            f1 = entity_f1(*ner_predictions(net, task_obj, test_ex, id2label,
-                                            batch_size=opts.eval_batch_size))
-        if em_records:
-            em = exact_match(net, tok, em_records, max_new_tokens=opts.max_new_tokens,
-                             precision=opts.precision)
+        q = task_obj.quality(net, tok, test_ex, test_records, **quality)
+        f1, em = q.get("f1"), q.get("em")
     return EvalResult(
         test_loss=float(np.mean(losses)),
         base_test_loss=base_loss,
@@ -569,7 +450,7 @@ def finetune_and_evaluate(
         info={
             "wall_seconds": round(time.perf_counter() - t_start, 3),
             "peak_rss_mb": round(max(c["peak_rss_mb"] for c in costs.stages.values()), 1),
-            "task": task,
+            "task": kind.name,
             "model": bundle.info,
             "finetune": {**opts.hyperparameters(), "seed": opts.seed, "steps": stats["steps"]},
             "train_encoding": train_rep,

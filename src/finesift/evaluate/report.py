@@ -49,9 +49,18 @@ def metric_table(rows: list[dict[str, Any]], key: str, methods: list[str], budge
             for m in methods]
 
 
+def per_selection_columns() -> tuple[str, ...]:
+    """The methods' declared report columns that count work per selection (not per run):
+    every one but those counting chosen examples, which the head-to-head table shows."""
+    from finesift.methods.base import report_columns
+
+    return tuple(k for k in report_columns() if not k.startswith("n_selected"))
+
+
 def cost_table(rows: list[dict[str, Any]], methods: list[str]) -> list[list[str]]:
     """Per method: mean selection (scoring) time and peak memory, fine-tune and eval time,
-    the mean number of examples fine-tuned on, and HARP's train-evaluate runs."""
+    the mean number of examples fine-tuned on, and the per-selection figures the methods
+    declare (:func:`per_selection_columns`: HARP's train-evaluate runs)."""
     out = []
     for m in methods:
         mine = [r for r in rows if r.get("method") == m and r.get("status") == "ok"]
@@ -68,7 +77,7 @@ def cost_table(rows: list[dict[str, Any]], methods: list[str]) -> list[list[str]
         out.append([m, avg("select_seconds", per_seed), avg("select_peak_rss_mb", per_seed),
                     avg("finetune_seconds", ran), avg("finetune_peak_rss_mb", ran),
                     avg("eval_seconds", ran), avg("n_train", mine),
-                    avg("train_evaluate_runs", per_seed),
+                    *(avg(key, per_seed) for key in per_selection_columns()),
                     f"{len(mine)} ({n_reused} reused)" if n_reused else str(len(mine))])
     return out
 
@@ -311,7 +320,9 @@ def write_report(out: Path, cfg: Any, rows: list[dict[str, Any]], *, budgets: li
         "finetune": finetune.hyperparameters(), "quick": quick,
     }
     cost_header = ["method", "select s", "select peak MiB", "fine-tune s", "fine-tune peak MiB",
-                   "eval s", "examples fine-tuned", "train-eval runs in selection", "runs"]
+                   "eval s", "examples fine-tuned",
+                   *(f"{key.replace('_', ' ')} (per selection)" for key in per_selection_columns()),
+                   "runs"]
     cost_note = ("Fine-tune and eval times average the runs that fine-tuned. A run whose "
                  "subset (the same examples in the same order) and seed equal an earlier "
                  "run's trains the same model, so it takes over that run's figures instead "

@@ -9,11 +9,8 @@ subsets. A new method is one module with a :class:`Method` subclass decorated by
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import json
-import math
-import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,10 +19,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from finesift.config import from_mapping
 from finesift.data.records import Example, Record
 from finesift.engine.tasks import Task
 from finesift.errors import OptionError
 from finesift.store.chunks import ShardSpec
+from finesift.store.work import fingerprint
 
 
 @dataclass
@@ -118,6 +117,12 @@ class Method(ABC):
     not_shardable_reason: ClassVar[str] = "its scores are not computed shard by shard"
     #: :meth:`score` can hand its chunks to ``ctx.executor`` (e.g. Ray workers)
     distributable: ClassVar[bool] = False
+    #: ``finesift select`` flags this method owns, flag name -> option name (``harp``'s
+    #: ``--envelope`` sets its ``envelope`` option); the CLI adds one flag per name
+    cli_flags: ClassVar[dict[str, str]] = {}
+    #: keys of :attr:`MethodResult.info` a benchmark copies into each run's row and shows
+    #: in its report (HARP: how many examples it chose, how many leaves it trained)
+    report_columns: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: Any) -> None:
         self.options = options
@@ -158,100 +163,30 @@ def available() -> dict[str, type[Method]]:
     return dict(sorted(REGISTRY.items()))
 
 
+def report_columns() -> tuple[str, ...]:
+    """Every registered method's :attr:`Method.report_columns`, in registry order, once."""
+    seen: dict[str, None] = {}
+    for cls in available().values():
+        seen.update(dict.fromkeys(cls.report_columns))
+    return tuple(seen)
+
+
 def options_from_dict(cls: type[Method], values: dict[str, Any] | None) -> Any:
-    """Build ``cls.Options`` from a dict, with a clear error for unknown or bad keys."""
+    """Build ``cls.Options`` from a dict, with a clear error for unknown or bad keys (the
+    conversion and checks of :func:`finesift.config.from_mapping`)."""
     values = dict(values or {})
     opt_cls = cls.Options
     if not dataclasses.is_dataclass(opt_cls):
         return values
-    known = {f.name: f for f in dataclasses.fields(opt_cls)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
+
+    def unknown(bad: list[str], known: list[str]) -> str:
         if not known:
-            raise OptionError(
-                f"method {cls.name!r} takes no options (got {', '.join(map(repr, unknown))})"
-            )
-        raise OptionError(
-            f"method {cls.name!r} has no option(s) {', '.join(unknown)}; "
-            f"its options are: {', '.join(known)}"
-        )
-    defaults = opt_cls()
-    converted = {}
-    for k, v in values.items():
-        converted[k] = _convert_option(cls.name, k, v, getattr(defaults, k))
-    opts = opt_cls(**converted)
-    check = getattr(opts, "validate", None)
-    if callable(check):
-        check()
-    return opts
+            return f"method {cls.name!r} takes no options (got {', '.join(map(repr, bad))})"
+        return (f"method {cls.name!r} has no option(s) {', '.join(bad)}; "
+                f"its options are: {', '.join(known)}")
 
-
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
-
-
-def _convert_option(method: str, key: str, value: Any, default: Any) -> Any:
-    """``value`` as the type of the option's default; a clear :class:`OptionError` for a
-    value of another kind (a bool, a fraction, an infinity or a word for a count; a number
-    other than 0 and 1 or a word other than true/false for a flag).
-
-    Counts take integers and integral numbers (``1e4``); numbers take any finite number;
-    flags take true/false, yes/no, on/off, 1/0. Other options are passed on as given
-    (the method's ``validate`` checks them).
-    """
-    shown = f"method {method!r}: option {key}={value!r}"
-    if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, (int, float)) and value in (0, 1):
-            return bool(value)
-        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
-            return value.strip().lower() in _TRUE
-        raise OptionError(f"{shown}: expected true or false")
-    if isinstance(default, int):
-        number = _number(value)
-        if number is None:
-            raise OptionError(f"{shown} is not a number")
-        if isinstance(number, float):
-            if not math.isfinite(number) or number != int(number):
-                raise OptionError(f"{shown}: expected an integer")
-            number = int(number)
-        if abs(number) >= 2**63:
-            raise OptionError(f"{shown}: expected an integer of at most 19 digits")
-        return number
-    if isinstance(default, float):
-        number = _number(value)
-        if number is None:
-            raise OptionError(f"{shown} is not a number")
-        try:
-            number = float(number)
-        except OverflowError:
-            number = math.inf
-        if not math.isfinite(number) and math.isfinite(default):
-            raise OptionError(f"{shown}: expected a finite number")
-        return number
-    return value
-
-
-def _number(value: Any) -> int | float | None:
-    """An int or float from a number or numeric string (never from a bool), else None."""
-    if isinstance(value, (bool, np.bool_)):
-        return None
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        return float(value)
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            return int(text)
-        except ValueError:
-            pass
-        try:
-            return float(text)
-        except ValueError:
-            return None
-    return None
+    return from_mapping(opt_cls, values, shown=lambda k, v: f"method {cls.name!r}: option {k}={v!r}",
+                        unknown=unknown)
 
 
 def get_method(name: str, options: dict[str, Any] | None = None) -> Method:
@@ -283,20 +218,25 @@ def model_identity(spec: dict[str, Any] | None) -> str:
 def run_fingerprint(tag: str, options: Any, ctx: MethodContext) -> str:
     """A short hash of a method's options, seed, precision, model (see
     :func:`model_identity`) and every encoded example: the name under which a method
-    keeps resumable state in ``ctx.workdir``.
+    keeps resumable state in ``ctx.workdir`` (16 hex digits, the store's ``"run-v0"``
+    scheme, see :mod:`finesift.store.work`).
 
     Args:
         tag: the method and the version of its saved-state format, e.g. ``"tov-v3"``.
         options: the options dataclass.
         ctx: the run's context.
     """
-    h = hashlib.sha256()
-    h.update(f"{tag}|".encode())
-    h.update(json.dumps(dataclasses.asdict(options), sort_keys=True).encode())
-    h.update(f"{ctx.seed}|{ctx.precision}|{len(ctx.pool)}|{len(ctx.target)}".encode())
-    if ctx.model_spec is not None:  # None (a context built by hand): hashed as before
-        h.update(model_identity(ctx.model_spec).encode())
-    for ex in itertools.chain(ctx.pool, ctx.target):
-        h.update(np.asarray(ex.input_ids).tobytes())
-        h.update(np.asarray(ex.labels).tobytes())
-    return h.hexdigest()[:16]
+    identity = {
+        "tag": tag,
+        "options": dataclasses.asdict(options),
+        "seed": ctx.seed,
+        "precision": ctx.precision,
+        "n_pool": len(ctx.pool),
+        "n_target": len(ctx.target),
+        # None (a context built by hand): no model text is hashed, as before
+        "model": None if ctx.model_spec is None else model_identity(ctx.model_spec),
+    }
+    blobs = (np.asarray(a) for ex in itertools.chain(ctx.pool, ctx.target)
+             for a in (ex.input_ids, ex.labels))
+    # the frozen scheme of the existing work folders (the values must never change)
+    return fingerprint(identity, version="run-v0", blobs=blobs)

@@ -53,20 +53,19 @@ the runs still missing (``info["runs_reused_from_workdir"]``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
+from finesift.config import LoraFields
 from finesift.engine.scoring import example_losses
 from finesift.engine.train import (
-    LoraOptions,
     TrainOptions,
     add_lora,
     load_trainable_state,
@@ -83,14 +82,18 @@ from finesift.methods.harp_core import (
     greedy_select,
     representative_leaves,
 )
+from finesift.store.work import fingerprint
 
 EMBEDDERS = ("minilm", "model", "tokens")
 _TOKEN_DIM = 512
 
 
 @dataclass
-class HarpOptions:
+class HarpOptions(LoraFields):
     """Options of ``harp``.
+
+    The LoRA adapter's ``lora_rank``, ``lora_alpha`` and ``lora_dropout`` are declared once,
+    in :class:`finesift.config.LoraFields` (defaults 16, 32, 0.05).
 
     Attributes:
         envelope: ``c`` (HARP-C, default: redundancy-controlled) or ``e`` (HARP-E:
@@ -111,7 +114,6 @@ class HarpOptions:
         steps: optimiser steps per leaf fine-tune (default 8).
         lr: learning rate of the leaf fine-tunes (default 2e-4).
         batch_size: training batch size (default 8).
-        lora_rank, lora_alpha, lora_dropout: the LoRA adapter (16, 32, 0.05).
         max_target: target examples measured per run, a seeded subsample if there are
             more (default 256).
         risk: greedy on posterior mean minus ``risk`` x posterior sd (default 0).
@@ -131,9 +133,6 @@ class HarpOptions:
     steps: int = 8
     lr: float = 2e-4
     batch_size: int = 8
-    lora_rank: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
     max_target: int = 256
     risk: float = 0.0
     max_length: int = 256
@@ -192,6 +191,8 @@ class Harp(Method):
     needs_model = True
     uses_budget = True
     Options = HarpOptions
+    cli_flags: ClassVar[dict[str, str]] = {"envelope": "envelope"}  # --envelope c|e
+    report_columns = ("n_selected_by_harp", "train_evaluate_runs")
 
     def bind_budget(self, k: int) -> None:
         if not self.options.budget:
@@ -273,7 +274,7 @@ class Harp(Method):
 
         measured = representative_leaves(tree, o.leaves_per_parent, o.max_runs)
         t1 = time.perf_counter()
-        lora = LoraOptions(rank=o.lora_rank, alpha=o.lora_alpha, dropout=o.lora_dropout)
+        lora = o.lora()
         model = add_lora(ctx.model, ctx.model_task, lora, seed=ctx.seed)
         steps = 0
         try:
@@ -422,10 +423,10 @@ class _RunCache:
                  dom: np.ndarray) -> None:
         fp = {k: getattr(o, k) for k in ("steps", "lr", "batch_size", "lora_rank",
                                          "lora_alpha", "lora_dropout", "max_target")}
-        h = hashlib.sha256(json.dumps({"o": fp, "seed": seed}, sort_keys=True).encode())
-        h.update(np.round(np.asarray(base_losses, dtype=np.float64), 5).tobytes())
-        h.update(np.asarray(dom, dtype=np.int64).tobytes())
-        self.fingerprint = h.hexdigest()
+        self.fingerprint = fingerprint(
+            {"o": fp, "seed": seed}, version="harp-runs-v0",
+            blobs=[np.round(np.asarray(base_losses, dtype=np.float64), 5),
+                   np.asarray(dom, dtype=np.int64)])
         self.path = (None if workdir is None
                      else Path(workdir) / f"harp_runs-{self.fingerprint[:16]}.json")
         self.runs: dict[str, Any] = {}
@@ -439,11 +440,8 @@ class _RunCache:
 
     @staticmethod
     def key(examples: Sequence[Any], seed: int) -> str:
-        h = hashlib.sha256(str(seed).encode())
-        for e in examples:
-            h.update(np.asarray(e.input_ids, dtype=np.int64).tobytes())
-            h.update(b"|")
-        return h.hexdigest()[:32]
+        blobs = (b for e in examples for b in (np.asarray(e.input_ids, dtype=np.int64), b"|"))
+        return fingerprint({"seed": seed}, version="harp-leaf-v0", blobs=blobs)
 
     def get(self, key: str):
         r = self.runs.get(key)

@@ -72,8 +72,9 @@ import torch
 import torch.nn.functional as F
 
 from finesift.engine.batching import shuffled_batches, sorted_batches
-from finesift.engine.tasks import Task, unwrap
+from finesift.engine.tasks import Task, task_class, unwrap
 from finesift.errors import OptionError
+from finesift.store.files import atomic_save_torch
 
 _CACHE_VERSION = 1
 #: names of heads that are never factored (they are not part of the attention/MLP blocks)
@@ -271,27 +272,11 @@ def param_count(model: torch.nn.Module) -> int:
 # -- batches and losses ----------------------------------------------------------------
 
 
-def label_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], model_task: str):
-    """``(logits, targets, row)`` at every label position, like :class:`CausalLMTask`
-    (LM head only on positions that predict a label) or the token classifier's."""
-    labels = batch["labels"]
-    if model_task == "lm":
-        tgt = labels[:, 1:]
-        sel = tgt != -100
-        base = unwrap(model)
-        decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
-        head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-        if decoder is not None and head is not None:
-            hidden = decoder(input_ids=batch["input_ids"],
-                             attention_mask=batch["attention_mask"]).last_hidden_state
-            logits = head(hidden[:, :-1][sel])
-        else:
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            logits = out.logits[:, :-1][sel]
-        return logits.float(), tgt[sel], torch.nonzero(sel, as_tuple=True)[0]
-    sel = labels != -100
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return out.logits[sel].float(), labels[sel], torch.nonzero(sel, as_tuple=True)[0]
+def label_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], model_task: Any):
+    """``(logits, targets, row)`` at every label position: the task's own
+    :meth:`~finesift.engine.tasks.CausalLMTask.label_logits` (the LM head only on positions
+    that predict a label) or the token classifier's."""
+    return task_class(model_task).label_logits(model, batch)
 
 
 def batch_loss(logits: torch.Tensor, targets: torch.Tensor, row: torch.Tensor, n: int):
@@ -742,8 +727,8 @@ def build_proxy(
     each stage, alignment losses. With ``cache`` (a file), a proxy built before with the
     same inputs is loaded from it, and a new one is saved there."""
     opts.validate()
-    if model_task not in ("lm", "ner"):
-        raise OptionError(f"iprox supports the lm and ner tasks, not {model_task!r}")
+    if not callable(getattr(task_class(model_task), "label_logits", None)):
+        raise OptionError(f"iprox needs a task with label logits (lm, ner), not {model_task!r}")
     ranks, full = plan_ranks(model, opts)
     info: dict[str, Any] = {"proxy": f"iprox:{opts.rho:g}", "proxy_options": asdict(opts),
                             "proxy_layers_factored": len(ranks), "proxy_layers_full": len(full)}
@@ -802,13 +787,8 @@ def build_proxy(
         "proxy_cached": False,
     })
     if cache is not None:
-        import os
-
-        cache.parent.mkdir(parents=True, exist_ok=True)
         factors = {k: v.detach().clone() for k, v in unwrap(proxy).named_parameters()
                    if k.rsplit(".", 2)[0] in ranks}
-        tmp = cache.with_suffix(".tmp")
-        torch.save({"version": _CACHE_VERSION, "ranks": ranks, "factors": factors,
-                    "info": {k: v for k, v in info.items() if k != "proxy_cached"}}, tmp)
-        os.replace(tmp, cache)
+        atomic_save_torch(cache, {"version": _CACHE_VERSION, "ranks": ranks, "factors": factors,
+                                  "info": {k: v for k, v in info.items() if k != "proxy_cached"}})
     return proxy, info

@@ -44,17 +44,17 @@ run resumes from the last finished chunk.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from finesift.config import LoraFields
 from finesift.engine.train import (
-    LoraOptions,
     TrainOptions,
     add_lora,
     load_trainable_state,
@@ -73,13 +73,17 @@ from finesift.methods.base import (
 )
 from finesift.methods.iprox import build_proxy, parse_proxy, proxy_tag
 from finesift.store.chunks import ChunkStore, chunk_grid, grid_rows, shard_chunk_ids
+from finesift.store.files import atomic_save_npy, atomic_save_torch
 
 _STATE_VERSION = 2  # 2: pool features per chunk of the length-sorted grid
 
 
 @dataclass
-class GradInfluenceOptions:
+class GradInfluenceOptions(LoraFields):
     """Options of ``less`` and ``tracin``.
+
+    The LoRA adapter's ``lora_rank``, ``lora_alpha`` and ``lora_dropout`` are declared once,
+    in :class:`finesift.config.LoraFields` (defaults 16, 32, 0.05).
 
     Attributes:
         warmup_fraction: share of the pool the warm-up adapter is trained on (random).
@@ -97,7 +101,6 @@ class GradInfluenceOptions:
         sparsity: nonzeros per input coordinate of the ``sparse`` projection (default 8).
         chunk_size: examples whose gradients are projected together (and stored as one
             resumable chunk); the projection blocks are generated once per chunk.
-        lora_rank, lora_alpha, lora_dropout: the warm-up LoRA adapter.
         proxy: ``""`` (default: the model itself) or ``iprox:RHO[,KEY=VALUE...]``: run on
             an IProX influence-preserving proxy of the model with compression ratio RHO
             (see :mod:`finesift.methods.iprox`; KEY is an :class:`IProxOptions` field,
@@ -120,9 +123,6 @@ class GradInfluenceOptions:
     projection: str = "rademacher"
     sparsity: int = 8
     chunk_size: int = 32
-    lora_rank: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
     proxy: str = ""
     adam_formula: str = "reference"
 
@@ -190,6 +190,7 @@ class _GradInfluence(Method):
     # the score of x depends on x, the warm-up checkpoints (trained on a seeded subset of
     # the whole pool, the same in every shard run) and the target only
     shardable = True
+    cli_flags: ClassVar[dict[str, str]] = {"proxy": "proxy"}  # --proxy iprox:RHO
     adam: bool
     normalize: bool
 
@@ -253,10 +254,7 @@ class _GradInfluence(Method):
                 "warmup_mean_loss": float(np.mean(losses)) if losses else float("nan"),
                 "epoch_lrs": lrs, "seconds_warmup": round(time.perf_counter() - t0, 3)}
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save({"ckpts": [asdict(c) for c in ckpts], "info": info}, tmp)
-            os.replace(tmp, path)
+            atomic_save_torch(path, {"ckpts": [asdict(c) for c in ckpts], "info": info})
         return ckpts, info
 
     # -- features ------------------------------------------------------------------
@@ -331,9 +329,7 @@ class _GradInfluence(Method):
             if store is not None and not done[c]:
                 feats.flush()
                 done[c] = True
-                tmp = store.with_suffix(".done.tmp.npy")
-                np.save(tmp, done)
-                os.replace(tmp, store.with_suffix(".done.npy"))
+                atomic_save_npy(marks, done)
             bar.update(len(idx))
         return np.asarray(feats)
 
@@ -343,7 +339,7 @@ class _GradInfluence(Method):
         o.validate()
         if ctx.model is None:
             raise OptionError(f"{self.name} needs a model")
-        lora = LoraOptions(rank=o.lora_rank, alpha=o.lora_alpha, dropout=o.lora_dropout)
+        lora = o.lora()
         base, proxy_info = ctx.model, {}
         spec = parse_proxy(o.proxy)
         if spec is not None:

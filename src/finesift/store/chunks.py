@@ -16,13 +16,13 @@ bit-identical whichever run, shard or Ray worker computes them.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from finesift.errors import OptionError
+from finesift.store.files import atomic_save_npy
 
 DEFAULT_CHUNK = 1024
 """Chunk size of the grid for methods without a ``chunk_size`` option (one forward pass
@@ -110,8 +110,9 @@ class ChunkStore:
     """Finished chunks as ``<prefix>-chunk<c>.npy`` files, written atomically.
 
     A result is written to a temporary file in the same folder and renamed over the final
-    name, so a process killed at any moment (even mid-write) leaves either the complete
-    file or none; a stray temporary file is ignored and overwritten. A final file that
+    name (:func:`finesift.store.files.atomic_save_npy`), so a process killed at any
+    moment (even mid-write) leaves either the complete file or none; a stray temporary
+    file is ignored. A final file that
     cannot be read back or has the wrong shape (a foreign or damaged file) counts as
     missing, so the chunk is scored again.
 
@@ -144,14 +145,6 @@ class ChunkStore:
         path = self.path(chunk)
         if path is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
-        try:
-            with open(tmp, "wb") as fh:
-                np.save(fh, np.asarray(values), allow_pickle=False)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        # a temporary name of its own per process and call (several processes may write
+        # chunks of one store), flushed to disk, then renamed
+        atomic_save_npy(path, values, fsync=True)

@@ -1,6 +1,8 @@
 """Atomic file writes: write to a temporary name in the same folder, then rename.
 
-A crash never leaves a half-written file under the final name.
+A crash never leaves a half-written file under the final name. Outputs and resumable
+state written through :func:`atomic_path` (and the writers here built on it) get the
+permissions a plain ``open(path, "w")`` would give them (``0o666`` less the umask).
 """
 
 from __future__ import annotations
@@ -9,28 +11,89 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+_TEMP_TRIES = 100
+
+
+def _create_temp(path: Path, suffix: str) -> Path:
+    """Create a new empty file next to ``path`` and return its name.
+
+    The file is created with ``O_CREAT | O_EXCL`` and mode ``0o666``, so the kernel
+    applies the process umask (and a folder's default ACL) exactly as for
+    ``open(path, "w")``; ``tempfile.mkstemp`` would make it ``0o600`` whatever the umask,
+    and the rename would carry that mode over to the output (unreadable to the rest of a
+    group sharing a folder). The umask is never read or changed, so threads are safe.
+    The name holds the process id and a random part, so several processes or threads
+    writing the same final name never share a temporary file.
+    """
+    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(_TEMP_TRIES):
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{suffix}")
+        try:
+            fd = os.open(tmp, flags, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"no free temporary name next to {path} after {_TEMP_TRIES} tries")
+
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it over ``path`` on success."""
+def atomic_path(path: str | Path, *, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a new, empty temporary file next to ``path``; rename it over ``path`` when
+    the ``with`` block ends without an exception.
+
+    Write into the yielded file (opening it truncates it and keeps its mode); replacing
+    it by another file would lose the mode. On an exception the temporary file is
+    removed and ``path`` is left as it was (absent, or its previous contents).
+
+    Args:
+        path: the final name (its folder is created).
+        suffix: how the temporary name ends, for writers that look at it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _create_temp(path, suffix)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def atomic_save_npy(path: str | Path, array: Any, *, fsync: bool = True) -> None:
+    """Write ``array`` as a ``.npy`` file named exactly ``path``, atomically.
+
+    ``np.save`` appends ``.npy`` to a file *name* that does not end in it, so this writes
+    through an open file instead: the name is ``path`` whatever it ends in, and the
+    bytes are those of ``np.save(path, array)`` (no pickled objects allowed).
+
+    Args:
+        path: the final name.
+        array: a numeric array (or anything ``np.asarray`` makes one of).
+        fsync: flush the data to disk before the rename, so a crash of the machine
+            cannot leave an empty file under the final name.
+    """
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, np.asarray(array), allow_pickle=False)
+        if fsync:
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def atomic_save_torch(path: str | Path, obj: Any) -> None:
+    """``torch.save(obj, path)``, atomically (same bytes, the mode of a plain file)."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _default(o: Any) -> Any:
