@@ -7,6 +7,7 @@ import ast
 from pathlib import Path
 
 import pytest
+import torch
 
 from finesift.engine.tasks import (
     TASKS,
@@ -94,3 +95,34 @@ def test_record_shapes_are_the_tasks_to_judge() -> None:
     assert TokenClassificationTask.accepts(ner) and not TokenClassificationTask.accepts(chat)
     assert CausalLMTask.accepts(chat) and not CausalLMTask.accepts(ner)
     assert "use --task ner" in CausalLMTask.wrong_record(ner)
+
+
+def test_select_takes_a_loaded_model_and_a_task_object(lm_data, tiny_lm_dir: Path,
+                                                       tmp_path: Path) -> None:
+    """model=(model, tokenizer) and task=<Task object> give the selection the folder and
+    the name give; the manifest names the model by its weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import finesift
+
+    kw = {"budget": 8, "method": "perplexity", "seed": 0, "precision": "fp32"}
+    by_name = finesift.select(lm_data.pool, lm_data.target, model=str(tiny_lm_dir),
+                              out=tmp_path / "by-name", **kw)
+    net = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    task = CausalLMTask(tok.pad_token_id if tok.pad_token_id is not None else 0)
+    by_object = finesift.select(lm_data.pool, lm_data.target, model=(net, tok), task=task,
+                                out=tmp_path / "by-object", **kw)
+    assert by_object.selected_ids == by_name.selected_ids
+    assert list(by_object.scores) == pytest.approx(list(by_name.scores), rel=1e-5, abs=1e-6)
+    info = by_object.manifest["model"]
+    assert info["source"] == "passed as an object" and len(info["weights_sha256"]) == 64
+    assert by_object.manifest["task"] == "lm"
+    with torch.no_grad():  # other weights: another name, so no resumed state is shared
+        next(net.parameters()).add_(1.0)
+    other = finesift.select(lm_data.pool, lm_data.target, model=(net, tok), task="lm",
+                            out=tmp_path / "other", **kw)
+    assert other.manifest["model"]["weights_sha256"] != info["weights_sha256"]
+    with pytest.raises(OptionError, match="cannot be sent to other processes"):
+        finesift.select(lm_data.pool, lm_data.target, model=(net, tok), executor="ray",
+                        out=tmp_path / "ray", **kw)

@@ -177,8 +177,13 @@ def make_executor(meth: Method, executor: Any, ray_address: str | None,
     return made
 
 
-def model_name(model: str | None) -> str | None:
-    """``model`` as another process on a shared file system can load it (absolute path)."""
+def model_name(model: Any) -> str | None:
+    """``model`` as another process on a shared file system can load it (absolute path);
+    a model passed as an object: its name and weights hash (no other process can load it)."""
+    from finesift.models.loader import from_memory, is_loaded
+
+    if is_loaded(model):
+        return from_memory(model, "lm" if isinstance(model, tuple) else model.task).name
     if model is not None and Path(model).expanduser().exists():
         return str(Path(model).expanduser().resolve())
     return model
@@ -204,7 +209,7 @@ class RunPlan:
     method: str
     meth: Method
     task: str
-    model: str | None
+    model: Any
     strategy: str
     seed: int
     out_dir: Path | None
@@ -308,8 +313,13 @@ def check_options(
     if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
         raise OptionError(f"max_length must be a positive integer or None, got {max_length!r}")
     check_seed(seed)
-    if model is not None and not str(model).strip():
+    from finesift.models.loader import is_loaded
+
+    if model is not None and not is_loaded(model) and not str(model).strip():
         raise OptionError("--model is empty; give a built-in model name or a model folder")
+    if is_loaded(model) and not (executor == "local" or executor is None):
+        raise OptionError("a model passed as an object cannot be sent to other processes "
+                          "(--executor ray); save it (model.save_pretrained) and pass the folder")
     meth = get_method(method, method_options)  # fails fast on a bad name or option
     check_device(device)
     shard = shard_spec(num_shards, shard_index)
@@ -359,9 +369,18 @@ def load_model(plan: RunPlan, inputs: Inputs) -> LoadedModel:
     from finesift.engine.tasks import task_class
     from finesift.models import loader
 
+    kind = task_class(plan.task)
+    if loader.is_loaded(plan.model):  # a model the caller loaded: nothing to read
+        bundle = loader.from_memory(plan.model, kind)
+        plan.model = bundle  # hashed once: later stages name it by bundle.name
+        labels = kind.label_names(_own_labels(bundle.model, kind), [inputs.target, inputs.pool])
+        return LoadedModel(bundle.tokenizer, bundle.model if plan.meth.needs_model else None,
+                           bundle.info, False,
+                           None if labels is None else {x: i for i, x in enumerate(labels)},
+                           labels)
     with plan.watch.stage("load_model"):
         label2id = None
-        labels = task_class(plan.task).label_names(
+        labels = kind.label_names(
             loader.pretrained_labels(plan.model, plan.task), [inputs.target, inputs.pool])
         if labels is not None:
             label2id = {lab: i for i, lab in enumerate(labels)}
@@ -371,6 +390,14 @@ def load_model(plan: RunPlan, inputs: Inputs) -> LoadedModel:
                                label2id, labels)
         return LoadedModel(loader.load_tokenizer(plan.model, plan.task), None,
                            {"name": plan.model, "loaded": False}, False, label2id, labels)
+
+
+def _own_labels(model: Any, kind: Any) -> dict[str, int] | None:
+    """A loaded token classifier's label -> id map (``None`` for a task without a head)."""
+    from finesift.data.encode import model_label_map
+
+    config = getattr(model, "config", None)
+    return model_label_map(config) if kind.trains_head and config is not None else None
 
 
 def encode_inputs(plan: RunPlan, inputs: Inputs, loaded: LoadedModel) -> Encoded:

@@ -256,3 +256,45 @@ def pretrained_labels(name: str | None, task: Any) -> dict[str, int] | None:
     if any(a.endswith("ForTokenClassification") for a in archs):
         return model_label_map(cfg)
     return None
+
+
+def is_loaded(model: Any) -> bool:
+    """Whether ``model`` is a model already in memory: a :class:`ModelBundle` or a
+    ``(model, tokenizer)`` pair, rather than a built-in name or a folder."""
+    return isinstance(model, ModelBundle) or (
+        isinstance(model, (tuple, list)) and len(model) == 2
+        and isinstance(model[0], torch.nn.Module))
+
+
+def from_memory(model: Any, task: Any) -> ModelBundle:
+    """A :class:`ModelBundle` around a model the caller loaded (``(model, tokenizer)`` or
+    a bundle). Its provenance holds a sha256 of every parameter and buffer, so resumable
+    state is never shared between two different in-memory models."""
+    import hashlib
+
+    from finesift.engine.tasks import task_class
+
+    if isinstance(model, ModelBundle):
+        return model
+    net, tok = model
+    if tok is None or not callable(tok):
+        raise OptionError("model=(model, tokenizer): the second item must be the model's "
+                          "tokenizer")
+    if not getattr(tok, "is_fast", False):
+        raise OptionError("model=(model, tokenizer): finesift needs a fast tokenizer")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, t in sorted(net.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    digest = h.hexdigest()
+    config = getattr(net, "config", None)
+    name = getattr(config, "_name_or_path", None) or type(net).__name__
+    info = {"name": f"in-memory:{name}", "source": "passed as an object",
+            "weights_sha256": digest, "n_parameters": int(sum(p.numel() for p in net.parameters())),
+            "architecture": type(net).__name__}
+    return ModelBundle(model=net, tokenizer=tok, task=task_class(task).name,
+                       name=f"in-memory:{name}:{digest[:16]}", info=info)
+
