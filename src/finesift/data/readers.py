@@ -42,7 +42,7 @@ import os
 import re
 import stat
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1082,3 +1082,21 @@ _ROW_READERS = {
     "hf": _read_hf,
     "conll": _read_conll,
 }
+
+
+def register_reader(name: str, extensions: Sequence[str],
+                    read: Callable[[str, str], Iterator[tuple[int, int | None, dict[str, Any]]]]
+                    ) -> None:
+    """Add an input format: ``read(path, how)`` yields ``(row, line, raw record)`` per
+    record (``line`` 1-based, or ``None`` where the format has no lines; ``how`` says how
+    the format was chosen, for error messages). Files with one of ``extensions`` are read
+    with it; ``fmt=name`` chooses it for any file. The record shapes are then recognised
+    from the fields as for every other format."""
+    global FORMATS
+    _ROW_READERS[name] = read
+    _FORMAT_NAMES.setdefault(name, name)
+    if name not in FORMATS:
+        FORMATS = (*FORMATS, name)
+    for ext in extensions:
+        EXTENSIONS[(ext if ext.startswith(".") else f".{ext}").lower()] = name
+
