@@ -51,7 +51,6 @@ import hashlib
 import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -79,22 +78,20 @@ class Scheme:
 
 
 def _canonical_default(o: Any) -> Any:
-    """JSON for the few non-JSON types identities hold; anything else is an error (a
-    ``str()`` fallback could put a memory address into a key that must be stable)."""
+    """JSON for the few non-JSON types identities hold (those of the store's JSON files,
+    numpy booleans and sets); anything else is an error (a ``str()`` fallback could put a
+    memory address into a key that must be stable)."""
+    from finesift.store.files import _default
+
     if isinstance(o, np.bool_):
         return bool(o)
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
     if isinstance(o, (set, frozenset)):
         return sorted(o)
-    raise TypeError(f"fingerprint identity holds a {type(o).__name__}, which has no "
-                    "canonical JSON form")
+    try:
+        return _default(o)
+    except TypeError:
+        raise TypeError(f"fingerprint identity holds a {type(o).__name__}, which has no "
+                        "canonical JSON form") from None
 
 
 def _v1_header(identity: Mapping[str, Any]) -> bytes:
