@@ -50,8 +50,9 @@ def test_tov_end_to_end_outputs(lm_data, tiny_lm_dir: Path, tmp_path: Path, opti
     rounds = 1 if options["mode"] == "basic" else options["rounds"]
 
     # outputs written atomically: no temporary files left next to them
+    # (and config.yaml: the run's settings, which `finesift select --config` runs again)
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".work")) == [
-        "manifest.json", "scores.parquet", "selected.jsonl"
+        "config.yaml", "manifest.json", "scores.parquet", "selected.jsonl"
     ]
 
     # scores.parquet: one finite row per usable pool example, in pool order

@@ -449,6 +449,12 @@ class RunConfig:
         for key in ("pool", "target"):
             if isinstance(data.get(key), (str, Path)):
                 data[key] = [data[key]]
+        seed = data.get("seed")
+        if isinstance(seed, int) and not isinstance(seed, bool):  # select checks its range
+            data.pop("seed")
+            cfg = cls.from_dict(data)
+            cfg.seed = seed
+            return cfg
         return from_mapping(
             cls, data, shown=lambda k, v: f"{k}={v!r}",
             unknown=lambda bad, known: f"unknown run option(s) {', '.join(bad)}; known: "

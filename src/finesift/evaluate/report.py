@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from finesift.methods.base import report_columns
 from finesift.store import atomic_path
 
 
@@ -52,8 +53,6 @@ def metric_table(rows: list[dict[str, Any]], key: str, methods: list[str], budge
 def per_selection_columns() -> tuple[str, ...]:
     """The methods' declared report columns that count work per selection (not per run):
     every one but those counting chosen examples, which the head-to-head table shows."""
-    from finesift.methods.base import report_columns
-
     return tuple(k for k in report_columns() if not k.startswith("n_selected"))
 
 
@@ -321,7 +320,7 @@ def write_report(out: Path, cfg: Any, rows: list[dict[str, Any]], *, budgets: li
     }
     cost_header = ["method", "select s", "select peak MiB", "fine-tune s", "fine-tune peak MiB",
                    "eval s", "examples fine-tuned",
-                   *(f"{key.replace('_', ' ')} (per selection)" for key in per_selection_columns()),
+                   *(report_columns()[key] for key in per_selection_columns()),
                    "runs"]
     cost_note = ("Fine-tune and eval times average the runs that fine-tuned. A run whose "
                  "subset (the same examples in the same order) and seed equal an earlier "

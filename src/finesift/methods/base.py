@@ -121,8 +121,9 @@ class Method(ABC):
     #: ``--envelope`` sets its ``envelope`` option); the CLI adds one flag per name
     cli_flags: ClassVar[dict[str, str]] = {}
     #: keys of :attr:`MethodResult.info` a benchmark copies into each run's row and shows
-    #: in its report (HARP: how many examples it chose, how many leaves it trained)
-    report_columns: ClassVar[tuple[str, ...]] = ()
+    #: in its report, with their titles (HARP: how many examples it chose, how many
+    #: leaves it trained)
+    report_columns: ClassVar[dict[str, str]] = {}
 
     def __init__(self, options: Any) -> None:
         self.options = options
@@ -163,12 +164,14 @@ def available() -> dict[str, type[Method]]:
     return dict(sorted(REGISTRY.items()))
 
 
-def report_columns() -> tuple[str, ...]:
-    """Every registered method's :attr:`Method.report_columns`, in registry order, once."""
-    seen: dict[str, None] = {}
+def report_columns() -> dict[str, str]:
+    """Every registered method's :attr:`Method.report_columns` (key -> title), in
+    registry order, once."""
+    seen: dict[str, str] = {}
     for cls in available().values():
-        seen.update(dict.fromkeys(cls.report_columns))
-    return tuple(seen)
+        for key, title in cls.report_columns.items():
+            seen.setdefault(key, title)
+    return seen
 
 
 def options_from_dict(cls: type[Method], values: dict[str, Any] | None) -> Any:

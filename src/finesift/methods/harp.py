@@ -192,7 +192,9 @@ class Harp(Method):
     uses_budget = True
     Options = HarpOptions
     cli_flags: ClassVar[dict[str, str]] = {"envelope": "envelope"}  # --envelope c|e
-    report_columns = ("n_selected_by_harp", "train_evaluate_runs")
+    report_columns: ClassVar[dict[str, str]] = {
+        "n_selected_by_harp": "examples HARP chose",
+        "train_evaluate_runs": "train-eval runs in selection"}
 
     def bind_budget(self, k: int) -> None:
         if not self.options.budget:
