@@ -50,9 +50,9 @@ def test_tov_end_to_end_outputs(lm_data, tiny_lm_dir: Path, tmp_path: Path, opti
     rounds = 1 if options["mode"] == "basic" else options["rounds"]
 
     # outputs written atomically: no temporary files left next to them
-    # (and config.yaml: the run's settings, which `finesift select --config` runs again)
+    # (config.yaml: the run's settings, which `finesift select --config` runs again; report.html)
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".work")) == [
-        "config.yaml", "manifest.json", "scores.parquet", "selected.jsonl"
+        "config.yaml", "manifest.json", "report.html", "scores.parquet", "selected.jsonl"
     ]
 
     # scores.parquet: one finite row per usable pool example, in pool order
@@ -115,7 +115,7 @@ def test_tov_end_to_end_outputs(lm_data, tiny_lm_dir: Path, tmp_path: Path, opti
     for name in ("torch", "transformers", "numpy", "finesift", "python"):
         assert man["versions"][name] and man["versions"][name] != "not installed"
     assert man["finesift_version"] == finesift.__version__
-    assert set(man["stages"]) == {"read", "load_model", "encode", "score", "select"}
+    assert set(man["stages"]) == {"read", "load_model", "encode", "dedup", "score", "select"}
     for stage in man["stages"].values():
         assert stage["seconds"] >= 0 and stage["peak_rss_mb"] > 0 and stage["cpu_seconds"] >= 0
     assert man["peak_rss_mb"] > 0 and man["wall_seconds"] > 0

@@ -33,27 +33,33 @@ from finesift.store.run import MANIFEST_KEYS, run_manifest, selection_entries
 
 SELECT_KEYS = [
     "finesift_version", "created", "method", "method_options", "task", "model", "strategy",
-    "budget", "seed", "max_length", "template", "precision", "batch_size", "device",
+    "budget", "seed", "max_length", "template", "precision", "dtype", "batch_size", "device",
     "format", "data", "selected", "method_info", "stages", "wall_seconds", "peak_rss_mb",
     "versions",
 ]
 SHARD_KEYS = [
     "kind", "finesift_version", "created", "method", "method_options", "task", "model",
-    "seed", "max_length", "template", "precision", "batch_size", "device", "format",
+    "seed", "max_length", "template", "precision", "dtype", "batch_size", "device", "format",
     "shard", "data", "method_info", "stages", "wall_seconds", "peak_rss_mb", "versions",
 ]
 SHARD_ENTRY_KEYS = ["num_shards", "index", "fingerprint", "rows", "pool_size", "assignment",
                     "identity", "scores_sha256"]
 MERGE_KEYS = [
     "finesift_version", "created", "method", "method_options", "task", "model", "strategy",
-    "budget", "seed", "max_length", "template", "precision", "batch_size", "device",
+    "budget", "seed", "max_length", "template", "precision", "dtype", "batch_size", "device",
     "format", "data", "selected", "method_info", "merged_from", "stages", "wall_seconds",
     "peak_rss_mb", "versions",
 ]
 DATA_KEYS = ["pool", "target", "pool_records", "target_records", "pool_reading",
              "target_reading", "pool_encoding", "target_encoding", "labels"]
-SELECT_STAGES = ["read", "load_model", "encode", "score", "select"]
-SHARD_STAGES = ["read", "load_model", "encode", "score"]
+# added since: every select and shard run looks for duplicates and contamination
+# (finesift.pipeline.screen_pool: a "dedup" stage, "dedup" and "contamination" entries in a
+# select's manifest), and a balanced selection with source weights records them
+SCREEN_KEYS = ["dedup", "contamination"]
+RUN_SELECT_KEYS = [*SELECT_KEYS[:SELECT_KEYS.index("data") + 1], *SCREEN_KEYS,
+                   *SELECT_KEYS[SELECT_KEYS.index("data") + 1:]]
+SELECT_STAGES = ["read", "load_model", "encode", "dedup", "score", "select"]
+SHARD_STAGES = ["read", "load_model", "encode", "dedup", "score"]
 MERGE_STAGES = ["read_shards", "read_pool", "select"]
 
 # seed 0, budget 10, the conftest lm_data and tiny LM tokenizer
@@ -108,7 +114,7 @@ def test_select_manifest_has_the_entries_it_had(lm_data, tiny_lm_dir: Path,
     sel = run(lm_data, tiny_lm_dir, tmp_path / "out")
     written = json.loads((tmp_path / "out" / "manifest.json").read_text(encoding="utf-8"))
     for man in (sel.manifest, written):
-        assert list(man) == SELECT_KEYS
+        assert list(man) == RUN_SELECT_KEYS
         assert list(man["data"]) == DATA_KEYS
         assert list(man["stages"]) == SELECT_STAGES
     assert written["budget"] == {"requested": "10", "count": 10}
@@ -123,7 +129,7 @@ def test_select_manifest_has_the_entries_it_had(lm_data, tiny_lm_dir: Path,
 
 def test_run_manifest_orders_every_kind_of_run() -> None:
     settings = {k: k for k in ("method", "method_options", "task", "model", "seed",
-                               "max_length", "template", "precision", "batch_size",
+                               "max_length", "template", "precision", "dtype", "batch_size",
                                "device", "format")}
     picked = selection_entries("10%", 3, [])
     plain = run_manifest({**settings, "strategy": "top"}, {}, {**picked, "method_info": {}},
@@ -136,7 +142,10 @@ def test_run_manifest_orders_every_kind_of_run() -> None:
     assert (list(plain), list(shard), list(merged)) == (SELECT_KEYS, SHARD_KEYS, MERGE_KEYS)
     assert plain["budget"] == {"requested": "10%", "count": 3}
     assert plain["selected"] == {"count": 0, "by_source": {}}
-    assert set(MANIFEST_KEYS) == set(SELECT_KEYS) | set(SHARD_KEYS) | set(MERGE_KEYS)
+    assert set(MANIFEST_KEYS) == (set(SELECT_KEYS) | set(SHARD_KEYS) | set(MERGE_KEYS)
+                                  | set(SCREEN_KEYS) | {"source_weights"}
+                                  | {"peak_gpu_mb"}  # only runs that used CUDA
+                                  | {"columns", "exports"})  # --columns, --export runs
     with pytest.raises(ValueError, match="typo"):
         run_manifest(settings, {}, {"typo": 1}, watch=Stopwatch(), t_start=0.0)
 

@@ -4,8 +4,14 @@
 # same name is defined: importing a subpackage for the first time sets it as an attribute
 # of its parent package, which would otherwise replace ``finesift.select()`` with the
 # module during the first call (the second call then fails: "module is not callable").
+import logging as _logging
+
 from finesift import select as _select_package  # noqa: F401
 from finesift.errors import FinesiftError, InputError, OptionError
+
+# the library logs to "finesift" and its children, and shows nothing unless the
+# application adds a handler (the finesift command does: finesift.logs.cli_logging)
+_logging.getLogger("finesift").addHandler(_logging.NullHandler())
 
 __version__ = "0.2.0"
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from finesift.config import RunConfig, add_arguments, describe
 from finesift.errors import FinesiftError
+from finesift.logs import cli_logging, emit
 from finesift.methods import available
 from finesift.select.strategies import STRATEGIES
 
@@ -121,17 +122,19 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     data.update(given)
     if isinstance(data.get("batch_size"), str):
         data["batch_size"] = _batch_size(data["batch_size"])
-    method = data.get("method", "tov")
+    method = data.get("method", RunConfig.method)
     options = {**(data.get("method_options") or {}), **_parse_options(args.option)}
+    from finesift.api import chooses_method
+
     for flag, owners in method_flags().items():
         value = getattr(args, f"method_flag_{flag}", None)
         if value is None:
             continue
         names = ", ".join(dict.fromkeys(m for m, _ in owners))
         mine = dict(owners).get(method)
-        if method == "auto":
+        if chooses_method(method):
             first, opt = owners[0]
-            raise FinesiftError(f"--{flag} is not an option of --method auto (--{flag} is an "
+            raise FinesiftError(f"--{flag} is not an option of --method {method} (--{flag} is an "
                                 f"option of --method {names}); give it to a candidate: "
                                 f"-o {first}.{opt}={value}")
         if mine is None:
@@ -153,28 +156,27 @@ def run_config(args: argparse.Namespace) -> RunConfig:
 
 
 def cmd_select(args: argparse.Namespace) -> int:
-    from finesift.api import select
+    from finesift.api import method_report, select
 
     run = run_config(args)
     sharded = run.shard_index is not None
     if run.budget is None and not sharded:
         raise FinesiftError("--budget is required (except in a shard run: --shard-index)")
     if run.budget is not None and sharded:
-        _eprint("warning: a shard run selects nothing; --budget is ignored (give it to merge)")
-    sel = select(**run.api_kwargs(), progress=not args.no_progress, log=_eprint)
+        emit("warning: a shard run selects nothing; --budget is ignored (give it to merge)")
+    sel = select(**run.api_kwargs(), progress=not args.no_progress, log=emit)
     if sharded:
         if not sel.pool:
-            _eprint(f"warning: shard {run.shard_index} got no examples: the pool has fewer "
+            emit(f"warning: shard {run.shard_index} got no examples: the pool has fewer "
                     f"chunks than shards (use fewer shards; tov: or a smaller -o chunk_size)")
         print(f"scored shard {run.shard_index} of {run.num_shards}: {len(sel.pool)} of "
               f"{sel.manifest['shard']['pool_size']} pool examples")
         print(f"wrote {run.out}/scores.parquet, manifest.json "
               f"({sel.manifest['wall_seconds']:.0f} s); combine the shards with finesift merge")
         return 0
-    if "auto" in sel.manifest:  # --method auto: the trials that chose the method
-        from finesift.evaluate.auto import format_trials
-
-        print(format_trials(sel.manifest["auto"]))
+    extra = method_report(sel.manifest)  # --method auto: the trials that chose the method
+    if extra:
+        print(extra)
     print(_summary(sel))
     print(f"wrote {run.out}/scores.parquet, selected.jsonl, manifest.json "
           f"({sel.manifest['wall_seconds']:.0f} s)")
@@ -184,7 +186,7 @@ def cmd_select(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from finesift.shards import merge
 
-    sel = merge(args.shards, args.out, budget=args.budget, strategy=args.strategy, log=_eprint)
+    sel = merge(args.shards, args.out, budget=args.budget, strategy=args.strategy, log=emit)
     print(_summary(sel))
     print(f"wrote {args.out}/scores.parquet, selected.jsonl, manifest.json")
     return 0
@@ -216,7 +218,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         out=out / "run",
         max_length=args.max_length,
         progress=not args.no_progress,
-        log=_eprint,
+        log=emit,
     )
     print(_summary(sel))
     n_gsm = sum(1 for r in sel.selected if r.source.endswith("pool_gsm8k.jsonl"))
@@ -361,7 +363,23 @@ def build_parser() -> argparse.ArgumentParser:
     from finesift.evaluate.cli import register_eval_commands  # eval, bench (evaluate/cli.py)
 
     register_eval_commands(sub)
+    _add_verbosity(parser)
     return parser
+
+
+def _add_verbosity(parser: argparse.ArgumentParser, top: bool = True) -> None:
+    """``-q``/``-v`` on ``parser`` and every subcommand (before or after its name); a
+    subcommand's flags default to "not given", so they do not undo the main parser's."""
+    group = parser.add_mutually_exclusive_group()
+    default = 0 if top else argparse.SUPPRESS
+    group.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbosity",
+                       default=default, help="show warnings only (no progress messages or bars)")
+    group.add_argument("-v", "--verbose", action="store_const", const=1, dest="verbosity",
+                       default=default, help="show debug messages too")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):  # aliases share a parser
+                _add_verbosity(sub, top=False)
 
 
 _DASHED_VALUE = re.compile(r"-(\d|\.\d)")
@@ -392,12 +410,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     parser = build_parser()
     args = parser.parse_args(_join_dashed_values(sys.argv[1:] if argv is None else list(argv)))
+    if getattr(args, "verbosity", 0) < 0 and hasattr(args, "no_progress"):
+        args.no_progress = True  # -q: no progress bars either
     try:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-        return int(args.func(args) or 0)
+        with cli_logging(getattr(args, "verbosity", 0)):  # finesift's messages to stderr
+            return int(args.func(args) or 0)
     except FinesiftError as exc:
         _eprint(f"finesift: error: {_one_line(str(exc))}")
         return 2

@@ -386,8 +386,18 @@ class RunConfig:
     template: str = option("auto", "how chat and prompt/completion records are rendered: "
                            "auto (the tokenizer's chat template if it has one), chat, plain",
                            choices=("auto", "chat", "plain"))
-    precision: str = option("auto", "auto (bf16 where the CPU is fast at it), bf16 or fp32",
+    precision: str = option("auto", "autocast of fp32 weights: auto (bf16 matmuls where the "
+                            "device is fast at them), bf16 or fp32; saves time, not memory",
                             choices=("auto", "bf16", "fp32"))
+    dtype: str = option("fp32", "the dtype the model's weights are loaded in: fp32 "
+                        "(default), bf16 or fp16 (half the memory: a 7B model takes 14 GB "
+                        "instead of 28; everything then computes in that dtype, so "
+                        "--precision no longer applies), or auto (bf16 where the device "
+                        "computes it natively, i.e. CUDA GPUs from Ampere on and CPUs with "
+                        "AVX512-BF16/AMX, unless the method needs fp32, e.g. tov's fp32 "
+                        "scoring passes; else fp32). fp16 is refused for methods that train "
+                        "or take gradients (tov, less, tracin, harp)",
+                        choices=("fp32", "bf16", "fp16", "auto"))
     batch_size: int | str = option(8, "rows per scoring batch (default 8); 'auto' fills 1 GiB "
                                    "of activations per batch (more rows for short examples), "
                                    "'auto:4GiB' another limit")
@@ -407,6 +417,26 @@ class RunConfig:
         factory=dict, cli=False,
         help="num_cpus (local instance), workers, cpus_per_worker, gpus_per_worker "
              "(--ray-num-cpus, ... on the command line)")
+    dedup: bool = option(False, "keep only the first (in pool order) of each group of exact or "
+                         "near-duplicate pool examples, before scoring; the manifest "
+                         "counts the groups either way")
+    dedup_threshold: float = option(0.8, "Jaccard similarity of character 5-gram sets from "
+                                    "which two texts are near duplicates, from 0.5 to 1 (also "
+                                    "for the target-in-pool contamination warning); exact "
+                                    "duplicates always count")
+    source_weights: dict[str, float] = option(
+        factory=dict, help="--strategy balanced: shares proportional to per-source weights, "
+        "e.g. sharegpt=1,gsm8k=3 (a source is named by its path, file name or file name "
+        "without extension; unnamed sources weigh 1)")
+    columns: dict[str, str] = option(
+        factory=dict, help="read your columns as finesift's record fields, e.g. "
+        "prompt=query,completion=answer (fields: text, prompt, completion, messages, "
+        "conversations, tokens, tags, id, ...); an input that has a field itself needs no "
+        "mapping for it")
+    export: list[str] = option(
+        factory=list, help="also write the selection ready for training: messages (TRL "
+        "conversational JSONL), prompt-completion (TRL prompt/completion JSONL), datasets "
+        "(a save_to_disk folder of the messages rows); selected.jsonl is written as always")
 
     def api_kwargs(self) -> dict[str, Any]:
         """The keywords of :func:`finesift.select` (pool and target included)."""

@@ -1,10 +1,13 @@
 """Where a method's chunks are scored: in this process (``local``) or on Ray workers.
 
-An executor takes a *chunk scorer* (a picklable object whose ``build(device)`` loads what
-a worker needs, e.g. :class:`finesift.methods.tov.ToVChunkScorer`, and returns a function
-``score(examples) -> array``) and an iterable of ``(chunk id, examples)``, and yields
-``(chunk id, result)`` as chunks finish, in any order. The method saves each result in
-its chunk store as it arrives, so a killed distributed run resumes like a local one.
+An executor takes a *chunk scorer* (:class:`finesift.methods.base.ChunkScorer`: a
+picklable object whose ``build(device)`` loads what a worker needs and returns a function
+``score(payload) -> array``; a method opts in to executors by declaring its scorer class as
+``Method.chunk_scorer``) and an iterable of ``(chunk id, payload)`` (the chunk's examples,
+texts, ...), and yields ``(chunk id, result)`` as chunks finish, in any order. The method
+(through :func:`finesift.methods.base.score_chunks`) saves each result in its chunk store
+as it arrives, so a killed distributed run resumes like a local one. Methods with a chunk
+scorer: ``tov``, ``less``, ``tracin``, ``embed``, ``perplexity``, ``uncertainty``.
 
 ``ray``: the coordinator (this process) puts the scorer in Ray's object store once; one
 Ray actor per worker takes it, loads the model once (a built-in model name, or a model
@@ -44,11 +47,11 @@ class LocalExecutor:
     def __init__(self, device: str = "cpu") -> None:
         self.device = device
 
-    def map_chunks(self, scorer: Any, items: Iterable[tuple[int, list[Any]]]
+    def map_chunks(self, scorer: Any, items: Iterable[tuple[int, Any]]
                    ) -> Iterator[tuple[int, np.ndarray]]:
         fn = scorer.build(self.device)
-        for cid, examples in items:
-            yield cid, fn(examples)
+        for cid, payload in items:
+            yield cid, fn(payload)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name}
@@ -71,8 +74,8 @@ class _ChunkWorker:
         hf_logging.disable_progress_bar()
         self.score = scorer.build(device)
 
-    def run(self, examples: list[Any]) -> np.ndarray:
-        return self.score(examples)
+    def run(self, payload: Any) -> np.ndarray:
+        return self.score(payload)
 
     def where(self) -> dict[str, Any]:
         import socket
@@ -175,7 +178,7 @@ class RayExecutor:
                 )
 
     # -- work ----------------------------------------------------------------------
-    def map_chunks(self, scorer: Any, items: Iterable[tuple[int, list[Any]]]
+    def map_chunks(self, scorer: Any, items: Iterable[tuple[int, Any]]
                    ) -> Iterator[tuple[int, np.ndarray]]:
         """Score every chunk of ``items`` on the actors; yields results as they finish."""
         it = iter(items)
@@ -207,8 +210,8 @@ class RayExecutor:
                         exhausted = True
                         break
                     a = min(load, key=load.get)
-                    cid, examples = nxt
-                    pending[actors[a].run.remote(examples)] = (cid, a)
+                    cid, payload = nxt
+                    pending[actors[a].run.remote(payload)] = (cid, a)
                     load[a] += 1
                 if not pending:
                     break

@@ -26,6 +26,7 @@ import numpy as np
 
 from finesift.data.records import Example, Record
 from finesift.errors import InputError, OptionError
+from finesift.logs import as_log
 from finesift.methods.base import Method, MethodContext, MethodResult, get_method
 from finesift.select.strategies import STRATEGIES, parse_budget, score_table, select_indices
 from finesift.store.chunks import ShardSpec
@@ -84,6 +85,30 @@ def as_list(paths: str | Path | Sequence[str | Path]) -> list[str]:
     return [str(p) for p in paths]
 
 
+def input_sources(value: Any, role: str) -> list[Any]:
+    """The pool's or target's inputs: file paths (strings) and in-memory data
+    (:class:`finesift.data.memory.MemorySource`: a ``datasets.Dataset``, a DataFrame, a
+    pyarrow Table, a list of dicts; a dict ``{name: data}`` names them), in order.
+
+    Raises:
+        OptionError: an input of another kind, or a ``DatasetDict`` (naming its splits).
+    """
+    from finesift.data.memory import resolve_inputs
+
+    return resolve_inputs(value, role)
+
+
+def source_fingerprint(source: Any) -> dict[str, Any]:
+    """The manifest's fingerprint of one input: a file's ``path``, ``sha256`` and
+    ``bytes``; an in-memory input's ``name``, kind (``in_memory``), ``rows`` and the
+    ``sha256`` and ``bytes`` of its rows as canonical JSON lines."""
+    from finesift.data.memory import MemorySource, content_fingerprint
+
+    if isinstance(source, MemorySource):
+        return content_fingerprint(source)
+    return file_fingerprint(source)
+
+
 def check_shapes(records: list[Record], task: Any) -> None:
     """Raise an :class:`InputError` at the first record ``task`` (a name, Task class or
     object) cannot use, with the task's own words for why."""
@@ -92,12 +117,7 @@ def check_shapes(records: list[Record], task: Any) -> None:
     kind = task_class(task)
     bad = next((r for r in records if not kind.accepts(r)), None)
     if bad is not None:
-        raise InputError(
-            bad.source,
-            kind.wrong_record(bad),
-            line=bad.line,
-            record=None if bad.line is not None else bad.row,
-        )
+        raise bad.error(kind.wrong_record(bad))  # its file and line (or its input's row)
 
 
 def encode(
@@ -155,13 +175,10 @@ def make_executor(meth: Method, executor: Any, ray_address: str | None,
                   ray_options: dict[str, Any] | None, device: str) -> Any:
     """The executor that scores ``meth``'s chunks (None: in this process)."""
     from finesift.executors import make_executor as make
-    from finesift.methods import available
 
     if not isinstance(executor, str):  # an executor object
-        made = executor
-        if not meth.distributable:
-            raise OptionError(f"method {meth.name!r} scores in-process only; it takes no executor")
-        return made
+        meth.check_distributable(getattr(executor, "name", type(executor).__name__))
+        return executor
     opts = dict(ray_options or {})
     known = {"num_cpus", "workers", "cpus_per_worker", "gpus_per_worker"}
     if set(opts) - known:
@@ -170,10 +187,8 @@ def make_executor(meth: Method, executor: Any, ray_address: str | None,
         raise OptionError("Ray options need --executor ray")
     made = make(executor, ray_address=ray_address,
                 **{f"ray_{k}": v for k, v in opts.items()}, device=device)
-    if made is not None and not meth.distributable:
-        can = ", ".join(n for n, c in available().items() if c.distributable)
-        raise OptionError(f"--executor {executor}: method {meth.name!r} scores in-process only "
-                          f"(methods that can use it: {can})")
+    if made is not None:
+        meth.check_distributable(executor)  # the method says why it cannot
     return made
 
 
@@ -203,8 +218,8 @@ def jsonable(options: Any) -> Any:
 class RunPlan:
     """A checked run: its settings as the stages use them, its method, its clock."""
 
-    pool_paths: list[str]
-    target_paths: list[str]
+    pool_paths: list[Any]  # file paths, and in-memory inputs (finesift.data.memory)
+    target_paths: list[Any]
     budget: str | int | None
     method: str
     meth: Method
@@ -229,14 +244,24 @@ class RunPlan:
     executor_name: str = "local"
     ray_address: str | None = None
     ray_options: dict[str, Any] = field(default_factory=dict)
+    dedup: bool = False  # drop the pool's near duplicates before scoring (screen_pool)
+    dedup_threshold: float = 0.8
+    source_weights: dict[str, float] | None = None  # as given (names -> weights)
+    group_weights: dict[str, float] | None = None  # per pool source (resolve_weights)
+    screening: dict[str, Any] = field(default_factory=dict)  # manifest: dedup, contamination
+    dtype: str = "fp32"  # the weights' dtype, resolved (fp32, bf16, fp16)
+    dtype_given: str = "fp32"  # --dtype as given (auto stays auto in config.yaml)
+    columns: dict[str, str] = field(default_factory=dict)  # --columns: field -> column
+    export: tuple[str, ...] = ()  # --export formats (finesift.store.export)
 
     def settings(self, model_info: dict[str, Any]) -> dict[str, Any]:
         """The run's settings as its manifest records them (a shard's ``run``)."""
         return {"method": self.method, "method_options": jsonable(self.meth.options),
                 "task": task_name(self.task), "model": model_info, "seed": self.seed,
                 "max_length": self.max_length, "template": self.template,
-                "precision": self.precision, "batch_size": self.batch_size,
-                "device": self.device, "format": self.fmt}
+                "precision": self.precision, "dtype": self.dtype,
+                "batch_size": self.batch_size, "device": self.device, "format": self.fmt,
+                **({"columns": dict(self.columns)} if self.columns else {})}
 
 
 @dataclass
@@ -289,6 +314,8 @@ def check_options(
     device: str, progress: bool, log: Callable[[str], None] | None,
     workdir: str | Path | None, num_shards: int, shard_index: int | None, executor: Any,
     ray_address: str | None, ray_options: dict[str, Any] | None,
+    dedup: bool = False, dedup_threshold: float = 0.8, source_weights: Any = None,
+    dtype: str = "fp32", columns: Any = None, export: Any = None,
 ) -> RunPlan:
     """Stage 1: check every option before any work (the arguments of
     :func:`finesift.api.select`, except ``method="auto"``); start the run's clock.
@@ -297,7 +324,21 @@ def check_options(
         OptionError: the first bad option, named as the command line names it.
     """
     t_start = time.perf_counter()
-    pool_paths, target_paths = as_list(pool), as_list(target)
+    pool_paths, target_paths = input_sources(pool, "pool"), input_sources(target, "target")
+    from finesift.data.columns import parse_columns
+    from finesift.data.memory import in_memory
+    from finesift.store.export import parse_export
+
+    columns, export = parse_columns(columns), parse_export(export)
+    if export and out is None:
+        raise OptionError(f"--export {','.join(export)} writes files: give an output folder "
+                          "(--out)")
+    if export and shard_index is not None:
+        raise OptionError("--export: a shard run selects nothing to export")
+    if shard_index is not None and in_memory(pool_paths + target_paths):
+        raise OptionError(f"a shard run needs pool and target files (merge reads them again); "
+                          f"{in_memory(pool_paths + target_paths)[0]} is in memory: save it "
+                          "first (Dataset.to_json, DataFrame.to_parquet, ...)")
     if strategy not in STRATEGIES:
         raise OptionError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
     from finesift.engine.tasks import task_class
@@ -322,6 +363,11 @@ def check_options(
                           "(--executor ray); save it (model.save_pretrained) and pass the folder")
     meth = get_method(method, method_options)  # fails fast on a bad name or option
     check_device(device)
+    from finesift.engine.precision import resolve_dtype
+
+    # --dtype auto: bf16 where the device is fast at it, unless the method needs fp32
+    resolved_dtype = resolve_dtype(dtype, device, required=meth.required_dtype(),
+                                   trains=meth.trains, who=f"method {method!r}")
     shard = shard_spec(num_shards, shard_index)
     if shard is not None:
         meth.check_shardable()
@@ -330,15 +376,24 @@ def check_options(
     elif budget is None:
         raise OptionError("a budget is needed (--budget), except in a shard run")
     out_dir = check_out_dir(out)
+    from finesift.data.dedup import check_threshold
+    from finesift.select.strategies import parse_source_weights
+
+    dedup_threshold = check_threshold(dedup_threshold)
+    weights = parse_source_weights(source_weights)
+    if weights and strategy != "balanced":
+        raise OptionError(f"--source-weights needs --strategy balanced (not {strategy})")
     return RunPlan(
         pool_paths=pool_paths, target_paths=target_paths, budget=budget, method=method,
         meth=meth, task=task, model=model, strategy=strategy, seed=seed, out_dir=out_dir,
         fmt=fmt, max_length=max_length, template=template, precision=precision,
         batch_size=batch_size, device=device, progress=progress,
-        log=log or (lambda msg: None), workdir=workdir, shard=shard,
+        log=as_log(log), workdir=workdir, shard=shard,
         executor=make_executor(meth, executor, ray_address, ray_options, device),
         t_start=t_start, executor_name=executor if isinstance(executor, str) else "local",
-        ray_address=ray_address, ray_options=dict(ray_options or {}))
+        ray_address=ray_address, ray_options=dict(ray_options or {}),
+        dedup=bool(dedup), dedup_threshold=dedup_threshold, source_weights=weights,
+        dtype=resolved_dtype, dtype_given=dtype, columns=columns, export=export)
 
 
 def load_inputs(plan: RunPlan) -> Inputs:
@@ -349,9 +404,10 @@ def load_inputs(plan: RunPlan) -> Inputs:
 
     with plan.watch.stage("read"):
         read_pool, read_target = ReadReport(), ReadReport()
-        pool_records = load_records(plan.pool_paths, plan.fmt, role="pool", report=read_pool)
+        pool_records = load_records(plan.pool_paths, plan.fmt, role="pool", report=read_pool,
+                                    columns=plan.columns)
         target_records = load_records(plan.target_paths, plan.fmt, role="target",
-                                      report=read_target)
+                                      report=read_target, columns=plan.columns)
     for role, rep in (("pool", read_pool), ("target", read_target)):
         if rep.skipped:
             plan.log(f"warning: skipped {sum(rep.skipped.values())} {role} record(s) while "
@@ -360,6 +416,9 @@ def load_inputs(plan: RunPlan) -> Inputs:
         parse_budget(plan.budget, len(pool_records))  # early check against the raw pool size
     check_shapes(pool_records, plan.task)
     check_shapes(target_records, plan.task)
+    from finesift.store.export import check_exportable
+
+    check_exportable(pool_records, plan.export)  # --export fails now, not after scoring
     return Inputs(pool_records, target_records, read_pool, read_target)
 
 
@@ -373,6 +432,15 @@ def load_model(plan: RunPlan, inputs: Inputs) -> LoadedModel:
     if loader.is_loaded(plan.model):  # a model the caller loaded: nothing to read
         bundle = loader.from_memory(plan.model, kind)
         plan.model = bundle  # hashed once: later stages name it by bundle.name
+        plan.dtype = bundle.info["dtype"]  # --dtype applies to models finesift loads
+        if plan.meth.needs_model and plan.dtype in ("bf16", "fp16"):  # what the method needs
+            from finesift.engine.precision import resolve_dtype
+
+            resolve_dtype(plan.dtype, plan.device, required=plan.meth.required_dtype(),
+                          trains=plan.meth.trains,
+                          who=f"method {plan.method!r} (given a {plan.dtype} model object)")
+        if plan.meth.needs_model and plan.device != "cpu":
+            bundle.model.to(plan.device)
         labels = kind.label_names(_own_labels(bundle.model, kind), [inputs.target, inputs.pool])
         return LoadedModel(bundle.tokenizer, bundle.model if plan.meth.needs_model else None,
                            bundle.info, False,
@@ -385,7 +453,8 @@ def load_model(plan: RunPlan, inputs: Inputs) -> LoadedModel:
         if labels is not None:
             label2id = {lab: i for i, lab in enumerate(labels)}
         if plan.meth.needs_model:
-            bundle = loader.load_model(plan.model, plan.task, labels=labels, seed=plan.seed)
+            bundle = loader.load_model(plan.model, plan.task, labels=labels, seed=plan.seed,
+                                       dtype=plan.dtype, device=plan.device)
             return LoadedModel(bundle.tokenizer, bundle.model, bundle.info, bundle.new_head,
                                label2id, labels)
         return LoadedModel(loader.load_tokenizer(plan.model, plan.task), None,
@@ -420,12 +489,53 @@ def encode_inputs(plan: RunPlan, inputs: Inputs, loaded: LoadedModel) -> Encoded
             plan.log(f"warning: skipped {skipped} {role} record(s): {enc.report.get('skipped')}")
         if not enc.examples:
             raise InputError(
-                ", ".join(paths),
+                ", ".join(map(str, paths)),
                 f"no usable {role} records: all {enc.report.get('n_records')} were skipped "
                 f"({enc.report.get('skipped')})",
             )
     k = parse_budget(plan.budget, len(enc_pool.examples)) if plan.budget is not None else None
     return Encoded(enc_pool, enc_target, k)
+
+
+def resolve_weights(plan: RunPlan, inputs: Inputs) -> None:
+    """Stage 2b (before the model is loaded): match ``--source-weights`` names to the
+    pool's sources (an unknown name stops the run, listing the sources)."""
+    from finesift.select.strategies import resolve_source_weights
+
+    plan.group_weights = resolve_source_weights(plan.source_weights,
+                                                [r.source for r in inputs.pool])
+
+
+def screen_pool(plan: RunPlan, enc: Encoded) -> Encoded:
+    """Stage 4b: name the target examples that also appear in the usable pool (a warning
+    and the manifest's ``contamination``), find the pool's duplicate groups (the manifest's
+    ``dedup``) and, with ``--dedup``, keep only the first of each, so the duplicates are
+    not scored; the budget then counts the pool that is left."""
+    from finesift.data.dedup import screen
+    from finesift.methods._text import record_text
+
+    with plan.watch.stage("dedup"):
+        found = screen(enc.pool.records, enc.target.records, text_of=record_text,
+                       threshold=plan.dedup_threshold, dedup=plan.dedup)
+    plan.screening = {"dedup": found.dedup_entry(),
+                      "contamination": found.contamination_entry()}
+    for message in found.messages():
+        plan.log(message)
+    keep = found.kept
+    if len(keep) == len(enc.pool.records):
+        return enc
+    examples = [enc.pool.examples[i] for i in keep]
+    for j, e in enumerate(examples):
+        e.index = j
+    pool = EncodedData([enc.pool.records[i] for i in keep], examples, enc.pool.report)
+    k = None
+    if plan.budget is not None:
+        try:
+            k = parse_budget(plan.budget, len(examples))
+        except OptionError as e:
+            raise OptionError(f"{e} (after --dedup dropped {len(enc.pool.records) - len(keep)} "
+                              "duplicate(s))") from None
+    return Encoded(pool, enc.target, k)
 
 
 def score_pool(plan: RunPlan, enc: Encoded, loaded: LoadedModel) -> Scored:
@@ -435,6 +545,7 @@ def score_pool(plan: RunPlan, enc: Encoded, loaded: LoadedModel) -> Scored:
     Raises:
         RuntimeError: the method returned scores of the wrong shape or not finite.
     """
+    from finesift.engine.precision import compute_precision
     from finesift.engine.tasks import task_for
 
     out_dir, workdir = plan.out_dir, plan.workdir
@@ -443,14 +554,14 @@ def score_pool(plan: RunPlan, enc: Encoded, loaded: LoadedModel) -> Scored:
         pool_records=enc.pool.records, target_records=enc.target.records,
         task=task_for(plan.task, loaded.tokenizer), model=loaded.model,
         model_task=task_name(plan.task),
-        seed=plan.seed, precision=plan.precision, device=plan.device,
-        batch_size=plan.batch_size, progress=plan.progress,
+        seed=plan.seed, precision=compute_precision(plan.precision, plan.dtype),
+        device=plan.device, batch_size=plan.batch_size, progress=plan.progress,
         workdir=(Path(workdir) if workdir is not None
                  else (out_dir / ".work") if out_dir is not None else None),
         log=plan.log, shard=plan.shard, executor=plan.executor,
         model_spec={"name": model_name(plan.model), "task": task_name(plan.task),
-                    "labels": loaded.labels, "seed": plan.seed},
-        new_head=loaded.new_head,
+                    "labels": loaded.labels, "seed": plan.seed, "dtype": plan.dtype},
+        new_head=loaded.new_head, dtype=plan.dtype,
     )
     if plan.meth.uses_budget and enc.k is not None:
         plan.meth.bind_budget(enc.k)
@@ -460,6 +571,8 @@ def score_pool(plan: RunPlan, enc: Encoded, loaded: LoadedModel) -> Scored:
     finally:
         if plan.executor is not None:
             plan.executor.close()
+    if plan.executor is not None:
+        result.info.setdefault("executor", plan.executor.describe())
     scores = np.asarray(result.scores, dtype=np.float64)
     n_scored = len(enc.pool.examples) if result.rows is None else len(result.rows)
     if scores.shape != (n_scored,) or not np.all(np.isfinite(scores)):
@@ -473,8 +586,8 @@ def data_section(plan: RunPlan, inputs: Inputs, enc: Encoded,
     """The manifest's ``data`` entry: the input files' fingerprints, the record counts, the
     reading and encoding reports and the NER labels."""
     return {
-        "pool": [file_fingerprint(p) for p in plan.pool_paths],
-        "target": [file_fingerprint(p) for p in plan.target_paths],
+        "pool": [source_fingerprint(p) for p in plan.pool_paths],
+        "target": [source_fingerprint(p) for p in plan.target_paths],
         "pool_records": len(inputs.pool),
         "target_records": len(inputs.target),
         "pool_reading": inputs.pool_reading.to_dict(),
@@ -491,6 +604,8 @@ def choose(plan: RunPlan, enc: Encoded, scored: Scored, settings: dict[str, Any]
     table and the manifest; returns the run's :class:`Selection` (not written yet).
     ``settings`` and ``data`` are the manifest's (:meth:`RunPlan.settings`,
     :func:`data_section`)."""
+    from finesift.store.export import export_entry
+
     result, scores, k, pool = scored.result, scored.scores, enc.k, enc.pool
     n_label = np.array([e.n_label_tokens for e in pool.examples])
     with plan.watch.stage("select"):
@@ -503,7 +618,8 @@ def choose(plan: RunPlan, enc: Encoded, scored: Scored, settings: dict[str, Any]
         else:
             chosen = select_indices(
                 scores, k, strategy=plan.strategy, lengths=n_label, base_set=result.base_set,
-                seed=plan.seed, groups=np.array([r.source for r in pool.records], dtype=str))
+                seed=plan.seed, groups=np.array([r.source for r in pool.records], dtype=str),
+                weights=plan.group_weights)
     selected = [pool.records[i] for i in chosen]
     columns: dict[str, Any] = score_table(
         [r.id for r in pool.records], [r.source for r in pool.records],
@@ -515,9 +631,11 @@ def choose(plan: RunPlan, enc: Encoded, scored: Scored, settings: dict[str, Any]
         columns["in_base_set"] = in_base
     for name, col in result.columns.items():
         columns[name] = np.asarray(col)
+    weights = {"source_weights": plan.group_weights} if plan.group_weights else {}
     manifest = run_manifest(
-        {**settings, "strategy": plan.strategy}, data,
-        {**selection_entries(plan.budget, k, selected), "method_info": result.info},
+        {**settings, "strategy": plan.strategy, **weights}, data,
+        {**selection_entries(plan.budget, k, selected), "method_info": result.info,
+         **plan.screening, **export_entry(plan.export, selected)},
         watch=plan.watch, t_start=plan.t_start)
     return Selection(selected=selected, scores=scores, pool=pool.records, columns=columns,
                      manifest=manifest, out=plan.out_dir)
@@ -539,19 +657,32 @@ def run_config(plan: RunPlan, loaded: LoadedModel) -> Any:
         model=model_name(loaded.info.get("name") or plan.model), strategy=plan.strategy,
         seed=int(plan.seed), out=None if plan.out_dir is None else str(plan.out_dir.absolute()),
         fmt=plan.fmt, max_length=plan.max_length, template=plan.template,
-        precision=plan.precision, batch_size=plan.batch_size, device=plan.device,
+        precision=plan.precision, dtype=plan.dtype_given, batch_size=plan.batch_size,
+        device=plan.device,
         workdir=None if plan.workdir is None else str(Path(plan.workdir).absolute()),
         num_shards=1 if shard is None else shard.num_shards,
         shard_index=None if shard is None else shard.index,
         executor=plan.executor_name, ray_address=plan.ray_address,
-        ray_options=dict(plan.ray_options or {}))
+        ray_options=dict(plan.ray_options or {}), dedup=plan.dedup,
+        dedup_threshold=plan.dedup_threshold, source_weights=dict(plan.source_weights or {}),
+        columns=dict(plan.columns), export=list(plan.export))
 
 
 def write_run_config(plan: RunPlan, loaded: LoadedModel) -> None:
-    """Write ``config.yaml`` (``finesift select --config OUT/config.yaml`` runs it again)."""
+    """Write ``config.yaml`` (``finesift select --config OUT/config.yaml`` runs it again).
+    A run with an in-memory pool or target has no file a config could name: it writes no
+    ``config.yaml`` (and removes one an earlier run left in the folder), and says so."""
+    from finesift.data.memory import in_memory
     from finesift.store import atomic_path
 
     if plan.out_dir is None:
+        return
+    memory = in_memory(plan.pool_paths + plan.target_paths)
+    if memory:
+        (plan.out_dir / "config.yaml").unlink(missing_ok=True)
+        plan.log(f"no config.yaml written: {memory[0]} is in memory, and a config names "
+                 "input files (save the data to a file to re-run this selection from the "
+                 "command line)")
         return
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(plan.out_dir / "config.yaml") as tmp:

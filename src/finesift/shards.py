@@ -69,6 +69,8 @@ def run_identity(run: dict[str, Any], data: dict[str, Any], num_shards: int,
         "target_sha256": [f["sha256"] for f in data["target"]],
         "encoded": encoded,
         "num_shards": num_shards,
+        # the weights' dtype when not fp32 (fp32 shards keep the fingerprint they had)
+        **({"dtype": run["dtype"]} if run.get("dtype", "fp32") != "fp32" else {}),
     }
 
 
@@ -273,7 +275,8 @@ def merge(
             if now["sha256"] != rec["sha256"]:
                 raise InputError(rec["path"], "changed since the shard runs read it (sha256 "
                                               f"{now['sha256'][:12]}, was {rec['sha256'][:12]})")
-        records = load_records(paths, run.get("format"), role="pool")
+        records = load_records(paths, run.get("format"), role="pool",  # as the shards read
+                               columns=mans[0].get("columns") or None)
         by_key = {(r.source, r.row): r for r in records}
         pool = []
         for src, row, rid in zip(merged["source"], merged["row"], merged["id"], strict=True):
@@ -307,7 +310,8 @@ def merge(
         for f, m in sorted(zip(folders, mans, strict=True), key=lambda fm: fm[1]["shard"]["index"])
     ]
     manifest = run_manifest(
-        {**{key: mans[0].get(key) for key in SETTING_KEYS}, "strategy": strategy}, data,
+        {**{key: mans[0].get(key) for key in SETTING_KEYS}, "strategy": strategy,
+         **({"columns": mans[0]["columns"]} if mans[0].get("columns") else {})}, data,
         {**selection_entries(budget, k, selected), "method_info": mans[0].get("method_info"),
          "merged_from": {"num_shards": n_shards, "fingerprint": ref["fingerprint"],
                          "shards": shard_info}},

@@ -188,6 +188,7 @@ def read_file(
     fmt: str | None = None,
     *,
     report: ReadReport | None = None,
+    columns: dict[str, str] | None = None,
 ) -> list[Record]:
     """Read one input file (or ``datasets`` folder) into validated records.
 
@@ -197,6 +198,8 @@ def read_file(
             (``.jsonl``/``.ndjson``, ``.json``, ``.csv``, ``.parquet``,
             ``.conll``/``.txt``/``.tsv``; a folder is a ``save_to_disk`` dataset).
         report: if given, counts of kept and skipped records are added to it.
+        columns: the run's column mapping (:mod:`finesift.data.columns`), checked with
+            :func:`~finesift.data.columns.parse_columns`.
 
     Returns:
         The records in file order, all of one shape.
@@ -232,47 +235,89 @@ def read_file(
     else:
         how = f"read as {_FORMAT_NAMES[name]} because of the extension {p.suffix.lower()!r}"
     rows = _ROW_READERS[name](source, how)
-
-    records: list[Record] = []
-    first: tuple[str, str] | None = None  # (shape, where) of the file's first record
     try:
-        for row, line, raw in rows:
-            rec = parse_record(raw, source, row=row, line=line)
-            if first is None:
-                first = (rec.shape, rec.where)
-            elif rec.shape != first[0]:
-                raise rec.error(
-                    f"record shape {rec.shape!r} differs from the file's first record "
-                    f"({first[1]}: {first[0]!r}); a file must hold records of one shape"
-                )
-            if rec.shape == "chat" and not _has_reply(rec.messages or []):
-                if report is not None:
-                    report.skip(SKIP_NO_REPLY, rec.id)
-                continue
-            records.append(rec)
+        return records_from_rows(rows, source, report=report, columns=columns)
     except MemoryError:
         raise InputError(source, f"too large to read into memory ({how})") from None
     except OSError as e:
         raise InputError(source, f"cannot read: {e.strerror or e}") from None
+
+
+def records_from_rows(
+    rows: Iterator[tuple[int, int | None, dict[str, Any]]],
+    source: str,
+    *,
+    report: ReadReport | None = None,
+    columns: dict[str, str] | None = None,
+    origin: str | None = None,
+) -> list[Record]:
+    """One input's raw rows -> its validated records: the column mapping, then
+    :func:`parse_record`; one shape per input; chats without a reply skipped (counted in
+    ``report``). Each record's ``raw`` is its row exactly as read (before the mapping).
+
+    Args:
+        rows: ``(row, line, raw)`` per record, as a row reader yields them.
+        source: the file (or in-memory source name) the rows come from.
+        report: if given, counts of kept and skipped records are added to it.
+        columns: the column mapping (``{field: column}``), if any.
+        origin: an in-memory input's description for error messages (see
+            :func:`parse_record`).
+
+    Raises:
+        InputError: a row lacks a mapped column, is malformed or of another shape than
+            the first.
+    """
+    from finesift.data.columns import map_row
+
+    records: list[Record] = []
+    first: tuple[str, str] | None = None  # (shape, where) of the input's first record
+    what = "the input's" if origin is not None else "the file's"
+    for row, line, raw in rows:
+        mapped = raw
+        if columns:
+            loc = _Loc(source, row, line, origin)
+            mapped = map_row(raw, columns, loc.error)
+            if mapped is not raw:  # the fields the mapping replaced are written back too
+                _check_values(raw, loc)
+        rec = parse_record(mapped, source, row=row, line=line, origin=origin)
+        rec.raw = raw
+        if first is None:
+            first = (rec.shape, rec.where)
+        elif rec.shape != first[0]:
+            raise rec.error(
+                f"record shape {rec.shape!r} differs from {what} first record "
+                f"({first[1]}: {first[0]!r}); {'an input' if origin else 'a file'} must "
+                "hold records of one shape"
+            )
+        if rec.shape == "chat" and not _has_reply(rec.messages or []):
+            if report is not None:
+                report.skip(SKIP_NO_REPLY, rec.id)
+            continue
+        records.append(rec)
     if report is not None:
         report.n_records += len(records)
     return records
 
 
 def load_records(
-    paths: list[str] | list[os.PathLike[str]],
+    paths: Sequence[Any],
     fmt: str | None = None,
     *,
     role: str = "pool",
     report: ReadReport | None = None,
+    columns: dict[str, str] | None = None,
 ) -> list[Record]:
     """Read several files into one list of records with unique ids.
 
     Args:
-        paths: the input files or folders, read in order.
+        paths: the input files or folders, read in order; in-memory inputs
+            (:class:`finesift.data.memory.MemorySource`, made by
+            :func:`finesift.data.memory.resolve_inputs`) may stand among them.
         fmt: the format of every file (``None``: each by its extension).
         role: what the files are (``"pool"`` or ``"target"``), used in error messages.
         report: if given, counts of kept and skipped records are added to it.
+        columns: the column mapping every input is read through (``{field: column}``,
+            :mod:`finesift.data.columns`).
 
     Raises:
         OptionError: no paths given.
@@ -283,6 +328,8 @@ def load_records(
         raise OptionError(f"no {role} files given")
     seen_paths: dict[str, str] = {}
     for path in paths:
+        if hasattr(path, "read_records"):  # an in-memory input
+            continue
         if not str(path).strip():
             raise OptionError(
                 f"an empty path was given as a {role} file (it would be read as the current "
@@ -298,7 +345,10 @@ def load_records(
     local = ReadReport()
     records: list[Record] = []
     for path in paths:
-        records.extend(read_file(path, fmt, report=local))
+        if hasattr(path, "read_records"):
+            records.extend(path.read_records(report=local, columns=columns))
+        else:
+            records.extend(read_file(path, fmt, report=local, columns=columns))
     if report is not None:
         report.n_records += local.n_records
         for reason, n in local.skipped.items():
@@ -327,7 +377,8 @@ def load_records(
 # --------------------------------------------------------------------------- records
 
 
-def parse_record(raw: dict[str, Any], source: str, *, row: int, line: int | None) -> Record:
+def parse_record(raw: dict[str, Any], source: str, *, row: int, line: int | None,
+                 origin: str | None = None) -> Record:
     """Detect a raw row's shape, validate its fields and build the record.
 
     Values that should be lists (``messages``, ``conversations``, ``tokens``, ``tags``)
@@ -335,14 +386,17 @@ def parse_record(raw: dict[str, Any], source: str, *, row: int, line: int | None
 
     Args:
         raw: the row as read (a dict of field -> value); becomes ``Record.raw``.
-        source: the file it came from, as given by the user.
+        source: the file it came from, as given by the user (an in-memory input: its
+            source name, :mod:`finesift.data.memory`).
         row: 0-based index of the record in the file.
         line: 1-based line number where the format has lines, else ``None``.
+        origin: an in-memory input's description for error messages
+            (``"pool[0] (datasets.Dataset)"``: errors then say ``... row 17: ...``).
 
     Raises:
         InputError: unknown shape or a field of the wrong type.
     """
-    loc = _Loc(source, row, line)
+    loc = _Loc(source, row, line, origin)
     _check_values(raw, loc)
     present = {k for k, v in raw.items() if v is not None}
     rid = raw.get("id")
@@ -360,7 +414,8 @@ def parse_record(raw: dict[str, Any], source: str, *, row: int, line: int | None
         )
     meta = {k: raw[k] for k in ("subtask", "domain") if raw.get(k) is not None}
     base: dict[str, Any] = {
-        "id": rec_id, "source": source, "row": row, "line": line, "raw": raw, "meta": meta
+        "id": rec_id, "source": source, "row": row, "line": line, "raw": raw, "meta": meta,
+        "origin": origin,
     }
 
     if "messages" in present or "conversations" in present:
@@ -404,8 +459,11 @@ class _Loc:
     source: str
     row: int
     line: int | None
+    origin: str | None = None  # an in-memory input: how errors name it ("pool[0] (...)")
 
     def error(self, message: str) -> InputError:
+        if self.origin is not None:
+            return InputError(f"{self.origin} row {self.row}", message)
         if self.line is not None:
             return InputError(self.source, message, line=self.line)
         return InputError(self.source, message, record=self.row)
@@ -943,7 +1001,8 @@ def _text_columns(schema: Any, source: str) -> list[str]:
     return binary
 
 
-def _check_binary(value: Any, name: str, source: str, row: int) -> None:
+def _check_binary(value: Any, name: str, source: str, row: int,
+                  origin: str | None = None) -> None:
     """Every bytes value inside ``value`` must be UTF-8 text."""
     stack = [value]
     while stack:
@@ -952,20 +1011,52 @@ def _check_binary(value: Any, name: str, source: str, row: int) -> None:
             try:
                 bytes(v).decode("utf-8")
             except UnicodeDecodeError as e:
-                raise InputError(
-                    source, f"field {name!r}: binary data that is not UTF-8 text ({e.reason} "
-                    f"at byte {e.start})", record=row) from None
+                raise _Loc(source, row, None, origin).error(
+                    f"field {name!r}: binary data that is not UTF-8 text ({e.reason} "
+                    f"at byte {e.start})") from None
         elif isinstance(v, dict):
             stack.extend(v.values())
         elif isinstance(v, (list, tuple)):
             stack.extend(v)
 
 
-def _arrow_rows(rows: Iterator[dict[str, Any]], binary: list[str], source: str) -> _Rows:
+def _arrow_rows(rows: Iterator[dict[str, Any]], binary: list[str], source: str,
+                origin: str | None = None) -> _Rows:
     for row, item in enumerate(rows):
         for col in binary:
-            _check_binary(item.get(col), col, source, row)
+            _check_binary(item.get(col), col, source, row, origin)
         yield row, None, _jsonable(item)
+
+
+def arrow_table_rows(table: Any, source: str, origin: str | None = None) -> _Rows:
+    """The rows of a pyarrow Table, checked as a Parquet file's are (text columns of
+    temporal or decimal type refused, binary ones must be UTF-8); errors name ``origin``
+    (an in-memory input) if given, else ``source``."""
+    binary = _text_columns(table.schema, origin or source)
+    yield from _arrow_rows(iter(table.to_pylist()), binary, source, origin)
+
+
+def dataset_rows(ds: Any, source: str, origin: str | None = None) -> _Rows:
+    """The rows of a ``datasets.Dataset`` (its indices and format applied), checked as a
+    Parquet file's are; integer class labels (``ner_tags`` of conll2003, wnut_17) become
+    their names. Errors name ``origin`` (an in-memory input) if given, else ``source``."""
+    import datasets
+
+    binary = _text_columns(ds.data.schema, origin or source)
+    names: dict[str, list[str]] = {}
+    for col, feat in ds.features.items():
+        inner = getattr(feat, "feature", None)
+        if isinstance(inner, datasets.ClassLabel):
+            names[col] = list(inner.names)
+    for row, line, item in _arrow_rows(iter(ds.to_list()), binary, source, origin):
+        for col, labels in names.items():
+            values = item.get(col)
+            if isinstance(values, list):
+                item[col] = [
+                    labels[v] if isinstance(v, int) and 0 <= v < len(labels) else v
+                    for v in values
+                ]
+        yield row, line, item
 
 
 def _read_parquet(source: str, how: str) -> _Rows:
@@ -976,8 +1067,7 @@ def _read_parquet(source: str, how: str) -> _Rows:
         table = pq.read_table(source)
     except (pa.ArrowException, OSError) as e:
         raise InputError(source, f"not a readable Parquet file ({how}): {e}") from None
-    binary = _text_columns(table.schema, source)
-    yield from _arrow_rows(iter(table.to_pylist()), binary, source)
+    yield from arrow_table_rows(table, source)
 
 
 def _read_hf(source: str, how: str) -> _Rows:
@@ -1017,22 +1107,7 @@ def _read_hf(source: str, how: str) -> _Rows:
         raise InputError(source, f"cannot load the datasets folder: {e}") from None
     if not isinstance(ds, datasets.Dataset):
         raise InputError(source, f"expected a Dataset, got {type(ds).__name__}")
-    binary = _text_columns(ds.data.schema, source)
-    # Integer class labels (e.g. ner_tags in conll2003/wnut_17) -> their names.
-    names: dict[str, list[str]] = {}
-    for col, feat in ds.features.items():
-        inner = getattr(feat, "feature", None)
-        if isinstance(inner, datasets.ClassLabel):
-            names[col] = list(inner.names)
-    for row, line, item in _arrow_rows(iter(ds.to_list()), binary, source):
-        for col, labels in names.items():
-            values = item.get(col)
-            if isinstance(values, list):
-                item[col] = [
-                    labels[v] if isinstance(v, int) and 0 <= v < len(labels) else v
-                    for v in values
-                ]
-        yield row, line, item
+    yield from dataset_rows(ds, source)
 
 
 def _read_conll(source: str, how: str) -> _Rows:

@@ -33,6 +33,9 @@ class Record:
         text: for ``text``.
         tokens, tags: for ``ner`` (string tags, BIO or plain).
         meta: optional extra fields a method may use (``subtask``, ``domain``).
+        origin: for a record of an in-memory input (a ``datasets.Dataset``, a DataFrame,
+            a list of dicts): how errors name that input, e.g. ``pool[0]
+            (datasets.Dataset)``; ``None`` for a file's records.
     """
 
     id: str
@@ -48,10 +51,14 @@ class Record:
     tokens: list[str] | None = None
     tags: list[str] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    origin: str | None = None
 
     @property
     def where(self) -> str:
-        """Human-readable location, e.g. ``pool.jsonl:17``."""
+        """Human-readable location, e.g. ``pool.jsonl:17`` (an in-memory input's row:
+        ``pool[0] (datasets.Dataset) row 17``)."""
+        if self.origin is not None:
+            return f"{self.origin} row {self.row}"
         if self.line is not None:
             return f"{self.source}:{self.line}"
         return f"{self.source} (record {self.row})"
@@ -62,6 +69,8 @@ class Record:
         Args:
             message: what is wrong and what was expected.
         """
+        if self.origin is not None:
+            return InputError(self.where, message)
         if self.line is not None:
             return InputError(self.source, message, line=self.line)
         return InputError(self.source, message, record=self.row)

@@ -14,11 +14,13 @@ from finesift.data.records import Example, Record
 
 def ner_predictions(model: Any, task_obj: Any, examples: Sequence[Example], id2label: list[str],
                     *, batch_size: int = 16) -> tuple[list[list[str]], list[list[str]]]:
-    """Gold and argmax tag sequences at each word's first sub-token (fp32, no grad)."""
+    """Gold and argmax tag sequences at each word's first sub-token (no grad; on the
+    model's device)."""
     import torch
 
     from finesift.engine.batching import sorted_batches
 
+    device = _device_of(model)
     gold: list[list[str]] = [[] for _ in examples]
     pred: list[list[str]] = [[] for _ in examples]
     was_training = model.training
@@ -26,9 +28,9 @@ def ner_predictions(model: Any, task_obj: Any, examples: Sequence[Example], id2l
     with torch.inference_mode():
         for idx in sorted_batches(examples, [len(e) for e in examples], batch_size=batch_size):
             batch = task_obj.collate([examples[i] for i in idx])
-            logits = model(input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"]).logits
-            best = logits.argmax(-1).numpy()
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits
+            best = logits.argmax(-1).cpu().numpy()
             labels = batch["labels"].numpy()
             for j, i in enumerate(idx):
                 keep = labels[j] != -100
@@ -37,6 +39,14 @@ def ner_predictions(model: Any, task_obj: Any, examples: Sequence[Example], id2l
     if was_training:
         model.train()
     return gold, pred
+
+
+def _device_of(model: Any) -> Any:
+    """The device of ``model``'s first parameter (cpu for a model without any)."""
+    import torch
+
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def entity_f1(gold: list[list[str]], pred: list[list[str]]) -> float:
@@ -116,11 +126,13 @@ def em_candidates(records: Sequence[Record], n: int, seed: int) -> list[Record]:
 
 def exact_match(model: Any, tokenizer: Any, records: Sequence[Record], *,
                 max_new_tokens: int = 256, precision: str = "auto") -> float | None:
-    """Share of ``records`` whose greedy generation ends in the gold final answer."""
+    """Share of ``records`` whose greedy generation ends in the gold final answer
+    (generated on the model's device)."""
     import torch
 
     from finesift.engine.precision import autocast
 
+    device = _device_of(model)
     if not records:
         return None
     hits = 0
@@ -128,11 +140,11 @@ def exact_match(model: Any, tokenizer: Any, records: Sequence[Record], *,
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     for rec in records:
-        ids = torch.tensor([_prompt_ids(rec, tokenizer)])
-        with torch.inference_mode(), autocast(precision):
+        ids = torch.tensor([_prompt_ids(rec, tokenizer)], device=device)
+        with torch.inference_mode(), autocast(precision, device.type):
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                  max_new_tokens=max_new_tokens, do_sample=False,
                                  eos_token_id=eos, pad_token_id=pad)
-        text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        text = tokenizer.decode(out[0, ids.shape[1]:].cpu(), skip_special_tokens=True)
         hits += int(predicted_answer(text) == gold_answer(_answer_text(rec)))
     return hits / len(records)

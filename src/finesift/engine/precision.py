@@ -1,4 +1,16 @@
-"""Numeric precision: bf16 autocast where the CPU runs it fast, else fp32."""
+"""Numeric precision: bf16 autocast where the CPU runs it fast, else fp32; and the dtype
+models are loaded in.
+
+Two settings, kept apart:
+
+* ``precision`` (autocast): the weights stay fp32 in memory and matmuls run in bf16
+  where the device is fast at it. It saves time, not memory.
+* ``dtype`` (:func:`resolve_dtype`): the dtype the weights are *loaded* in. ``bf16`` or
+  ``fp16`` halve the model's memory (a 7B model: 14 GB instead of 28 GB); everything then
+  computes in that dtype and ``precision`` has nothing left to do
+  (:func:`compute_precision`). LoRA adapters stay fp32 whatever the dtype (peft keeps
+  them so), so training them keeps its small updates.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +21,10 @@ from pathlib import Path
 import torch
 
 PRECISIONS = ("auto", "bf16", "fp32")
+DTYPES = ("fp32", "bf16", "fp16", "auto")
+"""The ``--dtype`` values: fp32 (the default), bf16, fp16, or auto (bf16 where the
+device is fast at it and the method does not need fp32, else fp32)."""
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @functools.lru_cache(maxsize=1)
@@ -67,3 +83,77 @@ def low_precision_weights(model: torch.nn.Module, precision: str, device: str = 
     finally:
         for w, data in saved:
             w.data = data
+
+
+def cuda_has_bf16(device: str = "cuda") -> bool:
+    """True when ``device``'s GPU runs bf16 natively (Ampere and later), not emulated."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # pragma: no cover - an older torch without the keyword
+        return bool(torch.cuda.is_bf16_supported())
+
+
+def device_has_fast_bf16(device: str = "cpu") -> bool:
+    """Whether ``device`` (``cpu``, ``cuda``, ``cuda:1``, ...) computes bf16 natively."""
+    if device.startswith("cuda"):
+        return cuda_has_bf16(device)
+    return cpu_has_fast_bf16()
+
+
+def resolve_dtype(dtype: str, device: str = "cpu", *,
+                  required: tuple[str, str] | None = None, trains: bool = False,
+                  who: str = "this run") -> str:
+    """The dtype (``fp32``, ``bf16`` or ``fp16``) to load a model in for ``--dtype dtype``.
+
+    ``auto`` is ``required``'s dtype when given, else ``bf16`` where ``device`` computes
+    bf16 natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), else ``fp32``.
+
+    Args:
+        dtype: ``fp32``, ``bf16``, ``fp16`` or ``auto``.
+        device: the torch device the model runs on.
+        required: ``(dtype, why)``: the dtype the method needs with its options (e.g. ToV
+            scoring in fp32), or ``None``.
+        trains: the model is trained or differentiated (fp16 is refused: its gradients
+            underflow without loss scaling, which finesift does not do).
+        who: names the user of the model in error messages (``method 'tov'``).
+
+    Raises:
+        OptionError: an unknown dtype, or one that contradicts ``required`` or ``trains``.
+    """
+    from finesift.errors import OptionError
+
+    if dtype not in DTYPES:
+        raise OptionError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype == "auto":
+        if required is not None:
+            return required[0]
+        return "bf16" if device_has_fast_bf16(device) else "fp32"
+    if required is not None and dtype != required[0]:
+        raise OptionError(f"--dtype {dtype}: {who} needs {required[0]} weights: {required[1]}")
+    if trains and dtype == "fp16":
+        raise OptionError(f"--dtype fp16: {who} trains or takes gradients, and fp16 gradients "
+                          "underflow without loss scaling (which finesift does not do); use "
+                          "--dtype bf16 (a GPU from Ampere on, or a CPU with AVX512-BF16) or fp32")
+    return dtype
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a resolved dtype name (``fp32``, ``bf16``, ``fp16``)."""
+    return TORCH_DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``fp32``, ``bf16``, ``fp16`` for those torch dtypes, else torch's own name."""
+    for name, t in TORCH_DTYPES.items():
+        if t == dtype:
+            return name
+    return str(dtype).replace("torch.", "")
+
+
+def compute_precision(precision: str, dtype: str) -> str:
+    """The autocast precision to run with weights loaded in ``dtype``: ``precision`` for
+    fp32 weights; ``fp32`` (no autocast) for bf16 or fp16 weights, which already compute
+    in their own dtype (autocasting fp16 weights to bf16 would only lose digits)."""
+    return precision if dtype == "fp32" else "fp32"

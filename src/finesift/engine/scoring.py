@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from finesift.engine.batching import sorted_batches
+from finesift.engine.batching import OomBackoff, sorted_batches
 from finesift.engine.budget import MAX_AUTO_ROWS, TokenBudget, parse_batch_size
 from finesift.engine.precision import autocast, low_precision_weights
 from finesift.engine.tasks import Task
@@ -52,6 +52,11 @@ def token_logprobs(
         precision: ``auto``, ``bf16`` or ``fp32``.
         device: torch device.
         progress: show a progress bar on stderr.
+
+    A batch that runs out of device memory (``torch.OutOfMemoryError``) is scored again
+    in halves, down to one row, and later batches are capped at the size that fitted
+    (:class:`finesift.engine.batching.OomBackoff`; logged once); the values are those of
+    any other batching.
     """
     was_training = model.training
     model.eval()
@@ -69,7 +74,7 @@ def token_logprobs(
         with low_precision_weights(model, precision, device):
             _score_batches(model, task, examples, lengths, out, bar, rows=rows,
                            max_tokens=max_tokens, max_rows=max_rows, precision=precision,
-                           device=device)
+                           device=device, desc=desc)
     finally:
         bar.close()
         if was_training:
@@ -78,14 +83,15 @@ def token_logprobs(
 
 
 def _score_batches(model, task, examples, lengths, out, bar, *, rows, max_tokens, max_rows,
-                   precision, device) -> None:
-    """Score every batch; store each example's label log-probs at ``out[i]``."""
-    for idx in sorted_batches(
-        examples, lengths, batch_size=rows, max_tokens=max_tokens, max_rows=max_rows
-    ):
+                   precision, device, desc="scoring") -> None:
+    """Score every batch; store each example's label log-probs at ``out[i]`` (a batch
+    that runs out of memory is split, see :class:`OomBackoff`)."""
+
+    def score(idx: list[int]) -> None:
         batch = _to(task.collate([examples[i] for i in idx]), device)
         with autocast(precision, device):
             logp, row = task.label_logprobs(model, batch)
+        del batch
         logp = logp.float().cpu().numpy()
         row = row.cpu().numpy()
         counts = np.bincount(row, minlength=len(idx))
@@ -93,6 +99,12 @@ def _score_batches(model, task, examples, lengths, out, bar, *, rows, max_tokens
         for j, i in enumerate(idx):
             out[i] = parts[j].astype(np.float32, copy=True)
         bar.update(len(idx))
+
+    backoff = OomBackoff(desc, device)
+    for idx in sorted_batches(
+        examples, lengths, batch_size=rows, max_tokens=max_tokens, max_rows=max_rows
+    ):
+        backoff.run(idx, lengths, score)
 
 
 def mean_losses(logprobs: Sequence[np.ndarray]) -> np.ndarray:

@@ -69,8 +69,11 @@ class Task(ABC):
     # -- models ---------------------------------------------------------------------------
     @classmethod
     def load_pretrained(cls, path: Any, *, labels: list[str] | None, seed: int,
-                        info: dict[str, Any]) -> tuple[Any, bool]:
-        """``(model, new_head)``: the transformers model for this task from ``path``."""
+                        info: dict[str, Any], dtype: torch.dtype = torch.float32
+                        ) -> tuple[Any, bool]:
+        """``(model, new_head)``: the transformers model for this task from ``path``, its
+        weights in ``dtype`` (a subclass whose method takes no ``dtype`` gets its model
+        cast afterwards by :func:`finesift.models.loader.load_model`)."""
         raise NotImplementedError(f"task {cls.name!r} does not load models")
 
     @classmethod
@@ -179,14 +182,14 @@ class CausalLMTask(TokenTask):
         return encode_lm(records, tokenizer, max_length, template=template)
 
     @classmethod
-    def load_pretrained(cls, path, *, labels, seed, info):
+    def load_pretrained(cls, path, *, labels, seed, info, dtype=torch.float32):
         from transformers import AutoModelForCausalLM
 
         from finesift.errors import loading
 
         with loading(path, "model"):
             model = AutoModelForCausalLM.from_pretrained(
-                str(path), dtype=torch.float32, trust_remote_code=False, use_safetensors=True)
+                str(path), dtype=dtype, trust_remote_code=False, use_safetensors=True)
         return model, False
 
     @classmethod
@@ -318,7 +321,7 @@ class TokenClassificationTask(TokenTask):
         return encode_ner(records, tokenizer, label2id or {}, max_length)
 
     @classmethod
-    def load_pretrained(cls, path, *, labels, seed, info):
+    def load_pretrained(cls, path, *, labels, seed, info, dtype=torch.float32):
         from transformers import AutoConfig, AutoModelForTokenClassification
 
         from finesift.data.encode import model_label_map
@@ -332,7 +335,7 @@ class TokenClassificationTask(TokenTask):
         ):
             with loading(path, "model"):
                 model = AutoModelForTokenClassification.from_pretrained(
-                    str(path), trust_remote_code=False, use_safetensors=True)
+                    str(path), trust_remote_code=False, use_safetensors=True, dtype=dtype)
             info["head"] = "pretrained"
             return model, False
         if not labels:
@@ -342,7 +345,7 @@ class TokenClassificationTask(TokenTask):
             model = AutoModelForTokenClassification.from_pretrained(
                 str(path), num_labels=len(labels), id2label=dict(enumerate(labels)),
                 label2id={lab: i for i, lab in enumerate(labels)},
-                trust_remote_code=False, use_safetensors=True)
+                trust_remote_code=False, use_safetensors=True, dtype=dtype)
         info["head"] = f"new ({len(labels)} labels, seed {seed})"
         return model, True
 

@@ -37,7 +37,7 @@ import re
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +46,14 @@ import numpy as np
 from finesift import pipeline
 from finesift.data.records import Record
 from finesift.errors import FinesiftError, OptionError
-from finesift.evaluate.finetune import FinetuneOptions, finetune_and_evaluate, label_names
+from finesift.evaluate.finetune import (
+    FinetuneOptions,
+    finetune_and_evaluate,
+    finetune_key_fields,
+    label_names,
+)
 from finesift.methods.base import available, get_method, model_identity
-from finesift.store import file_fingerprint, write_json
+from finesift.store import write_json
 
 NAME = "auto"
 DESCRIPTION = ("picks the method on your own target examples: k-fold trials (each candidate "
@@ -285,6 +290,7 @@ class _TrialData:
     n_trial_pool: int
     n_excluded: int
     fold_sizes: list[int]
+    file_sources: list[str] = field(default_factory=list)  # the pool source of each file
 
 
 def _prepare(pool_records: list[Record], target_records: list[Record], opts: AutoOptions,
@@ -303,7 +309,7 @@ def _prepare(pool_records: list[Record], target_records: list[Record], opts: Aut
     pick = stratified_sample([r.source for r in usable], opts.trial_pool, seed)
     trial = [usable[i] for i in pick]
     sources = list(dict.fromkeys(r.source for r in pool_records))
-    pool_files = []
+    pool_files, file_sources = [], []
     for j, src in enumerate(sources):
         rows = [_raw_with_id(r) for r in trial if r.source == src]
         if not rows:
@@ -312,6 +318,7 @@ def _prepare(pool_records: list[Record], target_records: list[Record], opts: Aut
         path = data_dir / f"pool-{j}-{stem}.jsonl"
         _write_once(path, rows)
         pool_files.append(path)
+        file_sources.append(src)
 
     folds = split_folds(len(target_records), opts.folds, seed)
     target_files, heldout = [], []
@@ -331,6 +338,7 @@ def _prepare(pool_records: list[Record], target_records: list[Record], opts: Aut
         n_pool=len(pool_records),
         n_trial_pool=len(trial),
         n_excluded=n_excluded,
+        file_sources=file_sources,
         fold_sizes=[len(h) for h in folds],
     )
 
@@ -358,6 +366,7 @@ def select_auto(
     max_length: int | None = 512,
     template: str = "auto",
     precision: str = "auto",
+    dtype: str = "fp32",
     batch_size: int | str = 8,
     device: str = "cpu",
     progress: bool = False,
@@ -368,6 +377,11 @@ def select_auto(
     executor: Any = "local",
     ray_address: str | None = None,
     ray_options: dict[str, Any] | None = None,
+    dedup: bool = False,
+    dedup_threshold: float = 0.8,
+    source_weights: dict[str, float] | str | None = None,
+    columns: dict[str, str] | str | None = None,
+    export: str | Sequence[str] | None = None,
 ) -> pipeline.Selection:
     """``finesift.select(..., method="auto")``: trial every candidate on folds of the
     target, then select with the winner. Arguments as :func:`finesift.api.select`;
@@ -382,10 +396,17 @@ def select_auto(
         fine-tune seconds, the subset sizes), ``winner``, ``base_heldout_loss_per_fold``
         (the untouched model) and ``settings``.
     """
+    from finesift.data.dedup import check_threshold
     from finesift.data.readers import load_records
-    from finesift.select.strategies import STRATEGIES, parse_budget
+    from finesift.logs import as_log
+    from finesift.select.strategies import (
+        STRATEGIES,
+        parse_budget,
+        parse_source_weights,
+        resolve_source_weights,
+    )
 
-    log = log or (lambda msg: None)
+    log = as_log(log)
     t_start = time.perf_counter()
     plan = parse_options(method_options)
     opts = plan.options
@@ -399,6 +420,9 @@ def select_auto(
         raise OptionError("a budget is needed (--budget)")
     if strategy not in STRATEGIES:
         raise OptionError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+    if parse_source_weights(source_weights) and strategy != "balanced":
+        raise OptionError(f"--source-weights needs --strategy balanced (not {strategy})")
+    check_threshold(dedup_threshold)
     from finesift.engine.tasks import task_class
 
     task_class(task)  # an OptionError naming the known tasks
@@ -411,12 +435,27 @@ def select_auto(
 
     parse_batch_size(batch_size)
     pipeline.check_device(device)
-    pool_paths, target_paths = pipeline.as_list(pool), pipeline.as_list(target)
+    from finesift.engine.precision import resolve_dtype
 
-    pool_records = load_records(pool_paths, fmt, role="pool")
-    target_records = load_records(target_paths, fmt, role="target")
+    # the trials' fine-tunes load the model in this dtype (each candidate's selection
+    # resolves --dtype for itself)
+    ft_dtype = resolve_dtype(dtype, device, trains=True,
+                             who="--method auto (its trials fine-tune the model)")
+    # files or in-memory data (finesift.data.memory), read through the column mapping
+    pool_paths = pipeline.input_sources(pool, "pool")
+    target_paths = pipeline.input_sources(target, "target")
+    from finesift.data.columns import parse_columns
+    from finesift.store.export import check_exportable, parse_export
+
+    columns, exports = parse_columns(columns), parse_export(export)
+    if exports and out is None:
+        raise OptionError(f"--export {','.join(exports)} writes files: give an output folder "
+                          "(--out)")
+    pool_records = load_records(pool_paths, fmt, role="pool", columns=columns)
+    target_records = load_records(target_paths, fmt, role="target", columns=columns)
     pipeline.check_shapes(pool_records, task)
     pipeline.check_shapes(target_records, task)
+    check_exportable(pool_records, exports)
     k_full = parse_budget(budget, len(pool_records))
     if len(target_records) < opts.folds:
         raise OptionError(f"method 'auto': {opts.folds} folds need at least {opts.folds} "
@@ -434,9 +473,12 @@ def select_auto(
         section = _run_trials(
             plan, pool_paths, target_paths, pool_records, target_records, k_full,
             select_with=select_with, work=work / "auto", task=task, model=model,
+            screening={"dedup": dedup, "dedup_threshold": dedup_threshold, "columns": columns,
+                       "weights": resolve_source_weights(parse_source_weights(source_weights),
+                                                         [r.source for r in pool_records])},
             strategy=strategy, seed=seed, fmt=fmt, max_length=max_length, template=template,
             precision=precision, batch_size=batch_size, device=device, progress=progress,
-            log=log)
+            log=log, dtype=dtype, ft_dtype=ft_dtype)
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -449,10 +491,15 @@ def select_auto(
         pool_paths, target_paths, budget=budget, method=winner,
         method_options=plan.candidate_options[winner], task=task, model=model,
         strategy=strategy, seed=seed, out=out, fmt=fmt, max_length=max_length,
-        template=template, precision=precision, batch_size=batch_size, device=device,
-        progress=progress, log=log, workdir=workdir)
+        template=template, precision=precision, dtype=dtype, batch_size=batch_size,
+        device=device, progress=progress, log=log, workdir=workdir, dedup=dedup,
+        dedup_threshold=dedup_threshold, source_weights=source_weights, columns=columns,
+        export=exports)
     section["final_seconds"] = sel.manifest.get("wall_seconds")
     sel.manifest["auto"] = section
+    # the candidate the trials chose, where the harness reads what a method reports
+    sel.manifest["method_info"] = {**(sel.manifest.get("method_info") or {}),
+                                   "auto_winner": winner}
     sel.manifest["wall_seconds"] = round(time.perf_counter() - t_start, 3)
     if sel.out is not None:
         write_json(sel.out / "manifest.json", sel.manifest)
@@ -465,16 +512,38 @@ def _run_trials(plan: AutoPlan, pool_paths: list[str], target_paths: list[str],
                 model: str | None, strategy: str, seed: int,
                 fmt: str | None, max_length: int | None, template: str, precision: str,
                 batch_size: int | str, device: str, progress: bool,
-                log: Callable[[str], None]) -> dict[str, Any]:
+                log: Callable[[str], None], screening: dict[str, Any] | None = None,
+                dtype: str = "fp32", ft_dtype: str = "fp32") -> dict[str, Any]:
+    from finesift.engine.precision import resolve_dtype
+    from finesift.methods.base import get_method
+
     opts = plan.options
+    # each candidate's dtype as its selection resolves it (fp32: not in the trial key, so
+    # trials run before dtypes existed are still found)
+    cand_dtype = {}
+    for cand in plan.candidates:
+        meth = get_method(cand, plan.candidate_options[cand])
+        cand_dtype[cand] = resolve_dtype(dtype, device, required=meth.required_dtype(),
+                                         trains=meth.trains, who=f"auto candidate {cand!r}")
     lr = opts.lr if opts.lr is not None else DEFAULT_LR[task]
     ft_max_length = opts.max_length if max_length is None else min(opts.max_length, max_length)
     seeds = [seed + j for j in range(opts.seeds)]
-    files = {"pool": [file_fingerprint(p)["sha256"] for p in pool_paths],
-             "target": [file_fingerprint(p)["sha256"] for p in target_paths]}
-    data_key = _hash([_DATA_VERSION, files, fmt, opts.trial_pool, opts.folds, seed])
+    # in-memory inputs by the sha256 of their rows; a column mapping changes the records
+    files = {"pool": [pipeline.source_fingerprint(p)["sha256"] for p in pool_paths],
+             "target": [pipeline.source_fingerprint(p)["sha256"] for p in target_paths]}
+    columns = (screening or {}).get("columns") or {}
+    data_key = _hash([_DATA_VERSION, files, fmt, opts.trial_pool, opts.folds, seed,
+                      *([columns] if columns else [])])
     data_dir = work / f"data-{data_key}"
     data = _prepare(pool_records, target_records, opts, seed, data_dir, log)
+    screen: dict[str, Any] = {}  # --dedup and --source-weights for the trials' selections
+    if (screening or {}).get("dedup"):
+        screen.update(dedup=True, dedup_threshold=screening["dedup_threshold"])
+    if (screening or {}).get("weights"):  # by the trial files, which stand for the sources
+        screen["source_weights"] = {str(f): screening["weights"][src] for f, src in
+                                    zip(data.pool_files, data.file_sources, strict=True)}
+    if columns:  # the trial files hold the rows as read: the trials map them the same way
+        screen["columns"] = columns
     trial_k = min(data.n_trial_pool, max(1, round(k_full * data.n_trial_pool / data.n_pool)))
     labels = label_names(task, model, [target_records, pool_records])
     model_id = {s: model_identity({"name": pipeline.model_name(model), "task": task,
@@ -486,16 +555,16 @@ def _run_trials(plan: AutoPlan, pool_paths: list[str], target_paths: list[str],
     def finetune(records: list[Record] | None, fold: int, s: int) -> dict[str, Any]:
         ft = FinetuneOptions(steps=opts.steps, lr=lr, lora_rank=opts.lora_rank,
                              batch_size=opts.batch_size, seed=s, max_length=ft_max_length,
-                             precision=precision)
+                             precision=precision, dtype=ft_dtype)
         ids = None if records is None else [r.id for r in records]
-        key = _hash([_FINETUNE_VERSION, data_key, fold, dataclasses.asdict(ft), model_id[s],
+        key = _hash([_FINETUNE_VERSION, data_key, fold, finetune_key_fields(ft), model_id[s],
                      task, labels, ids], 16)
         path = work / "finetunes" / f"{key}.json"
         if path.exists():
             return json.loads(path.read_text(encoding="utf-8"))
         res = finetune_and_evaluate(records, data.heldout[fold], task=task, model=model,
                                     options=ft, labels=labels, measure_base=records is None,
-                                    progress=progress)
+                                    progress=progress, device=device)
         fig = {"heldout_loss": res.test_loss, "n_train": res.n_train, "n_heldout": res.n_test,
                "train_loss": None if records is None else res.train_loss,
                "seconds": round(_cost_seconds(res.costs), 3)}
@@ -514,6 +583,9 @@ def _run_trials(plan: AutoPlan, pool_paths: list[str], target_paths: list[str],
                 where = f"{cand}, fold {fold + 1}/{opts.folds}, seed {s}"
                 cand_opts = plan.candidate_options[cand]
                 trial_key = _hash([_TRIAL_VERSION, data_key, cand, cand_opts, strategy, trial_k,
+                                   *([screen] if screen else []),
+                                   *([f"dtype={cand_dtype[cand]}"]
+                                     if cand_dtype[cand] != "fp32" else []),
                                    task, model_id[s], max_length, template, precision, s])
                 sel_dir = work / "trials" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', cand)}-f{fold + 1}-s{s}-{trial_key}"
                 marker = sel_dir / "trial.json"
@@ -529,9 +601,9 @@ def _run_trials(plan: AutoPlan, pool_paths: list[str], target_paths: list[str],
                             budget=trial_k, method=cand, method_options=cand_opts, task=task,
                             model=model, strategy=strategy, seed=s, out=sel_dir, fmt=None,
                             max_length=max_length, template=template, precision=precision,
-                            batch_size=batch_size, device=device, progress=progress,
-                            log=lambda m, w=where: log(f"auto [{w}]: {m}"),
-                            workdir=work / "work")
+                            dtype=dtype, batch_size=batch_size, device=device,
+                            progress=progress, log=lambda m, w=where: log(f"auto [{w}]: {m}"),
+                            workdir=work / "work", **screen)
                     except FinesiftError as exc:
                         raise FinesiftError(f"auto trial {where}: {exc}") from exc
                     trial = {"ids": sel.selected_ids,
@@ -596,7 +668,7 @@ def _run_trials(plan: AutoPlan, pool_paths: list[str], target_paths: list[str],
             "strategy": strategy,
             "finetune": {"steps": opts.steps, "lr": lr, "batch_size": opts.batch_size,
                          "lora_rank": opts.lora_rank, "max_length": ft_max_length,
-                         "precision": precision},
+                         "precision": precision, "dtype": ft_dtype},
             "tie_break": "lowest mean held-out loss; ties: the cheaper method "
                          "(random < dsir < embed < perplexity, uncertainty < tov < less, "
                          "tracin < harp), then the earlier candidate",

@@ -30,6 +30,8 @@ Configuration (YAML; paths relative to the file)::
     budgets: [128, 256]      # counts or percentages of the pool
     seeds: [0, 1, 2]
     finetune: {epochs: 1, lr: 2.0e-4, lora_rank: 16, batch_size: 8}
+    device: cuda             # optional: where selection and fine-tuning run (default cpu)
+    dtype: bf16              # optional: the dtype models are loaded in (default fp32)
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ from finesift.store import Stopwatch
 
 CONFIG_KEYS = ("name", "task", "model", "max_length", "pool", "target", "methods", "budgets",
                "seeds", "finetune")
-OPTIONAL_KEYS = ("strategy", "tune", "results", "leaderboard", "flags", "skipped")
+OPTIONAL_KEYS = ("strategy", "tune", "results", "leaderboard", "flags", "skipped", "device",
+                 "dtype")
 # the keys a method entry may carry beside its one {name: options} pair
 METHOD_ENTRY_KEYS = ("seeds", "label")
 
@@ -133,6 +136,8 @@ class BenchConfig:
     test_limit: int | None = None
     flags: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    device: str = "cpu"  # where selections and fine-tunes run (`device:`, --device)
+    dtype: str = "fp32"  # the dtype models are loaded in (`dtype:`, --dtype)
 
 
 def _resolve(base: Path, value: Any, key: str, cfg_path: Path) -> Path:
@@ -187,7 +192,7 @@ def load_config(path: str | Path) -> BenchConfig:
     """Read and validate a benchmark YAML; every error names the file and the key."""
     import yaml
 
-    from finesift.methods.base import get_method
+    from finesift.api import check_method
     from finesift.select.strategies import STRATEGIES
 
     path = Path(path)
@@ -256,18 +261,25 @@ def load_config(path: str | Path) -> BenchConfig:
     ft_raw = raw.get("finetune") or {}
     if not isinstance(ft_raw, dict):
         raise ConfigError(path, "finetune: expected a mapping, e.g. {epochs: 1, lr: 2.0e-4}")
+    device = raw.get("device", "cpu")
+    if not isinstance(device, str) or not device.strip():
+        raise ConfigError(path, f"device: expected a torch device (cpu, cuda, cuda:1), got "
+                                f"{device!r}")
+    dtype = raw.get("dtype", ft_raw.get("dtype", "fp32"))
+    if "dtype" in raw and ft_raw.get("dtype", dtype) != dtype:
+        raise ConfigError(path, f"dtype: {dtype} and finetune.dtype: {ft_raw['dtype']} "
+                                "disagree (one dtype loads every model of the benchmark)")
+    if dtype not in ("fp32", "bf16", "auto"):
+        raise ConfigError(path, f"dtype: expected fp32, bf16 or auto, got {dtype!r} (fp16 "
+                                "cannot fine-tune: it needs loss scaling)")
+    ft_raw = {**ft_raw, "dtype": dtype}
     if "seed" in ft_raw:
         raise ConfigError(path, "finetune.seed: the run's seed is used; list seeds under 'seeds'")
     try:
         finetune = FinetuneOptions.from_dict({"max_length": max_length, **ft_raw})
         methods = _method_specs(raw["methods"], path)
         for m in methods:  # unknown method or option: fail before any work
-            if m.name == "auto":
-                from finesift.evaluate.auto import parse_options
-
-                parse_options(m.options)
-            else:
-                get_method(m.name, m.options)
+            check_method(m.name, m.options)
         tune = check_grid(raw["tune"]) if raw.get("tune") is not None else None
     except OptionError as exc:
         raise ConfigError(path, str(exc)) from None
@@ -293,6 +305,7 @@ def load_config(path: str | Path) -> BenchConfig:
         leaderboard=(_resolve(base, raw["leaderboard"], "leaderboard", path)
                      if raw.get("leaderboard") else None),
         flags=[str(f) for f in flags], skipped={str(k): str(v) for k, v in skipped.items()},
+        device=device.strip(), dtype=dtype,
     )
 
 
@@ -489,10 +502,9 @@ def _selection(cfg: BenchConfig, data: BenchData, spec: MethodSpec, seed: int, b
             method=spec.name, method_options=spec.options, task=cfg.task, model=model,
             strategy=cfg.strategy, seed=seed, out=sel_dir, max_length=cfg.max_length,
             progress=progress, log=log, workdir=out / "work" / spec.dirname,
+            device=cfg.device, dtype=cfg.dtype,
         )
     info = dict(sel.manifest.get("method_info") or {})
-    if "auto" in sel.manifest:  # --method auto: which candidate won its trials
-        info["auto_winner"] = sel.manifest["auto"]["winner"]
     cost = {**costs.stages["select"], "dir": sel_dir.name,
             "method_info": {k: v for k, v in info.items()
                             if isinstance(v, (int, float, str, bool)) or v is None},
@@ -541,7 +553,7 @@ def _base_figures(cfg: BenchConfig, data: BenchData, model: str | None, seed: in
     log(f"[{cfg.name}] measuring the untouched model on the test set ...")
     opts = FinetuneOptions(**{**cfg.finetune.__dict__, "seed": seed})
     res = finetune_and_evaluate(None, data.test, task=cfg.task, model=model, options=opts,
-                                labels=labels, measure_base=True)
+                                labels=labels, measure_base=True, device=cfg.device)
     cache[key] = {"base_test_loss": res.base_test_loss, "base_test_f1": res.base_f1,
                   "base_test_em": res.base_em,
                   "base_eval_seconds": res.costs.get("eval_base", {}).get("seconds"),
@@ -562,6 +574,8 @@ def run_bench(
     seeds_first: bool = False,
     only: Sequence[str] | None = None,
     only_seeds: Sequence[int] | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> BenchResult:
     """Run every method x budget x seed of a config (skipping finished runs) and report.
 
@@ -578,6 +592,10 @@ def run_bench(
         only: run only the methods with these labels (the others' finished runs still
             count in the report).
         only_seeds: run only these of the config's seeds.
+        device: where selections and fine-tunes run (overrides the config's ``device``;
+            default cpu). Not part of the setup: results resume on another device.
+        dtype: the dtype every model is loaded in (overrides the config's ``dtype``):
+            ``fp32`` (default), ``bf16`` or ``auto``; part of the setup when not fp32.
     """
     from finesift.evaluate.report import write_report
     from finesift.select.strategies import parse_budget
@@ -585,6 +603,22 @@ def run_bench(
     log = log or (lambda msg: None)
     t0 = time.perf_counter()
     cfg = load_config(config)
+    if device is not None:
+        cfg.device = device
+    if dtype is not None:
+        cfg.dtype = dtype
+        try:
+            cfg.finetune = FinetuneOptions.from_dict({**cfg.finetune.__dict__, "dtype": dtype})
+        except OptionError as exc:
+            raise ConfigError(cfg.path, f"--dtype: {exc}") from None
+    from finesift.evaluate.finetune import resolve_finetune_dtype
+    from finesift.pipeline import check_device
+
+    check_device(cfg.device)
+    # the fine-tunes' dtype as this machine resolves it (auto: bf16 where fast), so the
+    # setup records what was used
+    cfg.finetune = FinetuneOptions(**{**cfg.finetune.__dict__,
+                                      "dtype": resolve_finetune_dtype(cfg.finetune, cfg.device)})
     out_dir = Path(out) if out else Path("runs") / f"bench-{cfg.name}{'-quick' if quick else ''}"
     out_dir.mkdir(parents=True, exist_ok=True)
     # the small files a suite's figures are rebuilt from (results.jsonl, setup, tuning,
@@ -627,7 +661,7 @@ def run_bench(
         finetune, tuning = tune_for_random(
             cfg.tune, data.pool, data.val, task=cfg.task, model=model, base=finetune,
             k=counts[largest], seed=seeds[0], labels=labels, out=res_dir, progress=progress,
-            log=lambda m: log(f"[{cfg.name}] {m}"))
+            log=lambda m: log(f"[{cfg.name}] {m}"), device=cfg.device)
         log(f"[{cfg.name}] fine-tuning hyperparameters tuned for random: {tuning['chosen']}")
     check_same_setup(res_dir, cfg, model, finetune, data, quick)
     write_suite_record(res_dir, cfg, model, budgets, seeds, quick)
@@ -822,6 +856,8 @@ def check_same_setup(out: Path, cfg: BenchConfig, model: str | None,
         "finetune": finetune.setup_fields(),
         "data": {p.name: file_fingerprint(p)["sha256"]
                  for p in [*data.pool_files, data.val_file, data.test_file]},
+        # the selections' dtype as given (fp32 left out: setups from before dtypes match)
+        **({"dtype": cfg.dtype} if cfg.dtype != "fp32" else {}),
     }
     setup = json.loads(json.dumps(setup, default=str))
     path = out / "setup.json"
@@ -927,7 +963,8 @@ def _one_run(cfg, data, spec, budget, k, seed, columns, sel_cost, base, by_id, m
         f"({dict(comp)}) ...")
     try:
         res = finetune_and_evaluate(train, data.test, task=cfg.task, model=model, options=opts,
-                                    labels=labels, measure_base=False, progress=progress)
+                                    labels=labels, measure_base=False, progress=progress,
+                                    device=cfg.device)
     except Exception as exc:  # noqa: BLE001 - recorded; the next run goes on
         return {**_failed_row(cfg, spec, budget, k, seed, exc), **row, "status": "failed"}
     ft, ev = res.costs.get("finetune", {}), res.costs.get("eval", {})
@@ -948,6 +985,10 @@ def _one_run(cfg, data, spec, budget, k, seed, columns, sel_cost, base, by_id, m
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine(),
     })
+    # GPU memory beside resident memory, on runs that used CUDA (absent on a CPU)
+    for name, stage in (("select", sel_cost), ("finetune", ft), ("eval", ev)):
+        if stage.get("peak_gpu_mb") is not None:
+            row[f"{name}_peak_gpu_mb"] = stage["peak_gpu_mb"]
     return row
 
 
@@ -968,8 +1009,11 @@ def machine() -> str:
                 break
     except OSError:
         pass
+    gpu = ""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # this run used CUDA
+        gpu = f", GPU {torch.cuda.get_device_name()}"
     return (f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
-            f"{', fast bf16' if cpu_has_fast_bf16() else ''}")
+            f"{', fast bf16' if cpu_has_fast_bf16() else ''}{gpu}")
 
 
 def _ordered_rows(finished: dict[str, dict[str, Any]], cfg: BenchConfig, budgets: list,

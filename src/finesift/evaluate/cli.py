@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from finesift.errors import OptionError
+from finesift.logs import emit
 
 
 def _eprint(msg: str) -> None:
@@ -46,10 +47,27 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=d.max_length,
                    help=f"truncate examples (tokens); default {d.max_length}")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=d.precision,
-                   help="training precision (test losses are always fp32)")
+                   help="training autocast of fp32 weights (test losses are fp32)")
+    _add_device_args(p, default_dtype=d.dtype, default_device="cpu")
     p.add_argument("--em-samples", type=int, default=d.em_samples,
                    help="lm: exact match of the '#### answer' on N test records by greedy "
                         "generation (default 0 = off)")
+
+
+def _add_device_args(p: argparse.ArgumentParser, *, default_dtype: str | None,
+                     default_device: str | None) -> None:
+    """``--device`` and ``--dtype`` (``None`` defaults: the benchmark config's)."""
+    p.add_argument("--device", default=default_device,
+                   help="torch device: cpu, cuda, cuda:1, ... (the model and its batches go "
+                        "there)" + (f"; default {default_device}" if default_device
+                                    else "; default: the config's device:, else cpu"))
+    p.add_argument("--dtype", choices=["fp32", "bf16", "auto"], default=default_dtype,
+                   help="the dtype the model is loaded in: fp32, bf16 (half the memory; "
+                        "LoRA adapters stay fp32) or auto (bf16 where the device computes it "
+                        "natively, else fp32); --precision only autocasts fp32 weights. "
+                        "fp16 is not offered: fine-tuning in fp16 needs loss scaling"
+                        + (f"; default {default_dtype}" if default_dtype
+                           else "; default: the config's dtype:, else fp32"))
 
 
 def register_eval_commands(sub: Any) -> None:
@@ -86,6 +104,7 @@ def register_eval_commands(sub: Any) -> None:
                         "reference every row is compared with)")
     p.add_argument("--seeds", default=None, metavar="SEED[,SEED...]",
                    help="run only these of the config's seeds")
+    _add_device_args(p, default_dtype=None, default_device=None)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("bench-data", help="build the data files of a shipped benchmark suite")
@@ -106,6 +125,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                            lora_rank=args.lora_rank, head_lr=args.head_lr, warmup=args.warmup,
                            schedule=args.schedule, batch_size=args.batch_size, seed=args.seed,
                            max_length=args.max_length, precision=args.precision,
+                           dtype=args.dtype,
                            em_samples=args.em_samples)
     opts.validate()
     train = read_records(args.train, "train")
@@ -113,7 +133,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not args.allow_overlap:
         check_no_overlap(test, {"training set": train})
     res = finetune_and_evaluate(train, test, task=args.task, model=args.model, options=opts,
-                                progress=not args.no_progress, log=_eprint)
+                                progress=not args.no_progress, log=emit, device=args.device)
     out = {"train": args.train, "test": args.test, **res.to_dict()}
     text = json.dumps(out, indent=2, default=str)
     print(text)
@@ -142,9 +162,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from finesift.evaluate.bench import run_bench
 
     result = run_bench(args.config, out=args.out, quick=args.quick,
-                       progress=not args.no_progress, log=_eprint,
+                       progress=not args.no_progress, log=emit,
                        report_only=args.report_only, seeds_first=args.seeds_first,
-                       only=_split_list(args.only), only_seeds=_seed_list(args.seeds))
+                       only=_split_list(args.only), only_seeds=_seed_list(args.seeds),
+                       device=args.device, dtype=args.dtype)
     print(f"{result.n_done} run(s) done ({result.n_skipped} already finished, "
           f"{result.n_failed} failed) in {result.seconds:.0f} s")
     for name in ("results.csv", "results.json", "report.md", "report.html"):
@@ -158,7 +179,7 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
     """``finesift bench-data``: write a suite's val/test/pool files."""
     from finesift.evaluate.suites import build_suite_data
 
-    files = build_suite_data(args.name, Path(args.out), seed=args.seed, log=_eprint)
+    files = build_suite_data(args.name, Path(args.out), seed=args.seed, log=emit)
     for role, (path, n) in files.items():
         print(f"{role}: {path} ({n} records)")
     return 0

@@ -74,6 +74,11 @@ class FinetuneOptions:
         max_new_tokens: generation length cap for exact match (default 256).
         template: how chat and prompt/completion records are rendered, as in
             ``finesift select --template``: ``auto`` (default), ``chat`` or ``plain``.
+        dtype: the dtype the model is loaded in: ``fp32`` (default), ``bf16`` (half the
+            memory; LoRA adapters stay fp32) or ``auto`` (bf16 where the device computes
+            it natively, else fp32; full fine-tuning, ``lora_rank=0``, always fp32: bf16
+            weights lose updates below their last digit). ``fp16`` is refused: training
+            in fp16 needs loss scaling, which finesift does not do.
     """
 
     epochs: float = 1.0
@@ -92,6 +97,7 @@ class FinetuneOptions:
     em_samples: int = 0
     max_new_tokens: int = 256
     template: str = "auto"
+    dtype: str = "fp32"
 
     def validate(self) -> None:
         """Raise :class:`OptionError` for an out-of-range value."""
@@ -131,12 +137,23 @@ class FinetuneOptions:
             raise OptionError(f"template must be auto, chat or plain, got {self.template!r}")
         if self.eval_precision not in ("bf16", "fp32"):
             raise OptionError(f"eval_precision must be bf16 or fp32, got {self.eval_precision!r}")
+        if self.dtype == "fp16":
+            raise OptionError("dtype fp16: fine-tuning in fp16 needs loss scaling, which "
+                              "finesift does not do; use bf16 (a GPU from Ampere on, or a CPU "
+                              "with AVX512-BF16) or fp32")
+        if self.dtype not in ("fp32", "bf16", "auto"):
+            raise OptionError(f"dtype must be fp32, bf16 or auto, got {self.dtype!r}")
+        if self.full and self.dtype == "bf16":
+            raise OptionError("dtype bf16 with lora_rank 0: full fine-tuning trains the "
+                              "weights themselves, and bf16 weights lose updates smaller than "
+                              "their last digit; use fp32 (or auto) or a LoRA rank")
 
     # fields added after results folders existed, with the value that reproduces the old
     # behaviour: left out of setup_fields() at that value, so those folders still resume
     _LATER_DEFAULTS: ClassVar[dict[str, Any]] = {"steps": None, "eval_precision": "fp32",
                                                   "head_lr": None, "warmup": 0.0,
-                                                  "schedule": "constant", "template": "auto"}
+                                                  "schedule": "constant", "template": "auto",
+                                                  "dtype": "fp32"}
 
     @property
     def full(self) -> bool:
@@ -145,8 +162,8 @@ class FinetuneOptions:
 
     def setup_fields(self) -> dict[str, Any]:
         """Every field but the seed, for resume fingerprints (``steps``, ``eval_precision``,
-        ``head_lr``, ``warmup`` and ``schedule`` only when not at their defaults, so
-        folders written before they existed still resume)."""
+        ``head_lr``, ``warmup``, ``schedule``, ``template`` and ``dtype`` only when not at
+        their defaults, so folders written before they existed still resume)."""
         return {k: v for k, v in self.__dict__.items()
                 if k != "seed" and not (k in self._LATER_DEFAULTS
                                         and v == self._LATER_DEFAULTS[k])}
@@ -168,6 +185,7 @@ class FinetuneOptions:
             "max_length": self.max_length, "precision": self.precision,
             "eval_precision": self.eval_precision,
             **({"template": self.template} if self.template != "auto" else {}),
+            **({"dtype": self.dtype} if self.dtype != "fp32" else {}),
         }
 
     @classmethod
@@ -193,6 +211,32 @@ class FinetuneOptions:
         opts = cls(**values)
         opts.validate()
         return opts
+
+
+def _peak_gpu(costs: Stopwatch) -> dict[str, float]:
+    """``{"peak_gpu_mb": ...}``: the highest GPU peak of the stages, when CUDA was used."""
+    gpu = [c["peak_gpu_mb"] for c in costs.stages.values() if "peak_gpu_mb" in c]
+    return {"peak_gpu_mb": round(max(gpu), 1)} if gpu else {}
+
+
+def finetune_key_fields(options: FinetuneOptions) -> dict[str, Any]:
+    """Every field of ``options`` as a dict for a cache key, ``dtype`` left out at fp32 (so
+    keys made before the field existed stay valid)."""
+    fields = dataclasses.asdict(options)
+    if fields.get("dtype") == "fp32":
+        del fields["dtype"]
+    return fields
+
+
+def resolve_finetune_dtype(options: FinetuneOptions, device: str = "cpu") -> str:
+    """The dtype the fine-tuned model is loaded in: ``options.dtype``, with ``auto`` bf16
+    where ``device`` computes it natively (fp32 for full fine-tuning)."""
+    from finesift.engine.precision import resolve_dtype
+
+    required = ("fp32", "full fine-tuning trains the weights themselves") if options.full \
+        else None
+    return resolve_dtype(options.dtype, device, required=required, trains=True,
+                         who="fine-tuning")
 
 
 @dataclass
@@ -318,6 +362,7 @@ def finetune_and_evaluate(
     measure_base: bool = True,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    device: str = "cpu",
 ) -> EvalResult:
     """Fine-tune a freshly loaded model on ``train_records``; measure ``test_records``.
 
@@ -337,12 +382,16 @@ def finetune_and_evaluate(
         measure_base: also measure the untouched model (loss, F1, EM).
         progress: show progress bars on stderr.
         log: receives progress messages.
+        device: torch device the model is trained and measured on (``cpu``, ``cuda``, ...);
+            the model is loaded in ``options.dtype`` there.
 
     Returns:
-        An :class:`EvalResult` with the figures and the cost of each stage.
+        An :class:`EvalResult` with the figures and the cost of each stage (with
+        ``peak_gpu_mb`` beside ``peak_rss_mb`` when CUDA is used).
     """
     import torch
 
+    from finesift.engine.precision import compute_precision
     from finesift.engine.scoring import example_losses
     from finesift.engine.tasks import task_class, task_for
     from finesift.engine.train import LoraOptions, TrainOptions, add_lora, train
@@ -362,9 +411,14 @@ def finetune_and_evaluate(
     t_start = time.perf_counter()
     if labels is None:
         labels = label_names(kind, model, [train_records or [], test_records])
+    from finesift.pipeline import check_device
+
+    check_device(device)
+    dtype = resolve_finetune_dtype(opts, device)
 
     with costs.stage("load_model"):
-        bundle = load_model(model, task, labels=labels, seed=opts.seed)
+        bundle = load_model(model, task, labels=labels, seed=opts.seed, dtype=dtype,
+                            device=device)
     net, tok = bundle.model, bundle.tokenizer
     label2id = None
     id2label: list[str] = []
@@ -379,8 +433,10 @@ def finetune_and_evaluate(
         test_ex, test_rep = _encode(test_records, tok, kind, opts.max_length, label2id, "test",
                                     opts.template)
     task_obj = task_for(task, tok)
-    measure = {"batch_size": opts.eval_batch_size, "precision": opts.eval_precision,
-               "progress": progress}
+    # bf16 weights compute in bf16: autocast is for fp32 weights only
+    measure = {"batch_size": opts.eval_batch_size,
+               "precision": compute_precision(opts.eval_precision, dtype),
+               "progress": progress, "device": device}
     test_ids = [test_records[e.index].id for e in test_ex]
     em_records = kind.exact_match_records(test_records, opts.em_samples, opts.seed)
     quality = {"labels": id2label, "options": opts, "em_records": em_records}
@@ -429,7 +485,8 @@ def finetune_and_evaluate(
             groups = [{"params": body, "lr_scale": 1.0},
                       {"params": head, "lr_scale": head_lr / opts.lr}]
         stats = train(net, task_obj, train_ex, train_opts, param_groups=groups, seed=opts.seed,
-                      precision=opts.precision, progress=progress, desc="fine-tuning")
+                      precision=compute_precision(opts.precision, dtype), device=device,
+                      progress=progress, desc="fine-tuning")
     with costs.stage("eval"):
         losses = example_losses(net, task_obj, test_ex, desc="test", **measure)
         q = task_obj.quality(net, tok, test_ex, test_records, **quality)
@@ -450,6 +507,7 @@ def finetune_and_evaluate(
         info={
             "wall_seconds": round(time.perf_counter() - t_start, 3),
             "peak_rss_mb": round(max(c["peak_rss_mb"] for c in costs.stages.values()), 1),
+            **_peak_gpu(costs),
             "task": kind.name,
             "model": bundle.info,
             "finetune": {**opts.hyperparameters(), "seed": opts.seed, "steps": stats["steps"]},

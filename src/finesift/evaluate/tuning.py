@@ -69,8 +69,10 @@ def tune_for_random(
     out: Path,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    device: str = "cpu",
 ) -> tuple[FinetuneOptions, dict[str, Any]]:
-    """Return the tuned options and a summary ``{"grid", "points", "chosen", ...}``."""
+    """Return the tuned options and a summary ``{"grid", "points", "chosen", ...}``
+    (``device``: where each point is fine-tuned)."""
     from finesift.store import write_json
 
     log = log or (lambda msg: None)
@@ -91,7 +93,8 @@ def tune_for_random(
         log(f"tuning for random: {point} on {len(train)} random pool examples ...")
         t0 = time.perf_counter()
         res = finetune_and_evaluate(train, val, task=task, model=model, options=opts,
-                                    labels=labels, measure_base=False, progress=progress)
+                                    labels=labels, measure_base=False, progress=progress,
+                                    device=device)
         points[key] = {"params": point, "val_loss": res.test_loss, "val_f1": res.f1,
                        "seconds": round(time.perf_counter() - t0, 1)}
         write_json(path, {"fingerprint": fingerprint, "points": points})

@@ -12,10 +12,10 @@ import dataclasses
 import itertools
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -53,6 +53,9 @@ class MethodContext:
             "labels", "seed"}`` as passed to :func:`finesift.models.loader.load_model`.
         new_head: the model's classification head was freshly initialised for this run
             (token classification from a model without a trained head for these labels).
+        dtype: the dtype the model's weights were loaded in (``fp32``, ``bf16``,
+            ``fp16``; ``--dtype`` resolved). ``precision`` is then the autocast setting
+            for fp32 weights (``fp32``, i.e. none, for bf16/fp16 weights).
     """
 
     pool: list[Example]
@@ -73,6 +76,7 @@ class MethodContext:
     executor: Any = None
     model_spec: dict[str, Any] | None = None
     new_head: bool = False
+    dtype: str = "fp32"
 
 
 @dataclass
@@ -115,8 +119,13 @@ class Method(ABC):
     shardable: ClassVar[bool] = False
     #: why the method cannot be sharded (said in the error)
     not_shardable_reason: ClassVar[str] = "its scores are not computed shard by shard"
-    #: :meth:`score` can hand its chunks to ``ctx.executor`` (e.g. Ray workers)
-    distributable: ClassVar[bool] = False
+    #: the class of the method's *chunk scorer* (see :class:`ChunkScorer`), through
+    #: which :meth:`score` hands the pool's chunks to ``ctx.executor`` (e.g. Ray
+    #: workers) with :func:`score_chunks`; ``None``: the method scores in-process only.
+    #: A method opts in to ``--executor ray`` by setting it.
+    chunk_scorer: ClassVar[type | None] = None
+    #: why the method cannot hand its work to an executor (said in the error)
+    not_distributable_reason: ClassVar[str] = "it has no chunk scorer (chunk_scorer)"
     #: ``finesift select`` flags this method owns, flag name -> option name (``harp``'s
     #: ``--envelope`` sets its ``envelope`` option); the CLI adds one flag per name
     cli_flags: ClassVar[dict[str, str]] = {}
@@ -124,9 +133,30 @@ class Method(ABC):
     #: in its report, with their titles (HARP: how many examples it chose, how many
     #: leaves it trained)
     report_columns: ClassVar[dict[str, str]] = {}
+    #: the method trains the model (an adapter) or takes its gradients: ``--dtype fp16``
+    #: is refused (no loss scaling), see :func:`finesift.engine.precision.resolve_dtype`
+    trains: ClassVar[bool] = False
 
     def __init__(self, options: Any) -> None:
         self.options = options
+
+    def required_dtype(self) -> tuple[str, str] | None:
+        """``(dtype, why)`` when the method, with its options, needs its model's weights in
+        one dtype (ToV scoring in fp32: ``("fp32", "...")``), else ``None``. ``--dtype
+        auto`` then loads that dtype, and another explicit ``--dtype`` stops the run
+        with ``why``."""
+        return None
+
+    def check_distributable(self, executor: str = "ray") -> None:
+        """Raise :class:`OptionError` unless this method, with its options, can hand its
+        chunks to an executor (``--executor ray``)."""
+        if self.chunk_scorer is None:
+            can = ", ".join(n for n, c in available().items() if c.chunk_scorer is not None)
+            raise OptionError(
+                f"--executor {executor}: method {self.name!r} scores in-process only: "
+                f"{self.not_distributable_reason}; run it without --executor "
+                f"(methods that can use one: {can})"
+            )
 
     def check_shardable(self) -> None:
         """Raise :class:`OptionError` unless this method, with its options, gives every
@@ -146,6 +176,65 @@ class Method(ABC):
     @abstractmethod
     def score(self, ctx: MethodContext) -> MethodResult:
         """Score every pool example."""
+
+
+class ChunkScorer(Protocol):
+    """What a method hands an executor: a picklable object (shipped once to every worker,
+    e.g. through Ray's object store) that scores chunks of the pool.
+
+    A method builds one after its global step (ToV's adapters, LESS's warm-up and target
+    features, embed's target embeddings), holding everything a chunk's result depends
+    on besides the chunk itself, and how to load the model again
+    (``MethodContext.model_spec``, see :func:`load_spec_model`). The same object scores
+    in this process (:meth:`bind`, with the run's model) and in a worker (:meth:`build`,
+    which loads the model and then binds it), so a chunk's result is the same wherever
+    it is computed.
+    """
+
+    def build(self, device: str = "cpu") -> Callable[[Any], np.ndarray]:
+        """In a worker: load what is needed; return ``score(payload) -> array``."""
+        ...
+
+    def bind(self, model: Any, device: str = "cpu") -> Callable[[Any], np.ndarray]:
+        """In this process: ``score(payload) -> array`` with ``model`` as :meth:`build`
+        would load it (``None`` for scorers that need no model)."""
+        ...
+
+
+def load_spec_model(spec: dict[str, Any] | None, device: str = "cpu", *, who: str = "method") -> Any:
+    """The model of ``ctx.model_spec`` loaded again (as the run loaded it: same name or
+    folder, task, head labels and seed), on ``device``, in eval mode."""
+    from finesift.models.loader import load_model
+
+    if spec is None:
+        raise OptionError(f"{who}: an executor needs ctx.model_spec (how workers load the model)")
+    model = load_model(spec.get("name"), spec["task"], labels=spec.get("labels"),
+                       seed=int(spec.get("seed", 0)), dtype=spec.get("dtype", "fp32")).model
+    return model.to(device)
+
+
+def score_chunks(ctx: MethodContext, scorer: ChunkScorer, todo: Iterable[int],
+                 payload: Callable[[int], Any], *, model: Any = None
+                 ) -> Iterator[tuple[int, np.ndarray]]:
+    """Score the chunks ``todo``: ``(chunk id, result)`` as each finishes (in any order
+    with an executor).
+
+    Without ``ctx.executor`` the chunks are scored one after the other in this process
+    by ``scorer.bind(model, ctx.device)``; with one, the executor's workers score them
+    (``scorer.build``). ``payload(c)`` is what the scorer is given for chunk ``c`` (its
+    examples, texts, ...), made only when the chunk is sent. The caller saves each
+    result in its chunk store as it arrives, so a killed run resumes either way.
+    """
+    todo = list(todo)
+    if not todo:
+        return
+    if ctx.executor is None:
+        fn = scorer.bind(model, ctx.device)
+        for c in todo:
+            yield c, fn(payload(c))
+        return
+    for c, vals in ctx.executor.map_chunks(scorer, ((c, payload(c)) for c in todo)):
+        yield c, np.asarray(vals)
 
 
 REGISTRY: dict[str, type[Method]] = {}
@@ -205,8 +294,10 @@ def get_method(name: str, options: dict[str, Any] | None = None) -> Method:
 
 def model_identity(spec: dict[str, Any] | None) -> str:
     """The model a run uses, for resume fingerprints: its name or folder, task, head labels
-    and seed, and for a folder the name, size and modification time of its weight files
-    (so a model retrained into the same folder does not resume another model's state)."""
+    and seed, and for a folder (or a hub id's cached snapshot) the name, size and
+    modification time of its weight files (so a model retrained into the same folder does
+    not resume another model's state); the weights' ``dtype`` when it is not fp32 (an
+    fp32 run keeps the text, hence the keys, it had before dtypes existed)."""
     if spec is None:
         return "model:unknown"
     parts: list[Any] = [spec.get(k) for k in ("name", "task", "labels", "seed")]
@@ -215,6 +306,17 @@ def model_identity(spec: dict[str, Any] | None) -> str:
         for f in sorted(Path(str(name)).glob("*.safetensors")):
             st = f.stat()
             parts.append([f.name, st.st_size, st.st_mtime_ns])
+    elif name is not None:  # a hub id in the local Hugging Face cache: its snapshot
+        from finesift.models.loader import hub_snapshot
+
+        snapshot = hub_snapshot(str(name))
+        if snapshot is not None:
+            parts.append(["hub", snapshot.name])
+            for f in sorted(snapshot.glob("*.safetensors")):
+                st = f.stat()
+                parts.append([f.name, st.st_size, st.st_mtime_ns])
+    if spec.get("dtype", "fp32") != "fp32":  # fp32 keeps the keys of existing work folders
+        parts.append(["dtype", spec["dtype"]])
     return json.dumps(parts, default=str)
 
 

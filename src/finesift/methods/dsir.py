@@ -392,6 +392,9 @@ class DSIR(Method):
     needs_model = False
     Options = DSIROptions
     not_shardable_reason = "its raw-distribution n-gram model is fitted on the whole pool"
+    not_distributable_reason = ("it loads no model: its n-gram model is fitted on the whole "
+                                "pool, and hashing the pool's n-grams in-process (hundreds of "
+                                "examples per second) costs less than shipping it to workers")
 
     def score(self, ctx: MethodContext) -> MethodResult:
         opts: DSIROptions = self.options

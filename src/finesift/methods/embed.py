@@ -25,8 +25,9 @@ Aggregates, with e(x) the pool example's unit embedding and e(t_1..t_m) the targ
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +40,18 @@ from finesift.engine.precision import autocast
 from finesift.engine.tasks import unwrap
 from finesift.errors import FinesiftError, OptionError
 from finesift.methods._text import texts_of
-from finesift.methods.base import Method, MethodContext, MethodResult, register
+from finesift.methods.base import (
+    Method,
+    MethodContext,
+    MethodResult,
+    load_spec_model,
+    register,
+    run_fingerprint,
+    score_chunks,
+)
 from finesift.packages import package_path
 from finesift.store import chunks
-from finesift.store.chunks import chunk_grid, shard_chunk_ids
+from finesift.store.chunks import ChunkStore, chunk_grid, shard_chunk_ids
 
 EMBEDDERS = ("minilm", "model")
 AGGREGATES = ("top1", "centroid")
@@ -129,19 +138,23 @@ def minilm_embeddings(
     batch_size: int = 32,
     progress: bool = False,
     desc: str = "embedding",
+    device: str = "cpu",
 ) -> np.ndarray:
-    """Unit-norm all-MiniLM-L6-v2 embeddings of ``texts`` (float32, ``(n, 384)``)."""
+    """Unit-norm all-MiniLM-L6-v2 embeddings of ``texts`` (float32, ``(n, 384)``),
+    computed on ``device`` (the encoder, fp32, is moved there)."""
     tok, model = load_minilm()
+    model = model.to(device)
     ids = tok(list(texts), truncation=True, max_length=max_length)["input_ids"]
     out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
     bar = tqdm(total=len(texts), desc=desc, disable=not progress, leave=False, unit="ex")
     try:
         for idx in sorted_batches(ids, [len(x) for x in ids], batch_size=batch_size):
             batch = tok.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt")
+            mask = batch["attention_mask"].to(device)
             hidden = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                input_ids=batch["input_ids"].to(device), attention_mask=mask
             ).last_hidden_state
-            out[idx] = _mean_pool(hidden, batch["attention_mask"]).numpy()
+            out[idx] = _mean_pool(hidden, mask).cpu().numpy()
             bar.update(len(idx))
     finally:
         bar.close()
@@ -219,6 +232,49 @@ def similarity_scores(pool: np.ndarray, target: np.ndarray, aggregate: str) -> n
     return out
 
 
+@dataclass
+class EmbedChunkScorer:
+    """The chunk scorer of ``embed`` (see :class:`finesift.methods.base.ChunkScorer`):
+    a chunk's payload (texts for ``minilm``, encoded examples for ``model``) -> the
+    similarity of each to the target embeddings (float64, one per example).
+
+    Attributes:
+        embedder, aggregate: as :class:`EmbedOptions`.
+        target: the target's unit embeddings (computed once by the coordinator).
+        max_length, batch_size: of ``minilm``.
+        model_spec, task, model_batch_size, precision: of ``model`` (how a worker loads
+            the scoring model and runs it).
+    """
+
+    embedder: str
+    aggregate: str
+    target: np.ndarray
+    max_length: int = 256
+    batch_size: int = 32
+    model_spec: dict[str, Any] = field(default_factory=dict)
+    task: Any = None
+    model_batch_size: int | str = 8
+    precision: str = "auto"
+
+    def build(self, device: str = "cpu"):
+        if self.embedder == "minilm":  # brings its own encoder
+            return self.bind(None, device)
+        return self.bind(load_spec_model(self.model_spec, device, who="embed"), device)
+
+    def bind(self, model, device: str = "cpu"):
+        def score(payload: list[Any]) -> np.ndarray:
+            if self.embedder == "minilm":
+                emb = minilm_embeddings(payload, max_length=self.max_length,
+                                        batch_size=self.batch_size, device=device)
+            else:
+                emb = model_embeddings(model, self.task, payload,
+                                       batch_size=self.model_batch_size,
+                                       precision=self.precision, device=device)
+            return similarity_scores(emb, self.target, self.aggregate)
+
+        return score
+
+
 @register
 class Embed(Method):
     name = "embed"
@@ -226,8 +282,9 @@ class Embed(Method):
     needs_model = False  # the instance says True for embedder=model (see __init__)
     Options = EmbedOptions
     # e(x) and the target embeddings decide x's score (top1 and centroid alike); the pool
-    # is embedded and scored chunk by chunk on the shard grid
+    # is embedded and scored chunk by chunk on the shard grid, by workers too
     shardable = True
+    chunk_scorer = EmbedChunkScorer
 
     def __init__(self, options: EmbedOptions) -> None:
         super().__init__(options)
@@ -237,33 +294,44 @@ class Embed(Method):
 
     def score(self, ctx: MethodContext) -> MethodResult:
         """Embed the target, then the pool chunk by chunk (the grid of
-        :mod:`finesift.store.chunks`, so a shard run's scores equal an unsharded run's)."""
+        :mod:`finesift.store.chunks`, so a shard run's scores equal an unsharded run's;
+        with ``ctx.executor`` its workers embed the pool chunks). With ``ctx.workdir`` each
+        finished chunk's scores are saved, so a killed run resumes."""
         opts: EmbedOptions = self.options
         if opts.embedder == "minilm":
             pool_texts = texts_of(ctx.pool_records, len(ctx.pool), "pool", self.name)
             target_texts = texts_of(ctx.target_records, len(ctx.target), "target", self.name)
-            kw = {"max_length": opts.max_length, "batch_size": opts.batch_size}
             target = minilm_embeddings(target_texts, desc="embedding target",
-                                       progress=ctx.progress, **kw)
+                                       progress=ctx.progress, max_length=opts.max_length,
+                                       batch_size=opts.batch_size, device=ctx.device)
 
-            def embed_pool(idx: np.ndarray) -> np.ndarray:
-                return minilm_embeddings([pool_texts[i] for i in idx], **kw)
+            def payload(c: int) -> list[Any]:
+                return [pool_texts[i] for i in grid[c]]
 
+            digest = hashlib.sha256("\x00".join(pool_texts + ["\x01"] + target_texts)
+                                    .encode("utf-8", "surrogatepass")).hexdigest()[:16]
+            tag = f"embed-v1-minilm-{digest}"
             info: dict[str, Any] = {"embedder": "all-MiniLM-L6-v2", "source": str(minilm_dir())}
         else:
-            if ctx.model is None:
+            if ctx.model is None:  # the target is embedded here
                 raise OptionError(
                     "embed with embedder=model needs the scoring model, but none was loaded"
                 )
-            kw = {"batch_size": ctx.batch_size, "precision": ctx.precision,
-                  "device": ctx.device}
             target = model_embeddings(ctx.model, ctx.task, ctx.target,
-                                      desc="embedding target", progress=ctx.progress, **kw)
+                                      batch_size=ctx.batch_size, precision=ctx.precision,
+                                      device=ctx.device, desc="embedding target",
+                                      progress=ctx.progress)
 
-            def embed_pool(idx: np.ndarray) -> np.ndarray:
-                return model_embeddings(ctx.model, ctx.task, [ctx.pool[i] for i in idx], **kw)
+            def payload(c: int) -> list[Any]:
+                return [ctx.pool[i] for i in grid[c]]
 
+            tag = f"embed-v1-model-{ctx.batch_size}"
             info = {"embedder": "model", "dim": int(target.shape[1]) if target.size else 0}
+        scorer = EmbedChunkScorer(opts.embedder, opts.aggregate, target, opts.max_length,
+                                  opts.batch_size, dict(ctx.model_spec or {}), ctx.task,
+                                  ctx.batch_size, ctx.precision)
+        store = ChunkStore(None if ctx.workdir is None else
+                           Path(ctx.workdir) / f"embed-{run_fingerprint(tag, opts, ctx)}")
         lengths = [ctx.task.length(e) for e in ctx.pool]
         grid = chunk_grid(lengths, chunks.DEFAULT_CHUNK)
         ids = shard_chunk_ids(len(grid), ctx.shard)
@@ -271,8 +339,18 @@ class Embed(Method):
         bar = tqdm(total=sum(len(grid[c]) for c in ids), desc="embedding pool",
                    disable=not ctx.progress, leave=False, unit="ex")
         try:
+            todo = []
             for c in ids:
-                scores[grid[c]] = similarity_scores(embed_pool(grid[c]), target, opts.aggregate)
+                vals = store.load(c, (len(grid[c]),))
+                if vals is None:
+                    todo.append(c)
+                else:
+                    scores[grid[c]] = vals
+                    bar.update(len(grid[c]))
+            for c, vals in score_chunks(ctx, scorer, todo, payload, model=ctx.model):
+                vals = np.asarray(vals, dtype=np.float64)
+                store.save(c, vals)
+                scores[grid[c]] = vals
                 bar.update(len(grid[c]))
         finally:
             bar.close()

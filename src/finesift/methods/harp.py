@@ -191,7 +191,13 @@ class Harp(Method):
     needs_model = True
     uses_budget = True
     Options = HarpOptions
+    not_shardable_reason = "it chooses whole leaves of a k-means tree of the whole pool"
+    not_distributable_reason = ("it chooses whole leaves of a k-means tree of the whole "
+                                "pool; its cost is a few short fine-tunes on chosen leaves, "
+                                "each depending on the tree and the last, not pool chunks "
+                                "scored independently")
     cli_flags: ClassVar[dict[str, str]] = {"envelope": "envelope"}  # --envelope c|e
+    trains = True  # a short LoRA fine-tune per measured leaf
     report_columns: ClassVar[dict[str, str]] = {
         "n_selected_by_harp": "examples HARP chose",
         "train_evaluate_runs": "train-eval runs in selection"}
@@ -223,6 +229,7 @@ class Harp(Method):
         texts = texts_of(ctx.pool_records, len(ctx.pool), "pool", self.name)
         return emb.minilm_embeddings(texts, max_length=o.max_length,
                                      batch_size=o.embed_batch_size, progress=ctx.progress,
+                                     device=ctx.device,
                                      desc="harp: embedding"), "all-MiniLM-L6-v2"
 
     # -- step 2 --------------------------------------------------------------------
@@ -286,7 +293,7 @@ class Harp(Method):
             u0, b = domain_utility(base_losses, dom, D)
             phi_hat = np.zeros((len(measured), D))
             samp = np.zeros((len(measured), D))
-            cache = _RunCache(ctx.workdir, o, ctx.seed, base_losses, dom)
+            cache = _RunCache(ctx.workdir, o, ctx.seed, base_losses, dom, dtype=ctx.dtype)
             n_cached = 0
 
             def measure(g: int, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -422,11 +429,13 @@ class _RunCache:
     target losses (which identify the model) are the same."""
 
     def __init__(self, workdir, o: HarpOptions, seed: int, base_losses: np.ndarray,
-                 dom: np.ndarray) -> None:
+                 dom: np.ndarray, *, dtype: str = "fp32") -> None:
         fp = {k: getattr(o, k) for k in ("steps", "lr", "batch_size", "lora_rank",
                                          "lora_alpha", "lora_dropout", "max_target")}
+        # the model's dtype when not fp32 (fp32 runs keep the keys they had)
+        extra = {} if dtype == "fp32" else {"dtype": dtype}
         self.fingerprint = fingerprint(
-            {"o": fp, "seed": seed}, version="harp-runs-v0",
+            {"o": fp, "seed": seed, **extra}, version="harp-runs-v0",
             blobs=[np.round(np.asarray(base_losses, dtype=np.float64), 5),
                    np.asarray(dom, dtype=np.int64)])
         self.path = (None if workdir is None

@@ -45,9 +45,9 @@ run resumes from the last finished chunk.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 
 from finesift.config import LoraFields
 from finesift.engine.train import (
+    LoraOptions,
     TrainOptions,
     add_lora,
     load_trainable_state,
@@ -68,8 +69,10 @@ from finesift.methods.base import (
     Method,
     MethodContext,
     MethodResult,
+    load_spec_model,
     register,
     run_fingerprint,
+    score_chunks,
 )
 from finesift.methods.iprox import build_proxy, parse_proxy, proxy_tag
 from finesift.store.chunks import ChunkStore, chunk_grid, grid_rows, shard_chunk_ids
@@ -184,13 +187,158 @@ def subtask_groups(ctx: MethodContext) -> np.ndarray:
     return inv.astype(np.int64)
 
 
+def grad_features(model, task, params, ckpt: Checkpoint, examples, *, adam: bool,
+                  normalize: bool, adam_formula: str, projector: G.Projector,
+                  batch_size: int | str, device: str = "cpu",
+                  timing: dict[str, float] | None = None) -> np.ndarray:
+    """Projected gradient features of ``examples`` at the checkpoint whose state ``model``
+    holds, (n, d) float32, computed together (one chunk): per-example LoRA gradients,
+    Adam-preconditioned by ``ckpt``'s moments when ``adam``, projected, unit-normalised
+    when ``normalize``. ``timing`` (if given) accumulates the seconds of the gradients and
+    of the projection."""
+    names = [name for name, _, _ in params]
+    t_grad = time.perf_counter()
+    flat, _ = G.batched_grads(model, task, examples, params, batch_size=batch_size,
+                              device=device)
+    if adam:
+        off = 0
+        for name in names:  # in place, one parameter at a time
+            size = ckpt.exp_avg[name].numel()
+            flat[:, off : off + size] = G.adam_direction(
+                flat[:, off : off + size], ckpt.exp_avg[name].reshape(1, -1).float(),
+                ckpt.exp_avg_sq[name].reshape(1, -1).float(), ckpt.step[name],
+                ckpt.betas, ckpt.eps, formula=adam_formula)
+            off += size
+    t_proj = time.perf_counter()
+    proj = _project_chunk(projector, flat)
+    if timing is not None:
+        timing["seconds_per_example_grads"] += t_proj - t_grad
+        timing["seconds_projection"] += time.perf_counter() - t_proj
+    if normalize:
+        proj = proj / proj.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return G.as_numpy(proj).astype(np.float32, copy=False)
+
+
+@dataclass
+class GradChunkScorer:
+    """The chunk scorer of ``less`` and ``tracin`` (see
+    :class:`finesift.methods.base.ChunkScorer`): a chunk's payload ``(examples, ks)`` ->
+    the pool features of those examples at the warm-up checkpoints ``ks``, shape
+    (len(ks), n, d) float32 (what the coordinator's chunk stores hold).
+
+    Attributes:
+        model_spec: how a worker loads the model (``MethodContext.model_spec``).
+        model_task: ``lm`` or ``ner`` (for the adapter).
+        proxy: an IProX proxy as ``{"ranks": {layer: r}, "factors": {name: tensor}}``
+            (the worker factorises the model and copies the trained factors in), or
+            ``None``.
+        lora, seed: the warm-up adapter's settings and seed.
+        task: the :class:`~finesift.engine.tasks.Task`.
+        checkpoints: the warm-up checkpoints (on the CPU).
+        proj_dim, projection, proj_seed, sparsity: the projection.
+        adam, normalize, adam_formula: ``less`` (Adam direction, unit norm) or ``tracin``.
+        batch_size: rows per gradient batch.
+        timing: seconds of gradients and projection, accumulated in this process.
+        projector: the run's projector, reused in this process (its cached blocks are
+            never shipped: a worker generates its own, the same, from the seed).
+    """
+
+    model_spec: dict[str, Any]
+    model_task: str
+    proxy: dict[str, Any] | None
+    lora: LoraOptions
+    seed: int
+    task: Any
+    checkpoints: list[Checkpoint]
+    proj_dim: int
+    projection: str
+    proj_seed: int
+    sparsity: int
+    adam: bool
+    normalize: bool
+    adam_formula: str
+    batch_size: int | str = 8
+    timing: dict[str, float] | None = None
+    projector: G.Projector | None = field(default=None, repr=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "projector": None}
+
+    def build(self, device: str = "cpu"):
+        from finesift.engine.tasks import unwrap
+        from finesift.methods.iprox import factorize
+
+        base = load_spec_model(self.model_spec, device, who="less/tracin")
+        if self.proxy is not None:
+            base = factorize(base, self.proxy["ranks"])
+            with torch.no_grad():
+                pm = dict(unwrap(base).named_parameters())
+                for k, v in self.proxy["factors"].items():
+                    pm[k].copy_(v)
+            for q in base.parameters():
+                q.requires_grad_(False)
+        return self.bind(add_lora(base, self.model_task, self.lora, seed=self.seed).to(device),
+                         device)
+
+    def bind(self, model, device: str = "cpu"):
+        """``score((examples, ks))`` with ``model`` (carrying the warm-up adapter)."""
+        params = G.trainable_linear_params(model)
+        n_in = sum(getattr(m, a).numel() for _, m, a in params)
+        projector = self.projector
+        if projector is None or projector.n_in != n_in:
+            projector = G.Projector(n_in, self.proj_dim, self.projection, seed=self.proj_seed,
+                                    sparsity=self.sparsity)
+
+        def score(payload: tuple[list[Any], list[int]]) -> np.ndarray:
+            examples, ks = payload
+            out = np.empty((len(ks), len(examples), self.proj_dim), dtype=np.float32)
+            for j, k in enumerate(ks):
+                ck = self.checkpoints[k]
+                load_trainable_state(model, ck.state)
+                out[j] = grad_features(model, self.task, params, ck, examples, adam=self.adam,
+                                       normalize=self.normalize,
+                                       adam_formula=self.adam_formula, projector=projector,
+                                       batch_size=self.batch_size, device=device,
+                                       timing=self.timing)
+            return out
+
+        return score
+
+
+def proxy_blob(proxy: torch.nn.Module) -> dict[str, Any]:
+    """An IProX proxy as a worker rebuilds it: the rank of every factored layer and the
+    factors' trained values (what the proxy cache holds)."""
+    from finesift.engine.tasks import unwrap
+    from finesift.methods.iprox import FactoredLinear
+
+    base = unwrap(proxy)
+    ranks = {n: m.rank for n, m in base.named_modules() if isinstance(m, FactoredLinear)}
+    factors = {k: v.detach().cpu().clone() for k, v in base.named_parameters()
+               if k.rsplit(".", 2)[0] in ranks}
+    return {"ranks": ranks, "factors": factors}
+
+
+def _cpu_checkpoint(c: Checkpoint) -> Checkpoint:
+    def cpu(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in d.items()}
+
+    return Checkpoint(state=cpu(c.state), exp_avg=cpu(c.exp_avg), exp_avg_sq=cpu(c.exp_avg_sq),
+                      step=dict(c.step), lr=c.lr, betas=tuple(c.betas), eps=c.eps)
+
+
 class _GradInfluence(Method):
     Options = GradInfluenceOptions
     needs_model = True
     # the score of x depends on x, the warm-up checkpoints (trained on a seeded subset of
     # the whole pool, the same in every shard run) and the target only
     shardable = True
+    # the coordinator warms up and computes the target's features; workers compute the
+    # pool's features chunk by chunk
+    chunk_scorer = GradChunkScorer
     cli_flags: ClassVar[dict[str, str]] = {"proxy": "proxy"}  # --proxy iprox:RHO
+    # a LoRA warm-up and per-example gradients (taken in fp32 from bf16 activations, as
+    # LESS's released code ran in bf16; fp16 gradients would underflow)
+    trains = True
     adam: bool
     normalize: bool
 
@@ -258,50 +406,6 @@ class _GradInfluence(Method):
         return ckpts, info
 
     # -- features ------------------------------------------------------------------
-    def _chunk_features(self, ctx, model, params, ckpt: Checkpoint, examples, *,
-                        adam: bool, projector: G.Projector) -> np.ndarray:
-        """Projected (and for ``less`` normalised) gradient features of ``examples``,
-        (n, d) float32, computed together (one chunk)."""
-        names = [name for name, _, _ in params]
-        t_grad = time.perf_counter()
-        flat, _ = G.batched_grads(model, ctx.task, examples, params,
-                                  batch_size=ctx.batch_size, device=ctx.device)
-        if adam:
-            off = 0
-            for name in names:  # in place, one parameter at a time
-                size = ckpt.exp_avg[name].numel()
-                flat[:, off : off + size] = G.adam_direction(
-                    flat[:, off : off + size], ckpt.exp_avg[name].reshape(1, -1).float(),
-                    ckpt.exp_avg_sq[name].reshape(1, -1).float(), ckpt.step[name],
-                    ckpt.betas, ckpt.eps, formula=self.options.adam_formula)
-                off += size
-        t_proj = time.perf_counter()
-        self._timing["seconds_per_example_grads"] += t_proj - t_grad
-        proj = _project_chunk(projector, flat)
-        self._timing["seconds_projection"] += time.perf_counter() - t_proj
-        if self.normalize:
-            proj = proj / proj.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        return G.as_numpy(proj).astype(np.float32, copy=False)
-
-    def _pool_features(self, ctx, model, params, ckpt: Checkpoint, grid, ids, rows, *,
-                       projector: G.Projector, store: ChunkStore, bar) -> np.ndarray:
-        """Features of the pool positions ``rows`` (the chunks ``ids`` of ``grid``),
-        (len(rows), d); finished chunks are read back from ``store``."""
-        d = self.options.proj_dim
-        col = np.full(len(ctx.pool), -1, dtype=np.int64)
-        col[rows] = np.arange(len(rows))
-        feats = np.empty((len(rows), d), dtype=np.float32)
-        for c in ids:
-            vals = store.load(c, (len(grid[c]), d))
-            if vals is None:
-                vals = self._chunk_features(ctx, model, params, ckpt,
-                                            [ctx.pool[i] for i in grid[c]], adam=self.adam,
-                                            projector=projector)
-                store.save(c, vals)
-            feats[col[grid[c]]] = vals
-            bar.update(len(grid[c]))
-        return feats
-
     def _target_features(self, ctx, model, params, ckpt: Checkpoint, *,
                          projector: G.Projector, store: Path | None, bar) -> np.ndarray:
         """The target's features, (m, d) float32, in chunks of ``chunk_size``,
@@ -323,9 +427,11 @@ class _GradInfluence(Method):
         for c, s0 in enumerate(range(0, n, o.chunk_size)):
             idx = list(range(s0, min(n, s0 + o.chunk_size)))
             if store is None or not done[c]:
-                feats[s0 : s0 + len(idx)] = self._chunk_features(
-                    ctx, model, params, ckpt, [examples[i] for i in idx], adam=False,
-                    projector=projector)
+                feats[s0 : s0 + len(idx)] = grad_features(
+                    model, ctx.task, params, ckpt, [examples[i] for i in idx], adam=False,
+                    normalize=self.normalize, adam_formula=o.adam_formula,
+                    projector=projector, batch_size=ctx.batch_size, device=ctx.device,
+                    timing=self._timing)
             if store is not None and not done[c]:
                 feats.flush()
                 done[c] = True
@@ -351,15 +457,21 @@ class _GradInfluence(Method):
             base, proxy_info = build_proxy(
                 ctx.model, ctx.task, ctx.pool, spec, model_task=ctx.model_task, seed=ctx.seed,
                 batch_size=ctx.batch_size, device=ctx.device, cache=cache, log=ctx.log)
+        blob = proxy_blob(base) if spec is not None and ctx.executor is not None else None
         model = add_lora(base, ctx.model_task, lora, seed=ctx.seed)
         try:
-            result = self._score(ctx, model)
+            result = self._score(ctx, model, blob)
         finally:
             model.unload()
         result.info.update(proxy_info)
         return result
 
-    def _score(self, ctx: MethodContext, model) -> MethodResult:
+    def _score(self, ctx: MethodContext, model, proxy: dict[str, Any] | None = None
+               ) -> MethodResult:
+        """Warm up, compute the target's features at every checkpoint, then the pool's
+        chunk by chunk (here, or with ``ctx.executor`` by its workers through
+        :class:`GradChunkScorer`), each chunk's features saved per checkpoint and reduced
+        at once to its similarities to the target."""
         o = self.options
         params = G.trainable_linear_params(model)
         names = [n for n, _, _ in params]
@@ -372,27 +484,55 @@ class _GradInfluence(Method):
         projector = G.Projector(P, o.proj_dim, o.projection, seed=ctx.seed,
                                 sparsity=o.sparsity)
         groups = subtask_groups(ctx)
-        K = len(ckpts)
+        K, d = len(ckpts), o.proj_dim
         lengths = np.array([ctx.task.length(e) for e in ctx.pool], dtype=np.int64)
         grid = chunk_grid(lengths, o.chunk_size)
         ids = shard_chunk_ids(len(grid), ctx.shard)
         rows = grid_rows(grid, ids)
+        col = np.full(len(ctx.pool), -1, dtype=np.int64)
+        col[rows] = np.arange(len(rows))
         per_ckpt = np.empty((K, len(rows), len(ctx.target)), dtype=np.float64)
         self._timing = {"seconds_per_example_grads": 0.0, "seconds_projection": 0.0}
+        stores = [ChunkStore(work / f"ckpt{k}-pool" if work else None) for k in range(K)]
         t0 = time.perf_counter()
         bar = tqdm(total=K * (len(rows) + len(ctx.target)), desc=f"{self.name}: gradients",
                    unit="ex", disable=not ctx.progress, leave=False)
         try:
+            ft = []
             for k, ck in enumerate(ckpts):
                 load_trainable_state(model, ck.state)
-                ft = self._target_features(ctx, model, params, ck, projector=projector,
-                                           store=work / f"ckpt{k}-target" if work else None,
-                                           bar=bar)
-                fp = self._pool_features(ctx, model, params, ck, grid, ids, rows,
-                                         projector=projector,
-                                         store=ChunkStore(work / f"ckpt{k}-pool" if work else None),
-                                         bar=bar)
-                per_ckpt[k] = fp.astype(np.float64) @ ft.astype(np.float64).T
+                ft.append(self._target_features(
+                    ctx, model, params, ck, projector=projector,
+                    store=work / f"ckpt{k}-target" if work else None, bar=bar
+                ).astype(np.float64))
+
+            def finish(c: int, feats: list[np.ndarray]) -> None:
+                for k in range(K):
+                    per_ckpt[k, col[grid[c]]] = feats[k].astype(np.float64) @ ft[k].T
+                bar.update(K * len(grid[c]))
+
+            have: dict[int, list[np.ndarray | None]] = {}
+            for c in ids:
+                have[c] = [st.load(c, (len(grid[c]), d)) for st in stores]
+                if all(v is not None for v in have[c]):
+                    finish(c, have.pop(c))  # type: ignore[arg-type]
+            scorer = GradChunkScorer(
+                dict(ctx.model_spec or {}), ctx.model_task, proxy, o.lora(), ctx.seed, ctx.task,
+                [_cpu_checkpoint(c) for c in ckpts], d, o.projection, ctx.seed, o.sparsity,
+                self.adam, self.normalize, o.adam_formula, ctx.batch_size, self._timing,
+                projector)
+
+            def payload(c: int) -> tuple[list[Any], list[int]]:
+                return ([ctx.pool[i] for i in grid[c]],
+                        [k for k, v in enumerate(have[c]) if v is None])
+
+            for c, vals in score_chunks(ctx, scorer, list(have), payload, model=model):
+                missing = [k for k, v in enumerate(have[c]) if v is None]
+                feats = have.pop(c)
+                for j, k in enumerate(missing):
+                    stores[k].save(c, vals[j])
+                    feats[k] = vals[j]
+                finish(c, feats)  # type: ignore[arg-type]
         finally:
             bar.close()
         lrs = np.array([c.lr for c in ckpts])

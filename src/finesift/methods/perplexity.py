@@ -21,7 +21,7 @@ import numpy as np
 from finesift.engine.scoring import mean_losses
 from finesift.errors import OptionError
 from finesift.methods.base import Method, MethodContext, MethodResult, register
-from finesift.methods.uncertainty import forward_logprobs
+from finesift.methods.uncertainty import LogprobChunkScorer, forward_logprobs
 
 ORDERS = ("lowest", "highest", "middle")
 
@@ -69,6 +69,9 @@ class Perplexity(Method):
     needs_model = True
     Options = PerplexityOptions
     shardable = True  # the loss of x depends on x and the untouched model only
+    # workers run the forward pass over pool chunks; the coordinator turns the losses
+    # into scores (order=middle's median of the whole pool included)
+    chunk_scorer = LogprobChunkScorer
 
     def check_shardable(self) -> None:
         if self.options.order == "middle":

