@@ -23,6 +23,7 @@ import numpy as np
 
 from finesift.methods.base import report_columns
 from finesift.store import atomic_path
+from finesift.store.select_report import PLOTS_JS
 
 
 def _mean_std(values: list[float]) -> tuple[float, float, int]:
@@ -263,15 +264,6 @@ th{background:#f3f3f3} figure{margin:1em 0} img{max-width:100%}
 code{background:#f5f5f5;padding:1px 3px} .note{color:#555;font-size:0.92em}
 """
 
-_JS = """
-window.addEventListener('load', function () {
-  var imgs = document.querySelectorAll('img.plot'), ok = 0;
-  imgs.forEach(function (im) { if (im.complete && im.naturalWidth > 0) { ok += 1; } });
-  document.body.setAttribute('data-plots-loaded', String(ok));
-  var el = document.getElementById('plots-status');
-  if (el) { el.textContent = ok + ' of ' + imgs.length + ' plots rendered'; }
-});
-"""
 
 
 def write_report(out: Path, cfg: Any, rows: list[dict[str, Any]], *, budgets: list,
@@ -458,7 +450,7 @@ def write_report(out: Path, cfg: Any, rows: list[dict[str, Any]], *, budgets: li
             f"<title>finesift benchmark: {esc(cfg.name)}</title>"
             '<link rel="icon" href="data:,">'
             f"<style>{_CSS}</style></head><body>{''.join(body)}"
-            f"<script>{_JS}</script></body></html>\n")
+            f"<script>{PLOTS_JS}</script></body></html>\n")
     html_path = out / "report.html"
     with atomic_path(html_path) as tmp:
         tmp.write_text(page, encoding="utf-8")

@@ -43,7 +43,8 @@ th{background:#f3f3f3} figure{margin:1em 0} img{max-width:100%}
 .note{color:#555;font-size:0.92em} .warn{color:#a40000}
 """
 
-_JS = """
+# counts the embedded plots that rendered: the headless-browser tests read data-plots-loaded
+PLOTS_JS = """
 window.addEventListener('load', function () {
   var imgs = document.querySelectorAll('img.plot'), ok = 0;
   imgs.forEach(function (im) { if (im.complete && im.naturalWidth > 0) { ok += 1; } });
@@ -248,7 +249,7 @@ def render(columns: dict[str, Any], manifest: dict[str, Any], selected: Sequence
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{esc(title)}</title><link rel=\"icon\" href=\"data:,\">"
             f"<style>{_CSS}</style></head><body>{''.join(body)}"
-            f"<script>{_JS}</script></body></html>\n")
+            f"<script>{PLOTS_JS}</script></body></html>\n")
 
 
 def write_select_report(out_dir: Path, columns: dict[str, Any], manifest: dict[str, Any],
