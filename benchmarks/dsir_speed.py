@@ -24,7 +24,7 @@ import numpy as np
 
 from finesift import bundled
 from finesift.data.readers import parse_record
-from finesift.methods._text import record_text
+from finesift.data.records import record_text
 from finesift.methods.dsir import DSIROptions, dsir_log_weights
 
 

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from finesift.methods import _gradients as G
+from finesift.engine.projection import Projector, jl_eps
 
 
 def main() -> None:
@@ -36,7 +36,7 @@ def main() -> None:
     x = torch.randn(n, P)
     print(f"P = {P:,}, d = {d}, chunk = {n} examples, torch threads = {torch.get_num_threads()}")
 
-    sparse = G.Projector(P, d, "sparse", seed=0, sparsity=args.sparsity)
+    sparse = Projector(P, d, "sparse", seed=0, sparsity=args.sparsity)
     times = []
     for _ in range(args.repeats):
         t = time.perf_counter()
@@ -45,7 +45,7 @@ def main() -> None:
     first, rest = times[0], min(times[1:]) if len(times) > 1 else times[0]
 
     cols = max(1, int(P * args.dense_fraction))
-    dense = G.Projector(cols, d, "rademacher", seed=0, cache_elems=0)
+    dense = Projector(cols, d, "rademacher", seed=0, cache_elems=0)
     t = time.perf_counter()
     dense(x[:, :cols])
     dense_s = (time.perf_counter() - t) * P / cols
@@ -61,7 +61,7 @@ def main() -> None:
           f"(measured on {cols:,} columns)")
     print(f"speed-up of sparse over dense: {dense_s / rest:.0f}x")
     print(f"max inner-product error of sparse on {n} unit vectors: {err:.4f} "
-          f"(JL bound at d={d}: {G.jl_eps(n, d):.4f})")
+          f"(JL bound at d={d}: {jl_eps(n, d):.4f})")
 
 
 if __name__ == "__main__":

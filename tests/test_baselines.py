@@ -24,10 +24,10 @@ import torch
 import finesift
 from finesift.data.encode import encode_lm
 from finesift.data.readers import parse_record
+from finesift.data.records import record_text
 from finesift.engine.tasks import CausalLMTask
 from finesift.errors import FinesiftError, OptionError
 from finesift.methods import MethodContext, available, get_method
-from finesift.methods._text import record_text
 from finesift.methods.dsir import (
     HashedNgrams,
     gumbel_keys,

@@ -14,7 +14,7 @@ from finesift.engine.train import LoraOptions, add_lora
 from finesift.errors import OptionError
 from finesift.methods import _gradients as G
 from finesift.methods import get_method
-from finesift.methods import iprox as I
+from finesift.models import proxy as I
 from finesift.testing import tiny_causal_lm
 
 # the tiny Llama has 32 x 32, 16 x 32 and 64 x 32 linears: block 4 keeps them factorable

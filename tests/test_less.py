@@ -13,6 +13,7 @@ from test_tov_planted import N_POOL, Data
 
 import finesift.methods.less as less_module
 from finesift.data.records import Record
+from finesift.engine import projection as PR
 from finesift.engine.train import LoraOptions, add_lora
 from finesift.errors import OptionError
 from finesift.methods import MethodContext, get_method
@@ -49,24 +50,24 @@ def test_projection_preserves_inner_products_within_the_jl_bound(kind):
     x[1] = 0.6 * x[0] + 0.8 * x[1]  # a correlated pair, so not every product is ~0
     x[1] /= np.linalg.norm(x[1])
     # small blocks: the matrix is generated in many seeded pieces
-    proj = G.Projector(P, d, kind, seed=3, block_elems=(8 if kind == "sparse" else d) * 256)
+    proj = PR.Projector(P, d, kind, seed=3, block_elems=(8 if kind == "sparse" else d) * 256)
     assert proj.n_blocks == math.ceil(P / 256)
     y = proj(torch.from_numpy(x).float()).double().numpy()
     err = np.abs(y @ y.T - x @ x.T).max()
-    assert err < G.jl_eps(n_points, d)
+    assert err < PR.jl_eps(n_points, d)
     # and it is a real projection: a far too small d breaks the bound's spirit
     assert err > 1e-3
     # seeded and chunk-independent: the same rows projected alone give the same result
-    again = G.Projector(P, d, kind, seed=3, block_elems=(8 if kind == "sparse" else d) * 256,
+    again = PR.Projector(P, d, kind, seed=3, block_elems=(8 if kind == "sparse" else d) * 256,
                         cache_elems=0)
     np.testing.assert_allclose(again(torch.from_numpy(x[:3]).float()).numpy(), y[:3], atol=1e-5)
-    other = G.Projector(P, d, kind, seed=4, block_elems=d * 256)
+    other = PR.Projector(P, d, kind, seed=4, block_elems=d * 256)
     assert not np.allclose(other(torch.from_numpy(x[:3]).float()).numpy(), y[:3])
 
 
 def test_sparse_projection_is_the_dense_matrix_it_describes():
     P, d, s = 50, 32, 4
-    proj = G.Projector(P, d, "sparse", seed=0, sparsity=s)
+    proj = PR.Projector(P, d, "sparse", seed=0, sparsity=s)
     pos, val = proj.sparse_block(0)
     R = torch.zeros(P, d)
     R[torch.arange(P)[:, None], pos] = val
@@ -76,13 +77,13 @@ def test_sparse_projection_is_the_dense_matrix_it_describes():
     x = torch.randn(3, P)
     np.testing.assert_allclose(proj(x).numpy(), (x @ R).numpy(), rtol=1e-5, atol=1e-6)
     with pytest.raises(OptionError, match="multiple"):
-        G.Projector(P, 30, "sparse", sparsity=4)
+        PR.Projector(P, 30, "sparse", sparsity=4)
 
 
 def test_projection_entries_have_the_right_scale():
-    R = G.Projector(1000, 256, "rademacher", seed=0).block(0)
+    R = PR.Projector(1000, 256, "rademacher", seed=0).block(0)
     np.testing.assert_allclose(np.unique(np.abs(R.numpy())), 1 / 16)
-    Rg = G.Projector(4000, 256, "gaussian", seed=0).block(0).numpy()
+    Rg = PR.Projector(4000, 256, "gaussian", seed=0).block(0).numpy()
     assert abs(Rg.var() * 256 - 1) < 0.02
 
 

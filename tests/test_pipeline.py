@@ -145,7 +145,8 @@ def test_run_manifest_orders_every_kind_of_run() -> None:
     assert set(MANIFEST_KEYS) == (set(SELECT_KEYS) | set(SHARD_KEYS) | set(MERGE_KEYS)
                                   | set(SCREEN_KEYS) | {"source_weights"}
                                   | {"peak_gpu_mb"}  # only runs that used CUDA
-                                  | {"columns", "exports"})  # --columns, --export runs
+                                  | {"columns", "exports"}  # --columns, --export runs
+                                  | {"prefilter"})  # --prefilter runs
     with pytest.raises(ValueError, match="typo"):
         run_manifest(settings, {}, {"typo": 1}, watch=Stopwatch(), t_start=0.0)
 

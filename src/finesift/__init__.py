@@ -23,4 +23,13 @@ def select(*args, **kwargs):
     return _select(*args, **kwargs)
 
 
-__all__ = ["FinesiftError", "InputError", "OptionError", "__version__", "select"]
+def estimate(*args, **kwargs):
+    """The projected wall time, peak memory and disk of :func:`select` with the same
+    arguments, measured on this machine without doing the run's work; see
+    :func:`finesift.estimator.estimate` (``finesift select --estimate``)."""
+    from finesift.estimator import estimate as _estimate
+
+    return _estimate(*args, **kwargs)
+
+
+__all__ = ["FinesiftError", "InputError", "OptionError", "__version__", "estimate", "select"]

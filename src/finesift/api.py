@@ -27,6 +27,7 @@ from finesift.pipeline import (
     encode_inputs,
     load_inputs,
     load_model,
+    prefilter_pool,
     resolve_weights,
     score_pool,
     screen_pool,
@@ -110,6 +111,7 @@ def select(
     source_weights: dict[str, float] | str | None = None,
     columns: dict[str, str] | str | None = None,
     export: str | Sequence[str] | None = None,
+    prefilter: str | dict[str, Any] | None = None,
 ) -> Selection:
     """Score every pool example with ``method`` and pick ``budget`` of them.
 
@@ -182,17 +184,24 @@ def select(
             (needs ``out``): ``"messages"`` (TRL conversational JSONL),
             ``"prompt-completion"``, ``"datasets"`` (a ``save_to_disk`` folder), or a list
             of them (:mod:`finesift.store.export`).
+        prefilter: a cascade for a large pool and an expensive method: ``"METHOD:SHARE"``
+            (``"embed:20%"``, ``"dsir:500"``, ``"dsir:10%,sampling=top"`` with the
+            prefilter method's options) or ``{"method": "embed", "share": "20%",
+            "options": {...}}``. The prefilter method ranks the whole usable pool, the top
+            SHARE (a share of the pool or a count) is kept, ``method`` scores only those,
+            and the rest rank below every kept example in the prefilter's order
+            (:mod:`finesift.select.prefilter`); ``scores.parquet`` gets
+            ``prefilter_score`` and ``prefilter_kept``, the manifest ``prefilter``. A
+            prefilter that keeps fewer examples than the budget stops the run.
     """
+    given = dict(locals())  # every keyword as given (first statement: nothing else yet)
     if chooses_method(method):  # trials of candidate methods, then this function with the winner
+        from finesift.select.prefilter import parse_prefilter
+
+        parse_prefilter(prefilter)  # a bad --prefilter stops the run before the trials
         return _chooser(method).select_auto(
-            pool, target, select_with=select, budget=budget, method_options=method_options,
-            task=task, model=model, strategy=strategy, seed=seed, out=out, fmt=fmt,
-            max_length=max_length, template=template, precision=precision, dtype=dtype,
-            batch_size=batch_size, device=device, progress=progress, log=log,
-            workdir=workdir, num_shards=num_shards, shard_index=shard_index,
-            executor=executor, ray_address=ray_address, ray_options=ray_options,
-            dedup=dedup, dedup_threshold=dedup_threshold, source_weights=source_weights,
-            columns=columns, export=export)
+            pool, target, select_with=select,
+            **{k: v for k, v in given.items() if k not in ("pool", "target", "method")})
     plan = check_options(
         pool, target, budget=budget, method=method, method_options=method_options, task=task,
         model=model, strategy=strategy, seed=seed, out=out, fmt=fmt, max_length=max_length,
@@ -200,13 +209,15 @@ def select(
         progress=progress, log=log, workdir=workdir, num_shards=num_shards,
         shard_index=shard_index, executor=executor, ray_address=ray_address,
         ray_options=ray_options, dedup=dedup, dedup_threshold=dedup_threshold,
-        source_weights=source_weights, dtype=dtype, columns=columns, export=export)
+        source_weights=source_weights, dtype=dtype, columns=columns, export=export,
+        prefilter=prefilter)
     inputs = load_inputs(plan)
     resolve_weights(plan, inputs)  # --source-weights names the pool's sources
     loaded = load_model(plan, inputs)
     enc = encode_inputs(plan, inputs, loaded)
     enc = screen_pool(plan, enc)  # contamination warning; --dedup drops duplicates
-    scored = score_pool(plan, enc, loaded)
+    cascade = prefilter_pool(plan, enc, loaded)  # --prefilter: the kept share (None without)
+    scored = score_pool(plan, enc, loaded, cascade)
     settings, data = plan.settings(loaded.info), data_section(plan, inputs, enc, loaded.labels)
     write_run_config(plan, loaded)  # OUT/config.yaml: `finesift select --config` runs it again
     if plan.shard is not None:  # a shard run selects nothing: it writes its scores for merge

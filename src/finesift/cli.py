@@ -148,7 +148,8 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     ray.update({name: getattr(args, f"ray_{name}") for name, _, _ in RAY_FLAGS
                 if getattr(args, f"ray_{name}") is not None})
     data["ray_options"] = ray
-    missing = [f"--{k}" for k in ("pool", "target", "out") if data.get(k) in (None, [])]
+    needed = ("pool", "target") if getattr(args, "estimate", False) else ("pool", "target", "out")
+    missing = [f"--{k}" for k in needed if data.get(k) in (None, [])]
     if missing:
         raise FinesiftError(f"the following arguments are required: {', '.join(missing)} "
                             "(on the command line or in the --config file)")
@@ -164,6 +165,11 @@ def cmd_select(args: argparse.Namespace) -> int:
         raise FinesiftError("--budget is required (except in a shard run: --shard-index)")
     if run.budget is not None and sharded:
         emit("warning: a shard run selects nothing; --budget is ignored (give it to merge)")
+    if getattr(args, "estimate", False):  # project the run's cost, do none of its work
+        from finesift.estimator import estimate
+
+        print(estimate(**run.api_kwargs(), progress=False, log=emit).text())
+        return 0
     sel = select(**run.api_kwargs(), progress=not args.no_progress, log=emit)
     if sharded:
         if not sel.pool:
@@ -322,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--ray-{name.replace('_', '-')}", type=kind, default=None, dest=f"ray_{name}",
                        help=text)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--estimate", action="store_true",
+                   help="print the run's projected wall time, peak memory and disk (from the "
+                        "inputs' token counts, the model, the method's passes and a few "
+                        "batches timed on this machine) and exit; writes nothing")
     p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("merge", help="combine shard runs (select --shard-index) and select")

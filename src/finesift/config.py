@@ -40,11 +40,12 @@ CHOICES = "choices"
 MINIMUM = "minimum"
 FLAG = "flag"
 CLI = "cli"
+UNBOUNDED = "unbounded"
 
 
 def option(default: Any = MISSING, help: str = "", *, choices: Sequence[Any] | None = None,
            minimum: float | None = None, factory: Callable[[], Any] | None = None,
-           flag: str | None = None, cli: bool = True) -> Any:
+           flag: str | None = None, cli: bool = True, unbounded: bool = False) -> Any:
     """A dataclass field with its help.
 
     Args:
@@ -55,9 +56,11 @@ def option(default: Any = MISSING, help: str = "", *, choices: Sequence[Any] | N
         factory: builds a mutable default.
         flag: the command-line flag, when it is not ``--`` plus the dashed name.
         cli: ``False``: not a command-line flag (the CLI passes it another way).
+        unbounded: an integer option that takes integers of any size (else at most 19
+            digits), for an owner that checks the range itself (the run's ``seed``).
     """
     meta = {HELP: " ".join(help.split()), CHOICES: tuple(choices) if choices else None,
-            MINIMUM: minimum, FLAG: flag, CLI: cli}
+            MINIMUM: minimum, FLAG: flag, CLI: cli, UNBOUNDED: unbounded}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -75,6 +78,7 @@ class OptionInfo:
     minimum: float | None = None
     flag: str | None = None
     cli: bool = True
+    unbounded: bool = False
 
     @property
     def required(self) -> bool:
@@ -172,7 +176,7 @@ def describe(cls: type) -> list[OptionInfo]:
         out.append(OptionInfo(
             name=f.name, type=_type_name(hints.get(f.name, f.type)), default=default,
             help=plain_text(meta.get(HELP) or documented.get(f.name, "")), choices=meta.get(CHOICES), minimum=meta.get(MINIMUM),
-            flag=meta.get(FLAG), cli=meta.get(CLI, True)))
+            flag=meta.get(FLAG), cli=meta.get(CLI, True), unbounded=meta.get(UNBOUNDED, False)))
     return out
 
 
@@ -208,11 +212,12 @@ def number(value: Any) -> int | float | None:
     return None
 
 
-def convert(value: Any, default: Any, *, shown: str) -> Any:
+def convert(value: Any, default: Any, *, shown: str, unbounded: bool = False) -> Any:
     """``value`` as the type of ``default``; a clear :class:`OptionError` (prefixed with
     ``shown``, e.g. ``method 'tov': option rounds='x'``) for a value of another kind.
 
-    Counts take integers and integral numbers (``1e4``); numbers take any finite number
+    Counts take integers and integral numbers (``1e4``) of at most 19 digits (any size if
+    ``unbounded``); numbers take any finite number
     (an infinity only where the default is one); flags take true/false, yes/no, on/off,
     1/0. Other values (strings, ``None``-defaulted options) are passed on as given for the
     owner's ``validate`` to check.
@@ -233,7 +238,7 @@ def convert(value: Any, default: Any, *, shown: str) -> Any:
             if not math.isfinite(num) or num != int(num):
                 raise OptionError(f"{shown}: expected an integer")
             num = int(num)
-        if abs(num) >= 2**63:
+        if abs(num) >= 2**63 and not unbounded:
             raise OptionError(f"{shown}: expected an integer of at most 19 digits")
         return num
     if isinstance(default, float):
@@ -264,15 +269,17 @@ def convert_field(info: OptionInfo, value: Any, *, shown: str) -> Any:
     if "str" in parts and len(parts) > 1:
         return value
     if info.default is not None and info.default is not MISSING:
-        return convert(value, info.default, shown=shown)
+        return convert(value, info.default, shown=shown, unbounded=info.unbounded)
     typed = [p for p in parts if p != "None"]
     if len(typed) == 1 and typed[0] in _SAMPLES:
-        return convert(value, _SAMPLES[typed[0]], shown=shown)
+        return convert(value, _SAMPLES[typed[0]], shown=shown, unbounded=info.unbounded)
     return value
 
 
-def check_declared(obj: Any, *, shown: Callable[[str, Any], str]) -> None:
-    """Check the ``choices`` and ``minimum`` declared on ``obj``'s fields."""
+def check_declared(obj: Any, *, shown: Callable[[str, Any], str],
+                   below: Callable[[str, Any, float], str] | None = None) -> None:
+    """Check the ``choices`` and ``minimum`` declared on ``obj``'s fields (``below``: see
+    :func:`from_mapping`)."""
     for info in describe(type(obj)):
         value = getattr(obj, info.name)
         if info.choices is not None and value not in info.choices:
@@ -280,12 +287,21 @@ def check_declared(obj: Any, *, shown: Callable[[str, Any], str]) -> None:
                               f"{', '.join(map(str, info.choices))}")
         if (info.minimum is not None and isinstance(value, (int, float))
                 and not isinstance(value, bool) and value < info.minimum):
-            raise OptionError(f"{shown(info.name, value)}: expected at least {info.minimum:g}")
+            raise OptionError(below(info.name, value, info.minimum) if below else
+                              f"{shown(info.name, value)}: expected at least {info.minimum:g}")
+
+
+def _whole(info: OptionInfo) -> bool:
+    """Whether ``info`` is a count (``int`` or ``int | None``)."""
+    parts = {p.strip() for p in info.type.split("|")} - {"None"}
+    return parts == {"int"}
 
 
 def from_mapping(cls: type, values: Mapping[str, Any] | None, *,
                  shown: Callable[[str, Any], str],
-                 unknown: Callable[[list[str], list[str]], str]) -> Any:
+                 unknown: Callable[[list[str], list[str]], str],
+                 not_integer: Callable[[str, Any], str] | None = None,
+                 below: Callable[[str, Any, float], str] | None = None) -> Any:
     """Build the dataclass ``cls`` from a mapping: unknown keys, badly typed values and
     values outside the declared choices or minimum are :class:`OptionError` s; then the
     instance's own ``validate()`` (if any) runs.
@@ -295,6 +311,10 @@ def from_mapping(cls: type, values: Mapping[str, Any] | None, *,
         values: the given options (from ``-o``, a YAML file or the API).
         shown: ``(key, value) -> text`` naming a bad option in an error message.
         unknown: ``(unknown keys, known keys) -> message`` for misspelt keys.
+        not_integer: ``(key, value) -> message`` for a count given anything but a whole
+            number (default: :func:`convert`'s messages, after ``shown``).
+        below: ``(key, value, minimum) -> message`` for a number under its declared
+            minimum (default: ``shown``, then ``: expected at least MINIMUM``).
     """
     values = dict(values or {})
     known = [f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")]
@@ -302,9 +322,16 @@ def from_mapping(cls: type, values: Mapping[str, Any] | None, *,
     if bad:
         raise OptionError(unknown(bad, known))
     infos = {i.name: i for i in describe(cls)}
-    converted = {k: convert_field(infos[k], v, shown=shown(k, v)) for k, v in values.items()}
+    converted = {}
+    for k, v in values.items():
+        try:
+            converted[k] = convert_field(infos[k], v, shown=shown(k, v))
+        except OptionError:
+            if not_integer is None or not _whole(infos[k]):
+                raise
+            raise OptionError(not_integer(k, v)) from None
     obj = cls(**converted)
-    check_declared(obj, shown=shown)
+    check_declared(obj, shown=shown, below=below)
     check = getattr(obj, "validate", None)
     if callable(check):
         check()
@@ -348,6 +375,50 @@ class LoraFields:
         return LoraOptions(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout)
 
 
+# --- fine-tuning: declared once, shared by the evaluation and auto's trials --------------
+
+@dataclass
+class FinetuneFields:
+    """The fields of a fine-tune on a selected subset, shared by
+    :class:`~finesift.evaluate.finetune.FinetuneOptions` (``finesift eval``, a benchmark's
+    ``finetune:``) and ``--method auto``'s trial fine-tunes (which give some of them other
+    defaults). The adapter is LoRA of rank ``lora_rank`` with alpha = 2 r, dropout 0.05, on
+    every linear layer (:meth:`lora`), or none for full fine-tuning.
+
+    Attributes:
+        steps: if set, train for exactly this many optimiser steps instead, cycling over
+            the subset as often as needed (``epochs`` is then ignored). Subsets of different
+            sizes then get the same amount of training, which is fairer to methods that
+            select fewer examples than the budget (HARP).
+        lr: AdamW learning rate (default 2e-4).
+        lora_rank: LoRA rank r; alpha = 2 r, dropout 0.05, all linear layers (default 16).
+            ``0`` means full fine-tuning instead: no adapter, every parameter of the model
+            (embeddings, encoder / decoder blocks, head) is trained, at ``lr``. Full
+            fine-tuning wants a far smaller ``lr`` than LoRA (5e-5 to 1e-4 for a BERT-size
+            encoder, against 5e-4 for its adapter).
+        batch_size: examples per optimiser step (default 8).
+        max_length: truncate examples to this many tokens (default 256).
+    """
+
+    steps: int | None = option(None, minimum=1)
+    lr: float = 2e-4
+    lora_rank: int = option(16, minimum=0)
+    batch_size: int = option(8, minimum=1)
+    max_length: int | None = option(256, minimum=1)
+
+    @property
+    def full(self) -> bool:
+        """Full fine-tuning (``lora_rank == 0``) rather than a LoRA adapter."""
+        return self.lora_rank == 0
+
+    def lora(self) -> Any:
+        """The adapter as :class:`finesift.engine.train.LoraOptions` (``None`` for full
+        fine-tuning): rank ``lora_rank``, alpha 2 r, dropout 0.05, all linear layers."""
+        from finesift.engine.train import LoraOptions
+
+        return None if self.full else LoraOptions(rank=self.lora_rank, alpha=2 * self.lora_rank)
+
+
 # --- the run: what `finesift select` and `finesift.select()` take -----------------------
 
 FORMATS = ("jsonl", "json", "csv", "parquet", "hf", "conll")
@@ -377,7 +448,7 @@ class RunConfig:
                                "model folder (default per task)")
     strategy: str = option("top", "how scores become a subset", choices=STRATEGIES)
     seed: int = option(0, "seeds everything random; the same inputs and seed give the same "
-                       "selection")
+                       "selection", unbounded=True)  # select checks the range (0 .. 2**32 - 1)
     out: str | None = option(None, "output folder: scores.parquet, selected.jsonl, "
                              "manifest.json, config.yaml")
     fmt: str | None = option(None, "input format (default: from the file extension)",
@@ -437,6 +508,13 @@ class RunConfig:
         factory=list, help="also write the selection ready for training: messages (TRL "
         "conversational JSONL), prompt-completion (TRL prompt/completion JSONL), datasets "
         "(a save_to_disk folder of the messages rows); selected.jsonl is written as always")
+    prefilter: str | dict[str, Any] | None = option(
+        None, "a cascade for a large pool and an expensive method: METHOD:SHARE, e.g. "
+        "embed:20%, dsir:10% or dsir:500 (a count), with the prefilter's own options as "
+        "dsir:10%,sampling=top. The cheap METHOD ranks the whole pool, the top SHARE is "
+        "kept, --method scores only those and the rest rank below them in the prefilter's "
+        "order (scores.parquet: prefilter_score, prefilter_kept); a SHARE that keeps fewer "
+        "than the budget stops the run")
 
     def api_kwargs(self) -> dict[str, Any]:
         """The keywords of :func:`finesift.select` (pool and target included)."""
@@ -479,12 +557,6 @@ class RunConfig:
         for key in ("pool", "target"):
             if isinstance(data.get(key), (str, Path)):
                 data[key] = [data[key]]
-        seed = data.get("seed")
-        if isinstance(seed, int) and not isinstance(seed, bool):  # select checks its range
-            data.pop("seed")
-            cfg = cls.from_dict(data)
-            cfg.seed = seed
-            return cfg
         return from_mapping(
             cls, data, shown=lambda k, v: f"{k}={v!r}",
             unknown=lambda bad, known: f"unknown run option(s) {', '.join(bad)}; known: "

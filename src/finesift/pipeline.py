@@ -1,7 +1,8 @@
 """The stages of a ``finesift select`` run, each with one job.
 
 :func:`check_options` -> :func:`load_inputs` (read + shape check) -> :func:`load_model`
--> :func:`encode_inputs` -> :func:`score_pool` -> :func:`choose` (the strategy, and the
+-> :func:`encode_inputs` -> :func:`screen_pool` -> :func:`prefilter_pool` (``--prefilter``)
+-> :func:`score_pool` -> :func:`choose` (the strategy, and the
 run's :class:`Selection` with its manifest) -> write (:func:`finesift.store.run.write_run`;
 a shard run writes with :func:`finesift.shards.write_shard` instead of choosing).
 :func:`finesift.api.select` composes them.
@@ -253,6 +254,8 @@ class RunPlan:
     dtype_given: str = "fp32"  # --dtype as given (auto stays auto in config.yaml)
     columns: dict[str, str] = field(default_factory=dict)  # --columns: field -> column
     export: tuple[str, ...] = ()  # --export formats (finesift.store.export)
+    prefilter: Any = None  # --prefilter (finesift.select.prefilter.PrefilterSpec) or None
+    prefilter_entry: dict[str, Any] | None = None  # the manifest's, set by prefilter_pool
 
     def settings(self, model_info: dict[str, Any]) -> dict[str, Any]:
         """The run's settings as its manifest records them (a shard's ``run``)."""
@@ -261,7 +264,14 @@ class RunPlan:
                 "max_length": self.max_length, "template": self.template,
                 "precision": self.precision, "dtype": self.dtype,
                 "batch_size": self.batch_size, "device": self.device, "format": self.fmt,
-                **({"columns": dict(self.columns)} if self.columns else {})}
+                **({"columns": dict(self.columns)} if self.columns else {}),
+                **({"prefilter": self.prefilter_entry} if self.prefilter_entry else {})}
+
+    @property
+    def needs_model(self) -> bool:
+        """Whether the run loads the model: its method or its prefilter method needs it."""
+        return bool(self.meth.needs_model or
+                    (self.prefilter is not None and self.prefilter.meth.needs_model))
 
 
 @dataclass
@@ -315,7 +325,7 @@ def check_options(
     workdir: str | Path | None, num_shards: int, shard_index: int | None, executor: Any,
     ray_address: str | None, ray_options: dict[str, Any] | None,
     dedup: bool = False, dedup_threshold: float = 0.8, source_weights: Any = None,
-    dtype: str = "fp32", columns: Any = None, export: Any = None,
+    dtype: str = "fp32", columns: Any = None, export: Any = None, prefilter: Any = None,
 ) -> RunPlan:
     """Stage 1: check every option before any work (the arguments of
     :func:`finesift.api.select`, except ``method="auto"``); start the run's clock.
@@ -368,6 +378,12 @@ def check_options(
     # --dtype auto: bf16 where the device is fast at it, unless the method needs fp32
     resolved_dtype = resolve_dtype(dtype, device, required=meth.required_dtype(),
                                    trains=meth.trains, who=f"method {method!r}")
+    from finesift.select.prefilter import parse_prefilter
+
+    cascade = parse_prefilter(prefilter)  # --prefilter METHOD:SHARE, checked
+    if cascade is not None and cascade.meth.needs_model:  # it scores with the same model
+        resolve_dtype(resolved_dtype, device, required=cascade.meth.required_dtype(),
+                      trains=cascade.meth.trains, who=f"--prefilter {cascade.text}")
     shard = shard_spec(num_shards, shard_index)
     if shard is not None:
         meth.check_shardable()
@@ -393,7 +409,8 @@ def check_options(
         t_start=t_start, executor_name=executor if isinstance(executor, str) else "local",
         ray_address=ray_address, ray_options=dict(ray_options or {}),
         dedup=bool(dedup), dedup_threshold=dedup_threshold, source_weights=weights,
-        dtype=resolved_dtype, dtype_given=dtype, columns=columns, export=export)
+        dtype=resolved_dtype, dtype_given=dtype, columns=columns, export=export,
+        prefilter=cascade)
 
 
 def load_inputs(plan: RunPlan) -> Inputs:
@@ -439,10 +456,10 @@ def load_model(plan: RunPlan, inputs: Inputs) -> LoadedModel:
             resolve_dtype(plan.dtype, plan.device, required=plan.meth.required_dtype(),
                           trains=plan.meth.trains,
                           who=f"method {plan.method!r} (given a {plan.dtype} model object)")
-        if plan.meth.needs_model and plan.device != "cpu":
+        if plan.needs_model and plan.device != "cpu":
             bundle.model.to(plan.device)
         labels = kind.label_names(_own_labels(bundle.model, kind), [inputs.target, inputs.pool])
-        return LoadedModel(bundle.tokenizer, bundle.model if plan.meth.needs_model else None,
+        return LoadedModel(bundle.tokenizer, bundle.model if plan.needs_model else None,
                            bundle.info, False,
                            None if labels is None else {x: i for i, x in enumerate(labels)},
                            labels)
@@ -452,7 +469,7 @@ def load_model(plan: RunPlan, inputs: Inputs) -> LoadedModel:
             loader.pretrained_labels(plan.model, plan.task), [inputs.target, inputs.pool])
         if labels is not None:
             label2id = {lab: i for i, lab in enumerate(labels)}
-        if plan.meth.needs_model:
+        if plan.needs_model:  # the method's or the prefilter's
             bundle = loader.load_model(plan.model, plan.task, labels=labels, seed=plan.seed,
                                        dtype=plan.dtype, device=plan.device)
             return LoadedModel(bundle.tokenizer, bundle.model, bundle.info, bundle.new_head,
@@ -512,7 +529,7 @@ def screen_pool(plan: RunPlan, enc: Encoded) -> Encoded:
     ``dedup``) and, with ``--dedup``, keep only the first of each, so the duplicates are
     not scored; the budget then counts the pool that is left."""
     from finesift.data.dedup import screen
-    from finesift.methods._text import record_text
+    from finesift.data.records import record_text
 
     with plan.watch.stage("dedup"):
         found = screen(enc.pool.records, enc.target.records, text_of=record_text,
@@ -538,31 +555,92 @@ def screen_pool(plan: RunPlan, enc: Encoded) -> Encoded:
     return Encoded(pool, enc.target, k)
 
 
-def score_pool(plan: RunPlan, enc: Encoded, loaded: LoadedModel) -> Scored:
-    """Stage 5: the method scores the pool (a shard run: the shard's rows); the executor
-    is closed whatever happens.
-
-    Raises:
-        RuntimeError: the method returned scores of the wrong shape or not finite.
-    """
+def method_context(plan: RunPlan, pool: EncodedData, enc: Encoded, loaded: LoadedModel, *,
+                   shard: ShardSpec | None, executor: Any) -> MethodContext:
+    """What a method sees: ``pool`` (the usable pool, or the prefilter's kept subset), the
+    target, the model and the run's settings."""
     from finesift.engine.precision import compute_precision
     from finesift.engine.tasks import task_for
 
     out_dir, workdir = plan.out_dir, plan.workdir
-    ctx = MethodContext(
-        pool=enc.pool.examples, target=enc.target.examples,
-        pool_records=enc.pool.records, target_records=enc.target.records,
+    return MethodContext(
+        pool=pool.examples, target=enc.target.examples,
+        pool_records=pool.records, target_records=enc.target.records,
         task=task_for(plan.task, loaded.tokenizer), model=loaded.model,
         model_task=task_name(plan.task),
         seed=plan.seed, precision=compute_precision(plan.precision, plan.dtype),
         device=plan.device, batch_size=plan.batch_size, progress=plan.progress,
         workdir=(Path(workdir) if workdir is not None
                  else (out_dir / ".work") if out_dir is not None else None),
-        log=plan.log, shard=plan.shard, executor=plan.executor,
+        log=plan.log, shard=shard, executor=executor,
         model_spec={"name": model_name(plan.model), "task": task_name(plan.task),
                     "labels": loaded.labels, "seed": plan.seed, "dtype": plan.dtype},
         new_head=loaded.new_head, dtype=plan.dtype,
     )
+
+
+def prefilter_pool(plan: RunPlan, enc: Encoded, loaded: LoadedModel) -> Any:
+    """Stage 4c (``--prefilter METHOD:SHARE``; ``None`` without): the prefilter method
+    scores the whole usable pool in this process (in a shard run too: every shard keeps
+    the same examples) and the top SHARE is kept for :func:`score_pool`
+    (:mod:`finesift.select.prefilter`: the kept set and the score rule).
+
+    Returns:
+        The :class:`finesift.select.prefilter.Cascade`; its manifest entry is
+        ``plan.prefilter_entry``.
+
+    Raises:
+        OptionError: the prefilter keeps fewer examples than the budget.
+        RuntimeError: the prefilter method returned scores of the wrong shape or not finite.
+    """
+    from finesift.select.prefilter import Cascade, check_budget, kept_positions
+
+    spec = plan.prefilter
+    if spec is None:
+        return None
+    n = len(enc.pool.examples)
+    n_keep = spec.count(n)
+    if enc.k is not None:
+        check_budget(spec.text, n_keep, enc.k, n)
+    if "%" not in spec.share and int(spec.share) > n:
+        plan.log(f"warning: --prefilter {spec.text} keeps all {n} usable pool examples (the "
+                 f"count is larger than the pool): {plan.method} scores the whole pool")
+    if spec.meth.uses_budget:
+        spec.meth.bind_budget(n_keep)
+    ctx = method_context(plan, enc.pool, enc, loaded, shard=None, executor=None)
+    t0 = time.perf_counter()
+    with plan.watch.stage("prefilter"):
+        result = spec.meth.score(ctx)
+    seconds = time.perf_counter() - t0
+    scores = np.asarray(result.scores, dtype=np.float64)
+    if (scores.shape != (n,) or not np.all(np.isfinite(scores))
+            or (result.rows is not None and len(result.rows) != n)):
+        raise RuntimeError(f"prefilter method {spec.method} returned invalid scores "
+                           f"(shape {scores.shape})")
+    cascade = Cascade(spec, scores, kept_positions(scores, n_keep),
+                      {k: np.asarray(v) for k, v in result.columns.items()}, result.info,
+                      seconds)
+    plan.prefilter_entry = cascade.entry()
+    plan.log(f"prefilter {spec.method} kept {n_keep} of {n} pool examples in {seconds:.1f} s; "
+             f"{plan.method} scores those, the rest rank below them in {spec.method}'s order")
+    return cascade
+
+
+def score_pool(plan: RunPlan, enc: Encoded, loaded: LoadedModel, cascade: Any = None) -> Scored:
+    """Stage 5: the method scores the pool (a shard run: the shard's rows; with a
+    prefilter ``cascade`` from :func:`prefilter_pool`, only the kept examples, which its
+    context holds as the whole pool, and the result is expanded to the whole pool by the
+    cascade's score rule); the executor is closed whatever happens.
+
+    Raises:
+        RuntimeError: the method returned scores of the wrong shape or not finite.
+    """
+    pool = enc.pool
+    if cascade is not None:  # the kept subset, in pool order, as the method's whole pool
+        pool = EncodedData([enc.pool.records[i] for i in cascade.kept],
+                           [dataclasses.replace(enc.pool.examples[i], index=j)
+                            for j, i in enumerate(cascade.kept)], enc.pool.report)
+    ctx = method_context(plan, pool, enc, loaded, shard=plan.shard, executor=plan.executor)
     if plan.meth.uses_budget and enc.k is not None:
         plan.meth.bind_budget(enc.k)
     try:
@@ -574,10 +652,13 @@ def score_pool(plan: RunPlan, enc: Encoded, loaded: LoadedModel) -> Scored:
     if plan.executor is not None:
         result.info.setdefault("executor", plan.executor.describe())
     scores = np.asarray(result.scores, dtype=np.float64)
-    n_scored = len(enc.pool.examples) if result.rows is None else len(result.rows)
+    n_scored = len(pool.examples) if result.rows is None else len(result.rows)
     if scores.shape != (n_scored,) or not np.all(np.isfinite(scores)):
         raise RuntimeError(f"method {plan.method} returned invalid scores "
                            f"(shape {scores.shape})")
+    if cascade is not None:  # back to the whole pool (a shard: its rows)
+        result = cascade.expand(result, plan.shard)
+        scores = np.asarray(result.scores, dtype=np.float64)
     return Scored(result, scores)
 
 
@@ -665,7 +746,8 @@ def run_config(plan: RunPlan, loaded: LoadedModel) -> Any:
         executor=plan.executor_name, ray_address=plan.ray_address,
         ray_options=dict(plan.ray_options or {}), dedup=plan.dedup,
         dedup_threshold=plan.dedup_threshold, source_weights=dict(plan.source_weights or {}),
-        columns=dict(plan.columns), export=list(plan.export))
+        columns=dict(plan.columns), export=list(plan.export),
+        prefilter=None if plan.prefilter is None else plan.prefilter.config())
 
 
 def write_run_config(plan: RunPlan, loaded: LoadedModel) -> None:

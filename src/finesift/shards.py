@@ -13,7 +13,8 @@ the length-sorted chunk grid of :mod:`finesift.store.chunks`) and writes to DIR:
   encoded pool and target, N).
 
 :func:`merge` checks that the folders hold every shard of one run exactly once, puts
-the scores back in pool order, applies the strategy and writes what an unsharded
+the scores back in pool order (with ``--prefilter``, applying the cascade's score rule of
+:mod:`finesift.select.prefilter` to the merged rows), applies the strategy and writes what an unsharded
 ``finesift select`` writes (``scores.parquet``, ``selected.jsonl`` with the records
 exactly as read from the pool files, whose sha256 is checked first, ``manifest.json``).
 """
@@ -71,6 +72,10 @@ def run_identity(run: dict[str, Any], data: dict[str, Any], num_shards: int,
         "num_shards": num_shards,
         # the weights' dtype when not fp32 (fp32 shards keep the fingerprint they had)
         **({"dtype": run["dtype"]} if run.get("dtype", "fp32") != "fp32" else {}),
+        # --prefilter: its method, options, share and kept count (not its seconds)
+        **({"prefilter": {k: run["prefilter"].get(k)
+                          for k in ("method", "options", "share", "kept")}}
+           if run.get("prefilter") else {}),
     }
 
 
@@ -290,6 +295,14 @@ def merge(
     base_set = (np.flatnonzero(np.asarray(merged["in_base_set"], dtype=bool))
                 if "in_base_set" in merged else None)
     k = parse_budget(budget, n_pool)
+    prefilter = mans[0].get("prefilter")
+    if "prefilter_kept" in merged:  # --prefilter: the cascade's rule over the whole pool
+        from finesift.select.prefilter import cascade_scores, check_budget
+
+        kept = np.asarray(merged["prefilter_kept"], dtype=bool)
+        check_budget(f"{prefilter['method']}:{prefilter['share']}" if prefilter else "",
+                     int(kept.sum()), k, n_pool)
+        scores = cascade_scores(scores, np.asarray(merged["prefilter_score"]), kept)
     with watch.stage("select"):
         chosen = select_indices(scores, k, strategy=strategy, lengths=n_label,
                                 base_set=base_set, seed=int(run["seed"]),
@@ -311,7 +324,8 @@ def merge(
     ]
     manifest = run_manifest(
         {**{key: mans[0].get(key) for key in SETTING_KEYS}, "strategy": strategy,
-         **({"columns": mans[0]["columns"]} if mans[0].get("columns") else {})}, data,
+         **({"columns": mans[0]["columns"]} if mans[0].get("columns") else {}),
+         **({"prefilter": prefilter} if prefilter else {})}, data,
         {**selection_entries(budget, k, selected), "method_info": mans[0].get("method_info"),
          "merged_from": {"num_shards": n_shards, "fingerprint": ref["fingerprint"],
                          "shards": shard_info}},

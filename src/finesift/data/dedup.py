@@ -1,7 +1,7 @@
 """Duplicates in the pool, and target examples that are also in the pool.
 
 Two records are compared by their text (whatever their shape: the caller turns each into
-one string, :func:`finesift.methods._text.record_text` in a run), normalised as the
+one string, :func:`finesift.data.records.record_text` in a run), normalised as the
 overlap guard does (Unicode NFKC, case-folded, whitespace collapsed):
 
 * **exact duplicates**: equal normalised texts. Always found.
@@ -341,7 +341,7 @@ def screen(pool_records: Sequence[Any], target_records: Sequence[Any], *,
 
     Args:
         pool_records, target_records: records (anything with an ``id``).
-        text_of: a record's text (a run: :func:`finesift.methods._text.record_text`).
+        text_of: a record's text (a run: :func:`finesift.data.records.record_text`).
         threshold: the Jaccard threshold for near duplicates, from 0.5 to 1.
         dedup: whether the run will drop the duplicates (recorded, and :attr:`Screening.kept`).
     """

@@ -76,6 +76,40 @@ class Record:
         return InputError(self.source, message, record=self.row)
 
 
+def record_text(rec: Record, *, normalise: bool = False) -> str:
+    """Everything a record shows the model, prompt included, as one string.
+
+    * chat: every message's content, one per line (roles left out);
+    * prompt/completion: the prompt, a newline, the completion;
+    * text: the text;
+    * NER: the tokens joined by spaces (the words count, not the tags).
+
+    Args:
+        rec: the record.
+        normalise: the form duplicates are found in (the overlap guard's content hash):
+            each of those parts Unicode NFKC, case-folded, whitespace collapsed, the
+            empty ones left out, joined by ``\\x1f``; a ``question``/``answer`` record and
+            a chat with the same user and assistant turns then have the same text.
+    """
+    if rec.shape == "chat":
+        parts = [m.get("content", "") for m in rec.messages or []]
+    elif rec.shape == "prompt_completion":
+        parts = [rec.prompt or "", rec.completion or ""]
+    elif rec.shape == "ner":
+        parts = [" ".join(rec.tokens or [])]
+    else:
+        parts = [rec.text or ""]
+    if not normalise:
+        return "\n".join(parts)
+    return "\x1f".join(p for p in map(_normalised, parts) if p)
+
+
+def _normalised(text: str) -> str:
+    import unicodedata
+
+    return " ".join(unicodedata.normalize("NFKC", str(text)).casefold().split())
+
+
 @dataclass
 class Example:
     """A record encoded for a model.

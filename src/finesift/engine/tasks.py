@@ -218,30 +218,15 @@ class CausalLMTask(TokenTask):
                                   max_new_tokens=options.max_new_tokens,
                                   precision=options.precision)}
 
-    @classmethod
-    def label_logits(cls, model, batch):
-        """``(logits, targets, row)`` at every label position, the LM head run only on
-        the positions that predict a label (for methods that need the logits
-        themselves, e.g. IProX's alignment)."""
-        labels = batch["labels"]
-        tgt = labels[:, 1:]
-        sel = tgt != -100
-        base = unwrap(model)
-        decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
-        head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-        if decoder is not None and head is not None:
-            hidden = decoder(input_ids=batch["input_ids"],
-                             attention_mask=batch["attention_mask"]).last_hidden_state
-            logits = head(hidden[:, :-1][sel])
-        else:
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            logits = out.logits[:, :-1][sel]
-        return logits.float(), tgt[sel], torch.nonzero(sel, as_tuple=True)[0]
-
-    def label_logprobs(self, model, batch):
-        labels = batch["labels"]
-        target = labels[:, 1:]
+    @staticmethod
+    def _at_labels(model, batch):
+        """``(h, head, targets, row)`` at every position that predicts a label: ``h`` the
+        decoder's last hidden state there and ``head`` the LM head, so the head runs only
+        on those positions; for a model without that split, ``h`` the logits there and
+        ``head`` ``None``."""
+        target = batch["labels"][:, 1:]
         sel = target != -100
+        row = torch.nonzero(sel, as_tuple=True)[0]
         base = unwrap(model)
         decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
         head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
@@ -249,20 +234,31 @@ class CausalLMTask(TokenTask):
             hidden = decoder(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
             ).last_hidden_state
-            h = hidden[:, :-1][sel]
-            del hidden
-            tgt = target[sel]
-            step = self.head_chunk or max(1, len(h))
-            apply = _cast_once(head, h.device.type)
-            parts = [
-                _label_logp(apply(h[s : s + step]), tgt[s : s + step])
-                for s in range(0, len(h), step)
-            ]
-            logp = torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
-        else:  # generic fallback: full logits
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            logp = _label_logp(out.logits[:, :-1][sel], target[sel])
-        row = torch.nonzero(sel, as_tuple=True)[0]
+            return hidden[:, :-1][sel], head, target[sel], row
+        # generic fallback: full logits
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return out.logits[:, :-1][sel], None, target[sel], row
+
+    @classmethod
+    def label_logits(cls, model, batch):
+        """``(logits, targets, row)`` at every label position, the LM head run only on
+        the positions that predict a label (for methods that need the logits
+        themselves, e.g. IProX's alignment)."""
+        h, head, tgt, row = cls._at_labels(model, batch)
+        logits = h if head is None else head(h)
+        return logits.float(), tgt, row
+
+    def label_logprobs(self, model, batch):
+        h, head, tgt, row = self._at_labels(model, batch)
+        if head is None:
+            return _label_logp(h, tgt), row
+        step = self.head_chunk or max(1, len(h))
+        apply = _cast_once(head, h.device.type)
+        parts = [
+            _label_logp(apply(h[s : s + step]), tgt[s : s + step])
+            for s in range(0, len(h), step)
+        ]
+        logp = torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
         return logp, row
 
 
@@ -385,13 +381,8 @@ class TokenClassificationTask(TokenTask):
         return out.logits[sel].float(), labels[sel], torch.nonzero(sel, as_tuple=True)[0]
 
     def label_logprobs(self, model, batch):
-        labels = batch["labels"]
-        sel = labels != -100
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        logits = out.logits[sel].float()
-        logp = F.log_softmax(logits, dim=-1).gather(1, labels[sel][:, None]).squeeze(1)
-        row = torch.nonzero(sel, as_tuple=True)[0]
-        return logp, row
+        logits, tgt, row = self.label_logits(model, batch)
+        return _label_logp(logits, tgt), row
 
 
 TASKS: dict[str, type[TokenTask]] = {}

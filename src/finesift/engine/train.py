@@ -51,7 +51,7 @@ def add_lora(model: torch.nn.Module, task: Any, options: LoraOptions, *, seed: i
     factored = any(getattr(m, "finesift_factored", False) for m in model.modules())
     targets, kwargs = task_class(task).lora_config(model, targets, factored)
     if targets == "all-linear" and factored:
-        # an IProX proxy (finesift.methods.iprox): peft's "all-linear" matches by the last
+        # an IProX proxy (finesift.models.proxy): peft's "all-linear" matches by the last
         # name component, which would also hit factored layers (not nn.Linear) that share a
         # name with a kept-full layer; list every linear by its full name instead (the A
         # and B factors of factored layers, every kept-full linear, no LM head or head)

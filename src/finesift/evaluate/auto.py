@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from finesift import pipeline
+from finesift.config import FinetuneFields, from_mapping, option
 from finesift.data.records import Record
 from finesift.errors import FinesiftError, OptionError
 from finesift.evaluate.finetune import (
@@ -71,8 +72,20 @@ _FINETUNE_VERSION = "auto-ft-v1"
 
 
 @dataclass
-class AutoOptions:
-    """Options of ``--method auto`` (``-o KEY=VALUE``).
+class _Trials:
+    """auto's own options (the first in listings; :class:`AutoOptions` documents them)."""
+
+    candidates: str = "embed,dsir,tov,random"
+    folds: int = option(2, minimum=2)
+    trial_pool: int = option(2000, minimum=1)
+    seeds: int = option(1, minimum=1)
+
+
+@dataclass
+class AutoOptions(FinetuneFields, _Trials):
+    """Options of ``--method auto`` (``-o KEY=VALUE``): its own, then the trial
+    fine-tunes' :class:`~finesift.config.FinetuneFields` (``steps`` and ``lr`` with other
+    defaults; a LoRA adapter always, ``lora_rank`` >= 1).
 
     Attributes:
         candidates: comma-separated methods to try (``random`` is always added: it is the
@@ -91,15 +104,18 @@ class AutoOptions:
             at most the run's ``max_length``).
     """
 
-    candidates: str = "embed,dsir,tov,random"
-    folds: int = 2
-    trial_pool: int = 2000
-    steps: int = 20
+    steps: int = option(20, minimum=1)
     lr: float | None = None
-    seeds: int = 1
-    batch_size: int = 8
-    lora_rank: int = 16
-    max_length: int = 256
+
+    def validate(self) -> None:
+        """What :func:`parse_options` checks beyond the declared types and minimums."""
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise OptionError(f"method 'auto': option lr must be a positive number, "
+                              f"got {self.lr!r}")
+        if self.lora_rank < 1:  # the trials train an adapter (no full fine-tuning)
+            raise OptionError(_below("lora_rank", self.lora_rank, 1))
+        if self.max_length is None:
+            raise OptionError(_not_integer("max_length", None))
 
 
 @dataclass
@@ -117,23 +133,12 @@ class AutoPlan:
     candidate_options: dict[str, dict[str, Any]]
 
 
-_INT_FIELDS = ("folds", "trial_pool", "steps", "seeds", "batch_size", "lora_rank", "max_length")
-_MINIMUM = {"folds": 2}
+def _not_integer(key: str, value: Any) -> str:
+    return f"method 'auto': option {key}={value!r} is not an integer"
 
 
-def _as_int(key: str, value: Any) -> int:
-    if isinstance(value, bool):
-        raise OptionError(f"method 'auto': option {key}={value!r} is not an integer")
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value.strip())
-    if not isinstance(value, int):
-        raise OptionError(f"method 'auto': option {key}={value!r} is not an integer")
-    low = _MINIMUM.get(key, 1)
-    if value < low:
-        raise OptionError(f"method 'auto': option {key} must be at least {low}, got {value}")
-    return value
+def _below(key: str, value: Any, low: float) -> str:
+    return f"method 'auto': option {key} must be at least {low:g}, got {value}"
 
 
 def _candidate_list(value: Any) -> list[str]:
@@ -159,40 +164,23 @@ def parse_options(values: dict[str, Any] | None) -> AutoPlan:
             that is not a candidate, or a candidate option its method rejects.
     """
     values = dict(values or {})
-    known = [f.name for f in dataclasses.fields(AutoOptions)]
     plain = {k: v for k, v in values.items() if "." not in k}
     dotted = {k: v for k, v in values.items() if "." in k}
-    unknown = sorted(set(plain) - set(known))
-    if unknown:
+
+    def unknown(bad: list[str], known: list[str]) -> str:
         hint = ""
-        if any(k in ("mode", "proxy", "envelope", "rounds", "embedder") for k in unknown):
-            k = next(k for k in unknown if k in ("mode", "proxy", "envelope", "rounds", "embedder"))
+        if any(k in ("mode", "proxy", "envelope", "rounds", "embedder") for k in bad):
+            k = next(k for k in bad if k in ("mode", "proxy", "envelope", "rounds", "embedder"))
             hint = f"; a candidate's own option goes as METHOD.KEY, e.g. METHOD.{k}=..."
-        raise OptionError(
-            f"method 'auto' has no option(s) {', '.join(unknown)}; its options are: "
-            f"{', '.join(known)}, and METHOD.KEY for a candidate's own option "
-            f"(e.g. tov.mode=basic){hint}")
-    converted: dict[str, Any] = {}
-    for key, value in plain.items():
-        if key in _INT_FIELDS:
-            converted[key] = _as_int(key, value)
-        elif key == "lr":
-            if value is not None:
-                try:
-                    value = float(value)
-                except (TypeError, ValueError):
-                    raise OptionError(f"method 'auto': option lr={value!r} is not a number"
-                                      ) from None
-                if isinstance(plain[key], bool) or not value > 0 or not math.isfinite(value):
-                    raise OptionError(f"method 'auto': option lr must be a positive number, "
-                                      f"got {plain[key]!r}")
-            converted[key] = value
-        elif key == "candidates":
-            converted[key] = ",".join(_candidate_list(value))
-    opts = AutoOptions(**converted)
+        return (f"method 'auto' has no option(s) {', '.join(bad)}; its options are: "
+                f"{', '.join(known)}, and METHOD.KEY for a candidate's own option "
+                f"(e.g. tov.mode=basic){hint}")
+
+    opts = from_mapping(AutoOptions, plain, shown=lambda k, v: f"method 'auto': option {k}={v!r}",
+                        unknown=unknown, not_integer=_not_integer, below=_below)
 
     registered = available()
-    names = list(dict.fromkeys(_candidate_list(opts.candidates)))
+    names = list(dict.fromkeys(_candidate_list(opts.candidates)))  # a list (YAML) or text
     if NAME in names:
         raise OptionError("method 'auto' cannot be one of its own candidates; "
                           f"choose from: {', '.join(registered)}")
@@ -382,12 +370,15 @@ def select_auto(
     source_weights: dict[str, float] | str | None = None,
     columns: dict[str, str] | str | None = None,
     export: str | Sequence[str] | None = None,
+    **more: Any,
 ) -> pipeline.Selection:
     """``finesift.select(..., method="auto")``: trial every candidate on folds of the
     target, then select with the winner. Arguments as :func:`finesift.api.select`;
     ``method_options`` are :class:`AutoOptions` plus ``METHOD.KEY`` candidate options.
     ``select_with`` is the plain select (:func:`finesift.api.select`, which passes
-    itself) that every trial and the final selection go through.
+    itself) that every trial and the final selection go through. ``more``: select's other
+    keywords (``prefilter``, ...), passed as given to the final selection and, those not
+    ``None``, to every trial's selection (and its cache key).
 
     Returns:
         The winner's :class:`~finesift.pipeline.Selection` (all target examples, the whole
@@ -475,7 +466,8 @@ def select_auto(
             select_with=select_with, work=work / "auto", task=task, model=model,
             screening={"dedup": dedup, "dedup_threshold": dedup_threshold, "columns": columns,
                        "weights": resolve_source_weights(parse_source_weights(source_weights),
-                                                         [r.source for r in pool_records])},
+                                                         [r.source for r in pool_records]),
+                       "more": {k: v for k, v in more.items() if v is not None}},
             strategy=strategy, seed=seed, fmt=fmt, max_length=max_length, template=template,
             precision=precision, batch_size=batch_size, device=device, progress=progress,
             log=log, dtype=dtype, ft_dtype=ft_dtype)
@@ -494,7 +486,7 @@ def select_auto(
         template=template, precision=precision, dtype=dtype, batch_size=batch_size,
         device=device, progress=progress, log=log, workdir=workdir, dedup=dedup,
         dedup_threshold=dedup_threshold, source_weights=source_weights, columns=columns,
-        export=exports)
+        export=exports, **more)
     section["final_seconds"] = sel.manifest.get("wall_seconds")
     sel.manifest["auto"] = section
     # the candidate the trials chose, where the harness reads what a method reports
@@ -544,6 +536,7 @@ def _run_trials(plan: AutoPlan, pool_paths: list[str], target_paths: list[str],
                                     zip(data.pool_files, data.file_sources, strict=True)}
     if columns:  # the trial files hold the rows as read: the trials map them the same way
         screen["columns"] = columns
+    screen.update((screening or {}).get("more") or {})  # --prefilter, ...: every trial too
     trial_k = min(data.n_trial_pool, max(1, round(k_full * data.n_trial_pool / data.n_pool)))
     labels = label_names(task, model, [target_records, pool_records])
     model_id = {s: model_identity({"name": pipeline.model_name(model), "task": task,

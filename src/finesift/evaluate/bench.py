@@ -399,14 +399,14 @@ def quick_budgets(budgets: list[str | int], full_size: int, quick_size: int) -> 
 
 def build_quick_model(task: str, records: list[Record], folder: Path) -> Path:
     """Save a tiny random model whose vocabulary covers the data's most common words."""
-    from finesift.evaluate.overlap import record_text
+    from finesift.data.records import record_text
 
     if (folder / "config.json").exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     words: Counter[str] = Counter()
     for r in records:
-        words.update(re.findall(r"\w+|[^\w\s]", record_text(r).replace("\x1f", " ")))
+        words.update(re.findall(r"\w+|[^\w\s]", record_text(r, normalise=True).replace("\x1f", " ")))
     common = [w for w, _ in words.most_common(QUICK_VOCAB)]
     from finesift.engine.tasks import task_class
 

@@ -21,46 +21,26 @@ def _eprint(msg: str) -> None:
 
 
 def _add_finetune_args(p: argparse.ArgumentParser) -> None:
+    """One flag per field of :class:`~finesift.evaluate.finetune.FinetuneOptions` (its
+    help, type and choices; generated as ``finesift select``'s are from ``RunConfig``),
+    and ``--device``."""
+    from finesift.config import add_arguments
     from finesift.evaluate.finetune import FinetuneOptions
 
-    d = FinetuneOptions()
-    p.add_argument("--epochs", type=float, default=d.epochs, help=f"default {d.epochs:g}")
-    p.add_argument("--steps", type=int, default=None,
-                   help="train for exactly this many optimiser steps, cycling over the "
-                        "subset (overrides --epochs)")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"default {d.lr:g}")
-    p.add_argument("--lora-rank", type=int, default=d.lora_rank,
-                   help=f"LoRA rank (alpha = 2 x rank); 0 = full fine-tuning of every "
-                        f"parameter instead (use a smaller --lr, e.g. 5e-5); "
-                        f"default {d.lora_rank}")
-    p.add_argument("--head-lr", type=float, default=d.head_lr,
-                   help="ner: learning rate of the token-classification head "
-                        "(default: --lr)")
-    p.add_argument("--warmup", type=float, default=d.warmup,
-                   help="share of the steps over which the learning rate rises linearly "
-                        f"to --lr (default {d.warmup:g})")
-    p.add_argument("--schedule", choices=["constant", "linear"], default=d.schedule,
-                   help="after the warm-up: constant, or linear decay towards 0 "
-                        f"(default {d.schedule})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--max-length", type=int, default=d.max_length,
-                   help=f"truncate examples (tokens); default {d.max_length}")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=d.precision,
-                   help="training autocast of fp32 weights (test losses are fp32)")
-    _add_device_args(p, default_dtype=d.dtype, default_device="cpu")
-    p.add_argument("--em-samples", type=int, default=d.em_samples,
-                   help="lm: exact match of the '#### answer' on N test records by greedy "
-                        "generation (default 0 = off)")
+    add_arguments(p, FinetuneOptions)
+    _add_device_args(p, default_dtype=None, default_device="cpu", dtype=False)
 
 
 def _add_device_args(p: argparse.ArgumentParser, *, default_dtype: str | None,
-                     default_device: str | None) -> None:
-    """``--device`` and ``--dtype`` (``None`` defaults: the benchmark config's)."""
+                     default_device: str | None, dtype: bool = True) -> None:
+    """``--device`` and (``dtype``) ``--dtype`` (``None`` defaults: the benchmark
+    config's)."""
     p.add_argument("--device", default=default_device,
                    help="torch device: cpu, cuda, cuda:1, ... (the model and its batches go "
                         "there)" + (f"; default {default_device}" if default_device
                                     else "; default: the config's device:, else cpu"))
+    if not dtype:
+        return
     p.add_argument("--dtype", choices=["fp32", "bf16", "auto"], default=default_dtype,
                    help="the dtype the model is loaded in: fp32, bf16 (half the memory; "
                         "LoRA adapters stay fp32) or auto (bf16 where the device computes it "
@@ -117,17 +97,14 @@ def register_eval_commands(sub: Any) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """``finesift eval``: print (and with --out write) the figures as JSON."""
+    from finesift.config import describe
     from finesift.evaluate.finetune import FinetuneOptions, finetune_and_evaluate, read_records
     from finesift.evaluate.overlap import check_no_overlap
     from finesift.store import write_json
 
-    opts = FinetuneOptions(epochs=args.epochs, steps=args.steps, lr=args.lr,
-                           lora_rank=args.lora_rank, head_lr=args.head_lr, warmup=args.warmup,
-                           schedule=args.schedule, batch_size=args.batch_size, seed=args.seed,
-                           max_length=args.max_length, precision=args.precision,
-                           dtype=args.dtype,
-                           em_samples=args.em_samples)
-    opts.validate()
+    given = {i.name: getattr(args, i.name) for i in describe(FinetuneOptions)
+             if hasattr(args, i.name)}  # the flags given; the others keep their defaults
+    opts = FinetuneOptions.from_dict(given, where="finesift eval")
     train = read_records(args.train, "train")
     test = read_records(args.test, "test")
     if not args.allow_overlap:

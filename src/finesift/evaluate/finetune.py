@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from finesift.config import FinetuneFields, from_mapping, option
 from finesift.data.records import Example, Record
 from finesift.engine.metrics import (  # noqa: F401  (importable from here as before)
     em_candidates,
@@ -36,21 +37,13 @@ from finesift.store import Stopwatch
 
 
 @dataclass
-class FinetuneOptions:
-    """Fixed fine-tuning hyperparameters (the same for every method of a benchmark).
+class FinetuneOptions(FinetuneFields):
+    """Fixed fine-tuning hyperparameters (the same for every method of a benchmark): the
+    shared :class:`~finesift.config.FinetuneFields` (``steps``, ``lr``, ``lora_rank``,
+    ``batch_size``, ``max_length``) and these.
 
     Attributes:
         epochs: passes over the training subset (default 1).
-        steps: if set, train for exactly this many optimiser steps instead, cycling over
-            the subset as often as needed (``epochs`` is then ignored). Subsets of different
-            sizes then get the same amount of training, which is fairer to methods that
-            select fewer examples than the budget (HARP).
-        lr: AdamW learning rate (default 2e-4).
-        lora_rank: LoRA rank r; alpha = 2 r, dropout 0.05, all linear layers (default 16).
-            ``0`` means full fine-tuning instead: no adapter, every parameter of the model
-            (embeddings, encoder / decoder blocks, head) is trained, at ``lr``. Full
-            fine-tuning wants a far smaller ``lr`` than LoRA (5e-5 to 1e-4 for a BERT-size
-            encoder, against 5e-4 for its adapter).
         head_lr: ner only: the learning rate of the token-classification head, LoRA or
             full (a new head starts random and wants a far larger rate than the pretrained
             encoder: ``benchmarks/ner-wnut.yaml`` uses 5e-3 with ``lora_rank: 0, lr: 1e-4``;
@@ -60,9 +53,7 @@ class FinetuneOptions:
             from near 0 to ``lr`` (default 0 = none; e.g. 0.1).
         schedule: after the warm-up, ``constant`` (default) or ``linear``: decay linearly
             towards 0 at the last step.
-        batch_size: examples per optimiser step (default 8).
         seed: seeds the adapter init, a new NER head and the shuffling (default 0).
-        max_length: truncate examples to this many tokens (default 256).
         precision: training precision: ``auto`` (bf16 where the CPU is fast at it),
             ``bf16`` or ``fp32``.
         eval_precision: precision of the test-loss pass: ``fp32`` (default) or ``bf16``
@@ -82,22 +73,17 @@ class FinetuneOptions:
     """
 
     epochs: float = 1.0
-    steps: int | None = None
-    lr: float = 2e-4
-    lora_rank: int = 16
     head_lr: float | None = None
     warmup: float = 0.0
-    schedule: str = "constant"
-    batch_size: int = 8
+    schedule: str = option("constant", choices=("constant", "linear"))
     seed: int = 0
-    max_length: int | None = 256
-    precision: str = "auto"
-    eval_precision: str = "fp32"
-    eval_batch_size: int = 16
-    em_samples: int = 0
-    max_new_tokens: int = 256
-    template: str = "auto"
-    dtype: str = "fp32"
+    precision: str = option("auto", choices=("auto", "bf16", "fp32"))
+    eval_precision: str = option("fp32", choices=("fp32", "bf16"))
+    eval_batch_size: int = option(16, minimum=1)
+    em_samples: int = option(0, minimum=0)
+    max_new_tokens: int = option(256, minimum=1)
+    template: str = option("auto", choices=("auto", "chat", "plain"))
+    dtype: str = option("fp32", choices=("fp32", "bf16", "auto"))
 
     def validate(self) -> None:
         """Raise :class:`OptionError` for an out-of-range value."""
@@ -155,11 +141,6 @@ class FinetuneOptions:
                                                   "schedule": "constant", "template": "auto",
                                                   "dtype": "fp32"}
 
-    @property
-    def full(self) -> bool:
-        """Full fine-tuning (``lora_rank == 0``) rather than a LoRA adapter."""
-        return self.lora_rank == 0
-
     def setup_fields(self) -> dict[str, Any]:
         """Every field but the seed, for resume fingerprints (``steps``, ``eval_precision``,
         ``head_lr``, ``warmup``, ``schedule``, ``template`` and ``dtype`` only when not at
@@ -173,8 +154,9 @@ class FinetuneOptions:
         if self.full:
             how: dict[str, Any] = {"finetuning": "full (every parameter)", "lora_rank": 0}
         else:
-            how = {"lora_rank": self.lora_rank, "lora_alpha": 2 * self.lora_rank,
-                   "lora_dropout": 0.05, "lora_targets": "all-linear"}
+            lora = self.lora()
+            how = {"lora_rank": lora.rank, "lora_alpha": lora.alpha,
+                   "lora_dropout": lora.dropout, "lora_targets": lora.target_modules}
         return {
             **({"steps": self.steps} if self.steps is not None else {"epochs": self.epochs}),
             "lr": self.lr,
@@ -190,27 +172,14 @@ class FinetuneOptions:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None, *, where: str = "finetune") -> FinetuneOptions:
-        """Build from a dict (e.g. a config's ``finetune:``), rejecting unknown keys."""
-        values = dict(values or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise OptionError(f"{where}: unknown key(s) {', '.join(unknown)}; "
-                              f"known: {', '.join(sorted(known))}")
-        try:
-            if "lr" in values:
-                values["lr"] = float(values["lr"])
-            if "epochs" in values:
-                values["epochs"] = float(values["epochs"])
-            if values.get("head_lr") is not None:
-                values["head_lr"] = float(values["head_lr"])
-            if "warmup" in values:
-                values["warmup"] = float(values["warmup"])
-        except (TypeError, ValueError):
-            raise OptionError(f"{where}: lr, head_lr, epochs and warmup must be numbers") from None
-        opts = cls(**values)
-        opts.validate()
-        return opts
+        """Build from a dict (e.g. a config's ``finetune:``, the flags of ``finesift
+        eval``) through :func:`finesift.config.from_mapping`: numbers from strings
+        (``"1e-3"``, as PyYAML reads it), unknown keys and bad values are
+        :class:`OptionError` s naming ``where``."""
+        return from_mapping(
+            cls, values, shown=lambda k, v: f"{where}: {k}={v!r}",
+            unknown=lambda bad, known: f"{where}: unknown key(s) {', '.join(bad)}; "
+                                       f"known: {', '.join(sorted(known))}")
 
 
 def _peak_gpu(costs: Stopwatch) -> dict[str, float]:
@@ -394,7 +363,7 @@ def finetune_and_evaluate(
     from finesift.engine.precision import compute_precision
     from finesift.engine.scoring import example_losses
     from finesift.engine.tasks import task_class, task_for
-    from finesift.engine.train import LoraOptions, TrainOptions, add_lora, train
+    from finesift.engine.train import TrainOptions, add_lora, train
     from finesift.models.loader import load_model
 
     opts = options or FinetuneOptions()
@@ -477,8 +446,7 @@ def finetune_and_evaluate(
             for p in net.parameters():
                 p.requires_grad_(True)
         else:
-            net = add_lora(net, task, LoraOptions(rank=opts.lora_rank, alpha=2 * opts.lora_rank),
-                           seed=opts.seed)
+            net = add_lora(net, task, opts.lora(), seed=opts.seed)
         groups = None
         if head_lr is not None:
             head, body = _split_head(net)

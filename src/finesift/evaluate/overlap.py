@@ -11,42 +11,20 @@ other labels is still a leak).
 from __future__ import annotations
 
 import hashlib
-import unicodedata
 from collections.abc import Sequence
 
-from finesift.data.records import Record
+from finesift.data.records import Record, record_text
 from finesift.errors import FinesiftError
-
-_SEP = "\x1f"
 
 
 class OverlapError(FinesiftError):
     """The test set shares examples with data a method or the fine-tune may see."""
 
 
-def _norm(text: str) -> str:
-    return " ".join(unicodedata.normalize("NFKC", str(text)).casefold().split())
-
-
-def record_text(record: Record) -> str:
-    """The normalised text of a record's content fields, joined in order."""
-    parts: list[str] = []
-    if record.messages:
-        parts.extend(_norm(m.get("content", "")) for m in record.messages)
-    if record.prompt is not None:
-        parts.append(_norm(record.prompt))
-    if record.completion is not None:
-        parts.append(_norm(record.completion))
-    if record.text is not None:
-        parts.append(_norm(record.text))
-    if record.tokens is not None:
-        parts.append(_norm(" ".join(record.tokens)))
-    return _SEP.join(p for p in parts if p)
-
-
 def content_hash(record: Record) -> str:
-    """sha1 of :func:`record_text` (equal for exact duplicates up to normalisation)."""
-    return hashlib.sha1(record_text(record).encode("utf-8")).hexdigest()
+    """sha1 of the record's normalised text (:func:`finesift.data.records.record_text`
+    with ``normalise=True``): equal for exact duplicates up to normalisation."""
+    return hashlib.sha1(record_text(record, normalise=True).encode("utf-8")).hexdigest()
 
 
 def find_duplicates(

@@ -1,29 +1,12 @@
-"""The plain text of a record, for methods that look at words rather than tokens
-(``dsir``, ``embed`` with the MiniLM embedder)."""
+"""The plain texts of records (:func:`finesift.data.records.record_text`), for methods
+that look at words rather than tokens (``dsir``, ``embed`` with the MiniLM embedder)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from finesift.data.records import Record
+from finesift.data.records import Record, record_text
 from finesift.errors import OptionError
-
-
-def record_text(rec: Record) -> str:
-    """Everything a record shows the model, prompt included, as one string.
-
-    * chat: every message's content, one per line (roles left out);
-    * prompt/completion: the prompt, a newline, the completion;
-    * text: the text;
-    * NER: the tokens joined by spaces.
-    """
-    if rec.shape == "chat":
-        return "\n".join(m.get("content", "") for m in rec.messages or [])
-    if rec.shape == "prompt_completion":
-        return f"{rec.prompt or ''}\n{rec.completion or ''}"
-    if rec.shape == "ner":
-        return " ".join(rec.tokens or [])
-    return rec.text or ""
 
 
 def texts_of(records: Sequence[Record], n_expected: int, role: str, method: str) -> list[str]:

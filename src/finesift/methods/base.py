@@ -173,6 +173,20 @@ class Method(ABC):
         """Tell the method the run's budget (a count) before :meth:`score`; only called
         for methods with ``uses_budget``."""
 
+    def cost(self, ctx: MethodContext) -> Any:
+        """What :meth:`score` would do on ``ctx``, without doing it: a
+        :class:`finesift.engine.cost.Cost` (its forward and training passes in padded
+        tokens, work it times itself through a probe, the memory it holds and the disk
+        it writes), which ``finesift select --estimate`` turns into wall time, memory and
+        disk with a few measured batches (:mod:`finesift.estimator`).
+        ``ctx`` is the run's context (no work folder, no shard, no executor).
+
+        Raises:
+            OptionError: the method declares no cost (this default).
+        """
+        raise OptionError(f"--estimate: method {self.name!r} declares no cost model "
+                          "(Method.cost); run it without --estimate")
+
     @abstractmethod
     def score(self, ctx: MethodContext) -> MethodResult:
         """Score every pool example."""

@@ -1,6 +1,6 @@
 """``dsir``: data selection with importance resampling (Xie et al., arXiv 2302.03169).
 
-Each example's text (prompt and reply; see :func:`finesift.methods._text.record_text`)
+Each example's text (prompt and reply; see :func:`finesift.data.records.record_text`)
 is lower-cased, split into words (runs of word characters, or of punctuation: NLTK's
 WordPunct split) and turned into counts of hashed n-grams (unigrams and bigrams by
 default) in ``num_buckets`` buckets. Two bag-of-n-grams (multinomial) models are fitted
@@ -395,6 +395,30 @@ class DSIR(Method):
     not_distributable_reason = ("it loads no model: its n-gram model is fitted on the whole "
                                 "pool, and hashing the pool's n-grams in-process (hundreds of "
                                 "examples per second) costs less than shipping it to workers")
+
+    def cost(self, ctx: MethodContext):
+        """No model: hashing the n-grams of every pool and target text, timed per character
+        on a sample of the pool's texts."""
+        from finesift.engine.cost import Cost, Pass, Probe, ProbeResult, spread
+
+        opts: DSIROptions = self.options
+        opts.validate()
+        pool = texts_of(ctx.pool_records, len(ctx.pool), "pool", self.name)
+        target = texts_of(ctx.target_records, len(ctx.target), "target", self.name)
+        chars = sum(len(t) for t in pool) + sum(len(t) for t in target)
+
+        def measure() -> ProbeResult:
+            sample = [pool[i] for i in spread(len(pool), 200)] or [""]
+            t0 = time.perf_counter()
+            dsir_log_weights(sample, sample[:16], opts)
+            n = sum(len(t) for t in sample) + sum(len(t) for t in sample[:16])
+            took = time.perf_counter() - t0
+            return ProbeResult(took / max(1, n), detail=f"{len(sample)} pool texts, {took:.2f} s")
+
+        probe = Probe(f"dsir hashing ({opts.hashing}, {opts.ngrams}-grams)", measure,
+                      unit="character")
+        return Cost(passes=[Pass("dsir: hash the n-grams of the pool and target texts", chars,
+                                 kind="probe", probe=probe)], score_columns=2)
 
     def score(self, ctx: MethodContext) -> MethodResult:
         opts: DSIROptions = self.options

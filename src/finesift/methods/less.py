@@ -28,7 +28,7 @@ bias-corrected update instead; the two rank pool examples differently (Spearman 
 0.95 on the demo), and the benchmark suites measure both.
 
 With ``proxy="iprox:RHO"`` everything above runs on an IProX proxy of the model
-(:mod:`finesift.methods.iprox`, built before the LoRA adapter is added; cached in the
+(:mod:`finesift.models.proxy`, built before the LoRA adapter is added; cached in the
 work folder), and the proxy's parameter counts and stage timings join the manifest.
 
 The pool is cut into chunks of ``chunk_size`` examples on the length-sorted grid of
@@ -54,6 +54,7 @@ import torch
 from tqdm.auto import tqdm
 
 from finesift.config import LoraFields
+from finesift.engine.projection import PROJECTIONS, Projector
 from finesift.engine.train import (
     LoraOptions,
     TrainOptions,
@@ -74,7 +75,7 @@ from finesift.methods.base import (
     run_fingerprint,
     score_chunks,
 )
-from finesift.methods.iprox import build_proxy, parse_proxy, proxy_tag
+from finesift.models.proxy import build_proxy, parse_proxy, proxy_tag
 from finesift.store.chunks import ChunkStore, chunk_grid, grid_rows, shard_chunk_ids
 from finesift.store.files import atomic_save_npy, atomic_save_torch
 
@@ -100,13 +101,13 @@ class GradInfluenceOptions(LoraFields):
         proj_dim: d, the projected gradient dimension (default 8192).
         projection: ``rademacher`` (default) or ``gaussian`` (dense, as in LESS), or
             ``sparse``: a block sparse JL transform with ``sparsity`` nonzeros per input
-            coordinate, far cheaper on CPU (see ``_gradients.Projector``).
+            coordinate, far cheaper on CPU (see ``engine.projection.Projector``).
         sparsity: nonzeros per input coordinate of the ``sparse`` projection (default 8).
         chunk_size: examples whose gradients are projected together (and stored as one
             resumable chunk); the projection blocks are generated once per chunk.
         proxy: ``""`` (default: the model itself) or ``iprox:RHO[,KEY=VALUE...]``: run on
             an IProX influence-preserving proxy of the model with compression ratio RHO
-            (see :mod:`finesift.methods.iprox`; KEY is an :class:`IProxOptions` field,
+            (see :mod:`finesift.models.proxy`; KEY is an :class:`IProxOptions` field,
             e.g. ``iprox:0.5,align_epochs=1``). The LoRA adapter then goes on the proxy's
             factors.
         adam_formula: ``less`` only: the Adam preconditioning of pool gradients,
@@ -135,8 +136,8 @@ class GradInfluenceOptions(LoraFields):
                               f"got {self.adam_formula!r}")
         if not 0 < self.warmup_fraction <= 1:
             raise OptionError("warmup_fraction must be in (0, 1]")
-        if self.projection not in G.PROJECTIONS:
-            raise OptionError(f"projection must be one of {', '.join(G.PROJECTIONS)}, "
+        if self.projection not in PROJECTIONS:
+            raise OptionError(f"projection must be one of {', '.join(PROJECTIONS)}, "
                               f"got {self.projection!r}")
         if self.projection == "sparse" and (self.sparsity < 1 or self.proj_dim % self.sparsity):
             raise OptionError(f"projection sparse: proj_dim ({self.proj_dim}) must be a "
@@ -188,7 +189,7 @@ def subtask_groups(ctx: MethodContext) -> np.ndarray:
 
 
 def grad_features(model, task, params, ckpt: Checkpoint, examples, *, adam: bool,
-                  normalize: bool, adam_formula: str, projector: G.Projector,
+                  normalize: bool, adam_formula: str, projector: Projector,
                   batch_size: int | str, device: str = "cpu",
                   timing: dict[str, float] | None = None) -> np.ndarray:
     """Projected gradient features of ``examples`` at the checkpoint whose state ``model``
@@ -259,14 +260,14 @@ class GradChunkScorer:
     adam_formula: str
     batch_size: int | str = 8
     timing: dict[str, float] | None = None
-    projector: G.Projector | None = field(default=None, repr=False)
+    projector: Projector | None = field(default=None, repr=False)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "projector": None}
 
     def build(self, device: str = "cpu"):
         from finesift.engine.tasks import unwrap
-        from finesift.methods.iprox import factorize
+        from finesift.models.proxy import factorize
 
         base = load_spec_model(self.model_spec, device, who="less/tracin")
         if self.proxy is not None:
@@ -286,8 +287,8 @@ class GradChunkScorer:
         n_in = sum(getattr(m, a).numel() for _, m, a in params)
         projector = self.projector
         if projector is None or projector.n_in != n_in:
-            projector = G.Projector(n_in, self.proj_dim, self.projection, seed=self.proj_seed,
-                                    sparsity=self.sparsity)
+            projector = Projector(n_in, self.proj_dim, self.projection, seed=self.proj_seed,
+                                  sparsity=self.sparsity)
 
         def score(payload: tuple[list[Any], list[int]]) -> np.ndarray:
             examples, ks = payload
@@ -309,7 +310,7 @@ def proxy_blob(proxy: torch.nn.Module) -> dict[str, Any]:
     """An IProX proxy as a worker rebuilds it: the rank of every factored layer and the
     factors' trained values (what the proxy cache holds)."""
     from finesift.engine.tasks import unwrap
-    from finesift.methods.iprox import FactoredLinear
+    from finesift.models.proxy import FactoredLinear
 
     base = unwrap(proxy)
     ranks = {n: m.rank for n, m in base.named_modules() if isinstance(m, FactoredLinear)}
@@ -341,6 +342,146 @@ class _GradInfluence(Method):
     trains = True
     adam: bool
     normalize: bool
+
+    # -- cost ----------------------------------------------------------------------
+    def cost(self, ctx: MethodContext):
+        """The passes of :meth:`score`:
+
+        * (``proxy``: the IProX build, see :func:`proxy_cost`);
+        * warm-up: ``warmup_epochs`` epochs of LoRA training on the warm-up set
+          (``warmup_fraction`` of the pool, at least ``min_warmup``), ``batch_size`` random
+          rows per step;
+        * per checkpoint (one per warm-up epoch): per-example LoRA gradients of every
+          target and pool example (a forward and a backward pass over length-sorted
+          batches of the run's batch size within each chunk; timed on real pool batches)
+          and their projection to ``proj_dim`` (timed on a few blocks of the projection
+          and scaled to the adapter's size: the generation of dense blocks per chunk, the
+          multiplication per example).
+
+        Held: one chunk's flat gradients (``chunk_size`` x adapter parameters, fp32), the
+        projection when it is cached, the target features and the similarity matrix
+        (checkpoints x pool x target). Written: the warm-up checkpoints (adapter and two
+        Adam moments each) and every feature (checkpoints x examples x ``proj_dim`` x 4
+        bytes).
+        """
+        from finesift.engine.cost import (
+            Cost,
+            Pass,
+            Probe,
+            ProbeResult,
+            adapter_size,
+            lengths_of,
+            shuffled_tokens,
+            sorted_tokens,
+            spread,
+            timed,
+            with_adapter,
+        )
+
+        o = self.options
+        o.validate()
+        lora = o.lora()
+        K, d = o.warmup_epochs, o.proj_dim
+        pool_len, target_len = lengths_of(ctx.task, ctx.pool), lengths_of(ctx.task, ctx.target)
+        n, m = len(ctx.pool), len(ctx.target)
+        cost = Cost(score_columns=K)
+        spec = parse_proxy(o.proxy)
+        if spec is not None:
+            proxy_cost(ctx, spec, lora, cost)
+        warm = self.warmup_indices(ctx)
+        tokens = sum(shuffled_tokens(pool_len[warm], o.batch_size, 1.0, seed=ctx.seed * 1000 + k)
+                     for k in range(K))
+        cost.passes.append(Pass(f"{self.name}: warm-up, {K} epoch(s) on {len(warm)} pool examples",
+                                tokens, kind="train", batch_size=o.batch_size, adapter=lora))
+        grid = chunk_grid(pool_len, o.chunk_size)
+        target_chunks = [np.arange(s0, min(m, s0 + o.chunk_size)) for s0 in range(0, m, o.chunk_size)]
+        g_pool = sum(sorted_tokens(pool_len[c], ctx.batch_size) for c in grid)
+        g_target = sum(sorted_tokens(target_len[c], ctx.batch_size) for c in target_chunks)
+        P, p_bytes = adapter_size(ctx.model, ctx.model_task, lora, ctx.seed)
+        rows = ctx.batch_size if isinstance(ctx.batch_size, int) else 8
+
+        def measure_grads() -> ProbeResult:
+            order = np.argsort(-pool_len, kind="stable")
+            starts = spread(max(1, n - rows + 1), 2)
+            batches = [[int(i) for i in order[s0 : s0 + rows]] for s0 in starts]
+            with with_adapter(ctx.model, ctx.model_task, lora, ctx.seed) as model:
+                params = G.trainable_linear_params(model)
+
+                def grads(idx: list[int]) -> None:
+                    G.batched_grads(model, ctx.task, [ctx.pool[i] for i in idx], params,
+                                    batch_size=rows, device=ctx.device)
+
+                grads([int(i) for i in order[:rows]])  # the longest batch: warm-up, peak memory
+                took = sum(timed(lambda b=b: grads(b), ctx.device) for b in batches)
+            padded = sum(len(b) * int(pool_len[b].max()) for b in batches)
+            return ProbeResult(took / max(1, padded),
+                               detail=f"{len(batches)} batches, {padded:,} tokens, {took:.1f} s")
+
+        projection: dict[str, ProbeResult] = {}
+
+        def measure_projection() -> None:
+            if projection:
+                return
+            import torch
+
+            full = Projector(P, d, o.projection, seed=ctx.seed, sparsity=o.sparsity)
+            blocks = min(full.n_blocks, 3)
+            small = Projector(min(P, full.rows * blocks), d, o.projection, seed=ctx.seed,
+                              sparsity=o.sparsity)
+            c = max(1, min(o.chunk_size, n))
+            x = torch.randn(c, small.n_in)
+            first = timed(lambda: small(x))  # generates (and caches) the blocks, multiplies
+            again = timed(lambda: small(x))  # multiplies only
+            scale = P / max(1, small.n_in)
+            generate = max(0.0, first - again) * scale
+            detail = (f"{blocks} of {full.n_blocks} blocks x {c} rows: {first:.2f} s, then "
+                      f"{again:.2f} s cached")
+            cached = full.cache is not None  # then generated once: a fixed cost
+            projection["generate"] = ProbeResult(generate, detail=detail)
+            projection["multiply"] = ProbeResult(again * scale / c,
+                                                 fixed_seconds=generate if cached else 0.0,
+                                                 detail=detail)
+
+        def part(name: str):
+            def measure() -> ProbeResult:
+                measure_projection()
+                return projection[name]
+            return measure
+
+        key = f"{o.projection} projection to {d} of {P:,} inputs, chunks of {o.chunk_size}"
+        n_chunks = len(grid) + len(target_chunks)
+        cost.passes.append(Pass(
+            f"{self.name}: per-example gradients, {K} checkpoint(s) x {m} target + {n} pool "
+            "examples", K * (g_pool + g_target), kind="probe",
+            probe=Probe(f"per-example LoRA gradients (r={lora.rank}), batch {rows}, "
+                        f"{ctx.device}", measure_grads, "token")))
+        probe_full = Projector(max(P, 1), d, o.projection, seed=ctx.seed, sparsity=o.sparsity)
+        if probe_full.cache is None:  # dense blocks are generated again for every chunk
+            cost.passes.append(Pass(
+                f"{self.name}: projection blocks ({o.projection}), {K} checkpoint(s) x "
+                f"{n_chunks} chunk(s)", K * n_chunks, kind="probe",
+                probe=Probe(f"{key}: generating the blocks", part("generate"), "chunk")))
+        cost.passes.append(Pass(
+            f"{self.name}: projection to {d} dimensions, {K} checkpoint(s) x {n + m} examples",
+            K * (n + m), kind="probe",
+            probe=Probe(f"{key}" + ("" if probe_full.cache is None else
+                                    " (blocks generated once, cached)"),
+                        part("multiply"), "example")))
+        chunk = min(o.chunk_size, max(n, m, 1))
+        if probe_full.cache is not None:
+            entries = P * (o.sparsity if o.projection == "sparse" else d)
+            cost.memory["projection (cached)"] = entries * (12 if o.projection == "sparse" else 4)
+        cost.memory.update({
+            f"flat gradients of one chunk ({chunk} x {P:,})": 4.0 * chunk * P,
+            "target features": 12.0 * K * m * d,
+            "similarities (checkpoints x pool x target)": 8.0 * K * n * m,
+        })
+        cost.disk.update({
+            f"warm-up checkpoints ({K} x adapter + Adam moments)": 3.0 * K * p_bytes,
+            "pool features": 4.0 * K * n * d + 128 * K * len(grid),
+            "target features": 4.0 * K * m * d,
+        })
+        return cost
 
     # -- fingerprint / paths -------------------------------------------------------
     def _fingerprint(self, ctx: MethodContext) -> str:
@@ -407,7 +548,7 @@ class _GradInfluence(Method):
 
     # -- features ------------------------------------------------------------------
     def _target_features(self, ctx, model, params, ckpt: Checkpoint, *,
-                         projector: G.Projector, store: Path | None, bar) -> np.ndarray:
+                         projector: Projector, store: Path | None, bar) -> np.ndarray:
         """The target's features, (m, d) float32, in chunks of ``chunk_size``,
         memory-mapped from ``store`` when given; finished chunks are skipped."""
         o = self.options
@@ -481,8 +622,8 @@ class _GradInfluence(Method):
             work = Path(ctx.workdir) / f"{self.name}-{self._fingerprint(ctx)}"
             work.mkdir(parents=True, exist_ok=True)
         ckpts, info = self._warmup(ctx, model, names, work / "warmup.pt" if work else None)
-        projector = G.Projector(P, o.proj_dim, o.projection, seed=ctx.seed,
-                                sparsity=o.sparsity)
+        projector = Projector(P, o.proj_dim, o.projection, seed=ctx.seed,
+                              sparsity=o.sparsity)
         groups = subtask_groups(ctx)
         K, d = len(ckpts), o.proj_dim
         lengths = np.array([ctx.task.length(e) for e in ctx.pool], dtype=np.int64)
@@ -553,7 +694,84 @@ class _GradInfluence(Method):
                             rows=rows if ctx.shard is not None else None)
 
 
-def _project_chunk(projector: G.Projector, flat: torch.Tensor) -> torch.Tensor:
+def proxy_cost(ctx: MethodContext, spec: Any, lora: LoraOptions, cost: Any) -> None:
+    """Add the IProX build (:func:`finesift.models.proxy.build_proxy`) to ``cost``: the
+    covariance passes over the probe set (a forward and backward pass per group of layers
+    whose accumulators fit ``cov_memory_mb``), IPSVD of every factored layer (Cholesky
+    factors, a Gram eigendecomposition, triangular solves; timed once per layer shape)
+    and ``align_epochs`` epochs of gradient alignment over the probe set (the full model's
+    gradients and the proxy's with a double backward: counted as three training steps).
+    The later passes run on the proxy but are timed on the full model (an upper bound
+    where the proxy is cheaper)."""
+    from collections import Counter
+
+    from finesift.engine.cost import (
+        Pass,
+        Probe,
+        ProbeResult,
+        lengths_of,
+        parameter_bytes,
+        shuffled_tokens,
+    )
+    from finesift.engine.cost import sorted_tokens as sorted_padded
+    from finesift.engine.cost import timed as time_it
+    from finesift.models import proxy as ipx
+
+    ranks, _ = ipx.plan_ranks(ctx.model, spec)
+    layers = ipx.proxy_targets(ctx.model)
+    probe_idx = ipx.probe_indices(len(ctx.pool), spec, ctx.seed)
+    lengths = lengths_of(ctx.task, [ctx.pool[i] for i in probe_idx])
+    used, groups = 0, 1 if ranks else 0
+    for name in ranks:
+        size = 4 * (layers[name].in_features ** 2 + layers[name].out_features ** 2)
+        if used and used + size > spec.cov_memory_mb * (1 << 20):
+            groups, used = groups + 1, 0
+        used += size
+    shapes = Counter((layers[nm].out_features, layers[nm].in_features, r)
+                     for nm, r in ranks.items())
+
+    def measure_ipsvd() -> ProbeResult:
+        total = 0.0
+        smallest = min(shapes, key=lambda x: x[0] * x[1])
+        for (out_f, in_f, r), count in [(smallest, 0), *shapes.items()]:  # warm-up first
+            def one(out_f: int = out_f, in_f: int = in_f, r: int = r) -> None:
+                W = torch.randn(out_f, in_f)
+                torch.linalg.svd(W.double(), full_matrices=False)  # factorize's initial SVD
+                L_h = ipx.damped_cholesky(torch.eye(in_f) + 0.01, 0.01, torch.float32)
+                L_d = ipx.damped_cholesky(torch.eye(out_f) + 0.01, 0.01, torch.float32)
+                P_, sv, Qh = ipx.top_svd(L_d.T @ W @ L_h, r)
+                torch.linalg.solve_triangular(L_d.T, (P_ * sv.sqrt()).float(), upper=True)
+                torch.linalg.solve_triangular(L_h, (sv.sqrt()[:, None] * Qh).float(),
+                                              upper=False, left=False)
+            if count:
+                total += count * time_it(one)
+            else:
+                one()
+        return ProbeResult(total, detail=f"{len(shapes)} layer shape(s), {len(ranks)} layers")
+
+    opts_rank = f"rho={spec.rho:g}"
+    if groups:
+        cost.passes.append(Pass(
+            f"iprox: covariance passes, {groups} x {len(probe_idx)} probe examples",
+            groups * sorted_padded(lengths, ctx.batch_size), kind="train", adapter=lora))
+        cost.passes.append(Pass(f"iprox: IPSVD of {len(ranks)} layers ({opts_rank})", 1,
+                                kind="probe", probe=Probe(
+                                    f"IPSVD, {len(shapes)} layer shape(s) timed once each",
+                                    measure_ipsvd, "build")))
+    if groups and spec.align_epochs:
+        tokens = shuffled_tokens(lengths, spec.align_batch_size, spec.align_epochs, seed=ctx.seed)
+        cost.passes.append(Pass(
+            f"iprox: gradient alignment, {spec.align_epochs} epoch(s) on the probe set "
+            "(x3: full model, proxy, double backward)", 3 * tokens, kind="train",
+            batch_size=spec.align_batch_size, adapter=lora))
+    factor = sum(r * (layers[nm].in_features + layers[nm].out_features) for nm, r in ranks.items())
+    cost.disk["IProX proxy (cache)"] = 4.0 * factor
+    _, model_bytes = parameter_bytes(ctx.model)
+    cost.memory["IProX proxy (a factored copy of the model)"] = float(model_bytes)
+    cost.notes.append("iprox: the passes on the proxy are timed on the full model")
+
+
+def _project_chunk(projector: Projector, flat: torch.Tensor) -> torch.Tensor:
     """Project one chunk of flat gradients (a seam for tests that simulate a kill)."""
     return projector(flat)
 

@@ -21,7 +21,7 @@ import numpy as np
 from finesift.engine.scoring import mean_losses
 from finesift.errors import OptionError
 from finesift.methods.base import Method, MethodContext, MethodResult, register
-from finesift.methods.uncertainty import LogprobChunkScorer, forward_logprobs
+from finesift.methods.uncertainty import LogprobChunkScorer, forward_cost, forward_logprobs
 
 ORDERS = ("lowest", "highest", "middle")
 
@@ -80,6 +80,11 @@ class Perplexity(Method):
                 "are distances to the median loss of the whole pool; use order=lowest or "
                 "highest, or run it without --num-shards"
             )
+
+    def cost(self, ctx: MethodContext):
+        """One forward pass of the untouched model over the pool."""
+        self.options.validate()
+        return forward_cost(ctx, self.options.precision, self.name)
 
     def score(self, ctx: MethodContext) -> MethodResult:
         logprobs, rows = forward_logprobs(ctx, self.options.precision, self.name)

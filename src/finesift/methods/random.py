@@ -25,6 +25,12 @@ class RandomMethod(Method):
     shardable = True  # a shard takes its rows of the one seeded draw for the whole pool
     not_distributable_reason = "it does no per-example work (one seeded uniform draw)"
 
+    def cost(self, ctx: MethodContext):
+        """Nothing beyond one seeded draw."""
+        from finesift.engine.cost import Cost
+
+        return Cost()
+
     def score(self, ctx: MethodContext) -> MethodResult:
         rng = np.random.default_rng([ctx.seed, 0x5E1EC7])
         scores = rng.random(len(ctx.pool))

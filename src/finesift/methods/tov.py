@@ -343,6 +343,78 @@ class ToV(Method):
                             "the weights' dtype, or use --dtype fp32")
         return None
 
+    def cost(self, ctx: MethodContext):
+        """ToV's passes, as :meth:`score` runs them.
+
+        * ``basic``: (a warm-up of ``base_epochs`` on the base set U when there is one)
+          ``val_epochs`` on the target, then 2 forward passes over the pool.
+        * ``interleaved``: per round, ``base_epochs`` on U (min(``base_size``, |pool|)
+          pool examples) and ``val_epochs`` on the target; then 2 forward passes over the
+          pool per round.
+        * ``parallel``: as interleaved, with the epochs on U twice per round (the base and
+          the val trajectory).
+
+        Training batches are ``batch_size`` random rows (padded to the longest); scoring
+        passes run at ``score_precision`` with the adapter on. Held: two adapters per
+        round and each trajectory's adapter and two optimisers' moments; written: the same
+        in the resume file, and one float64 per round and pool example.
+        """
+        from finesift.engine.cost import (
+            FULL,
+            Cost,
+            Pass,
+            adapter_size,
+            lengths_of,
+            shuffled_tokens,
+            sorted_tokens,
+        )
+
+        o = self.options
+        o.validate()
+        adapter = o.lora() if o.adapter == "lora" else FULL
+        pool_len, target_len = lengths_of(ctx.task, ctx.pool), lengths_of(ctx.task, ctx.target)
+        n = len(ctx.pool)
+
+        def fit(what: str, lengths, epochs: float, data: str, times: int = 1) -> Pass:
+            tokens = shuffled_tokens(lengths, o.batch_size, epochs, seed=ctx.seed)
+            return Pass(what, times * tokens, kind="train", data=data, batch_size=o.batch_size,
+                        adapter=adapter)
+
+        passes: list[Pass] = []
+        if o.mode == "basic":
+            rounds, trajectories = 1, 0
+            base_idx = self._basic_base_set(ctx)
+            if base_idx is not None:
+                passes.append(fit(f"tov: warm-up on a base set of {len(base_idx)} pool examples, "
+                                  f"{o.base_epochs:g} epoch(s)", pool_len[base_idx],
+                                  o.base_epochs, "pool"))
+            passes.append(fit(f"tov: fine-tune on the target, {o.val_epochs:g} epoch(s)",
+                              target_len, o.val_epochs, "target"))
+        else:
+            rounds = o.rounds
+            trajectories = 2 if o.mode == "parallel" else 1
+            rng = np.random.default_rng([ctx.seed, 0x70F])
+            base_idx = np.sort(rng.choice(n, size=min(o.base_size, n), replace=False))
+            on_u = f"{trajectories} x " if trajectories > 1 else ""
+            passes.append(fit(f"tov: {rounds} round(s) x {on_u}{o.base_epochs:g} epoch(s) on a "
+                              f"base set of {len(base_idx)} pool examples", pool_len[base_idx],
+                              o.base_epochs, "pool", rounds * trajectories))
+            passes.append(fit(f"tov: {rounds} round(s) x {o.val_epochs:g} epoch(s) on the target",
+                              target_len, o.val_epochs, "target", rounds))
+        precision = ctx.precision if o.score_precision == "auto" else o.score_precision
+        passes.append(Pass(f"tov: {2 * rounds} forward passes over the pool (before and after "
+                           f"each round's target epochs, {precision})",
+                           2 * rounds * sorted_tokens(pool_len, ctx.batch_size),
+                           precision=precision, adapter=adapter))
+        _, one = adapter_size(ctx.model, ctx.model_task, adapter, ctx.seed)
+        states = 2 * rounds + 5 * trajectories  # checkpoints; trajectories: state + 2 x moments
+        return Cost(passes=passes,
+                    memory={f"{states} adapter states (checkpoints, trajectories)": states * one},
+                    disk={"round checkpoints (resume file)": states * one,
+                          "per-round scores (chunk store)":
+                              8.0 * rounds * n + 128 * -(-n // o.chunk_size)},
+                    score_columns=rounds)
+
     # -- helpers -------------------------------------------------------------------
     def _train(self, ctx, model, examples, *, lr, epochs, optimizer, seed, desc):
         o = self.options

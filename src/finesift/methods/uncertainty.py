@@ -174,6 +174,22 @@ def forward_logprobs(
     return [out[i] for i in rows], rows  # type: ignore[misc]
 
 
+def forward_cost(ctx: MethodContext, precision: str, desc: str) -> Any:
+    """The cost of :func:`forward_logprobs`: one forward pass of the untouched model over
+    the pool (length-sorted batches of the run's batch size) at ``precision`` (``run``:
+    the run's); its chunk store holds every label token's log-prob (float32)."""
+    from finesift.engine.cost import Cost, Pass, lengths_of, sorted_tokens
+
+    prec = ctx.precision if precision == "run" else precision
+    tokens = sorted_tokens(lengths_of(ctx.task, ctx.pool), ctx.batch_size)
+    labels = sum(int(e.n_label_tokens) + 1 for e in ctx.pool)
+    n_chunks = -(-len(ctx.pool) // chunks.DEFAULT_CHUNK)
+    return Cost(passes=[Pass(f"{desc}: one forward pass over the pool", tokens,
+                             precision=prec)],
+                disk={"label-token log-probs (chunk store)": 4 * labels + 128 * n_chunks},
+                score_columns=1)
+
+
 @dataclass
 class _NoOptions:
     """The forward pass has no options of its own (the fingerprint tag names them)."""
@@ -187,6 +203,11 @@ class Uncertainty(Method):
     Options = UncertaintyOptions
     shardable = True  # psi(x) depends on x and the untouched model only
     chunk_scorer = LogprobChunkScorer  # workers run the forward pass over pool chunks
+
+    def cost(self, ctx: MethodContext) -> Any:
+        """One forward pass of the untouched model over the pool."""
+        self.options.validate()
+        return forward_cost(ctx, self.options.precision, self.name)
 
     def score(self, ctx: MethodContext) -> MethodResult:
         logprobs, rows = forward_logprobs(ctx, self.options.precision, self.name)

@@ -34,7 +34,8 @@ SETTING_KEYS = ("method", "method_options", "task", "model", "seed", "max_length
 """A run's settings as its manifest records them (a select and a merge add ``strategy``)."""
 
 MANIFEST_KEYS = (
-    "kind", "finesift_version", "created", "method", "method_options", "task", "model",
+    "kind", "finesift_version", "created", "method", "method_options", "prefilter", "task",
+    "model",
     "strategy", "source_weights", "budget", "seed", "max_length", "template", "precision",
     "dtype", "batch_size", "device", "format", "columns", "shard", "data", "dedup",
     "contamination", "selected", "exports", "method_info", "merged_from", "stages", "wall_seconds", "peak_rss_mb",
@@ -43,7 +44,7 @@ MANIFEST_KEYS = (
 """Every manifest entry, in the order manifests list them (each run has a subset: only a
 shard run has ``kind`` and ``shard``, only a merge ``merged_from``, a shard run has no
 ``strategy``, ``budget`` or ``selected``; ``columns`` and ``exports`` appear in a run that
-maps columns or exports the selection)."""
+maps columns or exports the selection, ``prefilter`` in a run with ``--prefilter``)."""
 
 Writer = Callable[[Path], None]
 

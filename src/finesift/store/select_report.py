@@ -189,7 +189,7 @@ def _screening(manifest: dict[str, Any]) -> list[str]:
 
 def render(columns: dict[str, Any], manifest: dict[str, Any], selected: Sequence[Any]) -> str:
     """The page for a run's score table, manifest and selected records."""
-    from finesift.methods._text import record_text
+    from finesift.data.records import record_text
 
     esc = html.escape
     scores = np.asarray(columns["score"], dtype=np.float64)
