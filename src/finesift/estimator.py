@@ -302,55 +302,40 @@ def estimate(
     pool: Any,
     target: Any,
     *,
-    budget: str | int | None = None,
-    method: str = "tov",
-    method_options: dict[str, Any] | None = None,
-    task: str = "lm",
-    model: str | None = None,
-    strategy: str = "top",
-    seed: int = 0,
-    out: str | Path | None = None,
-    fmt: str | None = None,
-    max_length: int | None = 512,
-    template: str = "auto",
-    precision: str = "auto",
-    dtype: str = "fp32",
-    batch_size: int | str = 8,
-    device: str = "cpu",
-    progress: bool = False,
-    log: Callable[[str], None] | None = None,
-    workdir: str | Path | None = None,
-    num_shards: int = 1,
-    shard_index: int | None = None,
-    executor: Any = "local",
-    ray_address: str | None = None,
-    ray_options: dict[str, Any] | None = None,
-    dedup: bool = False,
-    dedup_threshold: float = 0.8,
-    source_weights: dict[str, float] | str | None = None,
-    columns: dict[str, str] | str | None = None,
-    export: str | Sequence[str] | None = None,
-    prefilter: str | dict[str, Any] | None = None,
     calibration_batches: int = CALIBRATION_BATCHES,
     rates: Mapping[str, Any] | None = None,
-    **more: Any,
+    **options: Any,
 ) -> Estimate:
     """The projected wall time, peak memory and disk of ``finesift.select`` with the same
     arguments, on this machine; writes nothing (``out`` only says where the outputs would
     go, and that the method keeps its work files in ``OUT/.work``).
 
     Args:
-        pool, target, ...: as :func:`finesift.api.select`.
+        pool, target: as :func:`finesift.api.select`.
         calibration_batches: batches timed per kind of pass.
         rates: seconds per unit not to measure (tests; see :class:`Calibrator`).
-        more: any other keyword of ``select``, checked as ``select`` checks it.
+        options: the keywords of :func:`finesift.api.select` (its defaults where not
+            given; read from its signature, so the two never drift apart), checked as
+            ``select`` checks them.
 
     Raises:
         OptionError: a bad option (as ``select`` says it), ``method="auto"``, a shard run,
             or a method that declares no cost.
     """
-    from finesift.api import chooses_method
+    import inspect
+
+    from finesift.api import chooses_method, select
     from finesift.store.manifest import Stopwatch
+
+    defaults = {name: p.default for name, p in inspect.signature(select).parameters.items()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise OptionError(f"estimate: unknown option(s) {', '.join(unknown)}; select takes "
+                          f"{', '.join(defaults)}")
+    opts = {**defaults, **options}
+    method, num_shards, shard_index = opts["method"], opts["num_shards"], opts["shard_index"]
+    executor, model, device, seed = opts["executor"], opts["model"], opts["device"], opts["seed"]
 
     if chooses_method(method):
         raise OptionError(f"--estimate does not project --method {method} (it runs trials of "
@@ -360,20 +345,11 @@ def estimate(
         raise OptionError("--estimate projects a whole run; drop --num-shards/--shard-index")
     from finesift import pipeline
 
-    plan_kwargs: dict[str, Any] = dict(more)
-    if prefilter is not None:
-        plan_kwargs["prefilter"] = prefilter
     watch = Stopwatch()
     with watch.stage("estimate"):
-        plan = pipeline.check_options(
-            pool, target, budget=budget, method=method, method_options=method_options,
-            task=task, model=model, strategy=strategy, seed=seed, out=out, fmt=fmt,
-            max_length=max_length, template=template, precision=precision,
-            batch_size=batch_size, device=device, progress=progress, log=log,
-            workdir=workdir, num_shards=1, shard_index=None, executor="local",
-            ray_address=None, ray_options=None, dedup=dedup,
-            dedup_threshold=dedup_threshold, source_weights=source_weights, dtype=dtype,
-            columns=columns, export=export, **plan_kwargs)
+        plan = pipeline.check_options(  # one local, unsharded process
+            pool, target, **{**opts, "num_shards": 1, "shard_index": None,
+                             "executor": "local", "ray_address": None, "ray_options": None})
         inputs = pipeline.load_inputs(plan)
         pipeline.resolve_weights(plan, inputs)
         loaded = pipeline.load_model(plan, inputs)
