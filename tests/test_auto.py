@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import itertools
 import json
 import re
@@ -400,6 +401,28 @@ def test_run_level_errors(lm_data, tiny_lm_dir: Path) -> None:
                         out="unused", **kw)
     with pytest.raises(OptionError, match="budget"):
         finesift.select(lm_data.pool, lm_data.target, **{**kw, "budget": None})
+
+
+def test_select_auto_takes_selects_keywords_with_selects_defaults(lm_data) -> None:
+    """``select_auto`` reads its defaults from the ``select`` it is given: a keyword that
+    ``select`` does not take is refused by name, and a default comes from ``select``."""
+    from finesift.api import select
+    from finesift.evaluate.auto import select_auto
+
+    with pytest.raises(OptionError, match="unknown option.s. bogus; select takes budget"):
+        select_auto(lm_data.pool, lm_data.target, select_with=select, budget=4,
+                    bogus=1)
+
+    def sharded_select(*args, **kwargs):
+        raise AssertionError("not reached: the shard check comes first")
+
+    # select's signature with num_shards=3 for a default: select_auto must take it from
+    # the select it is given (with select's own default of 1 it would not stop)
+    sig = inspect.signature(select)
+    sharded_select.__signature__ = sig.replace(parameters=[
+        p.replace(default=3) if p.name == "num_shards" else p for p in sig.parameters.values()])
+    with pytest.raises(OptionError, match="cannot run as a shard"):
+        select_auto(lm_data.pool, lm_data.target, select_with=sharded_select, budget=4)
 
 
 @pytest.mark.parametrize(("argv", "message"), [

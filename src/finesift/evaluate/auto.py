@@ -343,42 +343,17 @@ def select_auto(
     target: str | Path | Sequence[str | Path],
     *,
     select_with: Callable[..., pipeline.Selection],
-    budget: str | int | None,
-    method_options: dict[str, Any] | None = None,
-    task: str = "lm",
-    model: str | None = None,
-    strategy: str = "top",
-    seed: int = 0,
-    out: str | Path | None = None,
-    fmt: str | None = None,
-    max_length: int | None = 512,
-    template: str = "auto",
-    precision: str = "auto",
-    dtype: str = "fp32",
-    batch_size: int | str = 8,
-    device: str = "cpu",
-    progress: bool = False,
-    log: Callable[[str], None] | None = None,
-    workdir: str | Path | None = None,
-    num_shards: int = 1,
-    shard_index: int | None = None,
-    executor: Any = "local",
-    ray_address: str | None = None,
-    ray_options: dict[str, Any] | None = None,
-    dedup: bool = False,
-    dedup_threshold: float = 0.8,
-    source_weights: dict[str, float] | str | None = None,
-    columns: dict[str, str] | str | None = None,
-    export: str | Sequence[str] | None = None,
-    **more: Any,
+    **options: Any,
 ) -> pipeline.Selection:
     """``finesift.select(..., method="auto")``: trial every candidate on folds of the
     target, then select with the winner. Arguments as :func:`finesift.api.select`;
     ``method_options`` are :class:`AutoOptions` plus ``METHOD.KEY`` candidate options.
     ``select_with`` is the plain select (:func:`finesift.api.select`, which passes
-    itself) that every trial and the final selection go through. ``more``: select's other
-    keywords (``prefilter``, ...), passed as given to the final selection and, those not
-    ``None``, to every trial's selection (and its cache key).
+    itself) that every trial and the final selection go through. ``options``: the
+    keywords of ``select_with`` (its defaults where not given, read from its signature,
+    so the two never drift apart). Those this function does not read itself
+    (``prefilter``, ...) go as given to the final selection and, those not ``None``, to
+    every trial's selection (and its cache key).
 
     Returns:
         The winner's :class:`~finesift.pipeline.Selection` (all target examples, the whole
@@ -397,6 +372,25 @@ def select_auto(
         resolve_source_weights,
     )
 
+    import inspect
+
+    defaults = {name: p.default for name, p in inspect.signature(select_with).parameters.items()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    defaults.pop("method", None)
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise OptionError(f"method 'auto': unknown option(s) {', '.join(unknown)}; select "
+                          f"takes {', '.join(defaults)}")
+    opts_in = {**defaults, **options}
+    read = ("budget", "method_options", "task", "model", "strategy", "seed", "out", "fmt",
+            "max_length", "template", "precision", "dtype", "batch_size", "device", "progress",
+            "log", "workdir", "num_shards", "shard_index", "executor", "ray_address",
+            "ray_options", "dedup", "dedup_threshold", "source_weights", "columns", "export")
+    (budget, method_options, task, model, strategy, seed, out, fmt, max_length, template,
+     precision, dtype, batch_size, device, progress, log, workdir, num_shards, shard_index,
+     executor, ray_address, ray_options, dedup, dedup_threshold, source_weights, columns,
+     export) = (opts_in[k] for k in read)
+    more = {k: v for k, v in opts_in.items() if k not in read}
     log = as_log(log)
     t_start = time.perf_counter()
     plan = parse_options(method_options)
