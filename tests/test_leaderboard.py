@@ -199,7 +199,9 @@ def test_leaderboard_is_written_between_markers_and_keeps_the_rest(committed):
     board = text.split(BEGIN)[1].split(END)[0]
     assert "**tiny**: " in board
     assert "| dsir |" in board and "| ppl-one-seed |" in board
-    assert "| less | not run: too costly for this test |" in board
+    # a skipped cell points to its reason, listed once under the table
+    assert "| less | not run (note 1) |" in board
+    assert "\n1. too costly for this test\n" in board
     assert "corrupted" in board and "seeds 0" in board
     assert "**auto** picked " in board and "of its candidates (dsir, perplexity" in board
     assert re.search(r"tiny: \d+ runs, \d+\.\d h", board)

@@ -379,11 +379,15 @@ def leaderboard_markdown(suites: Sequence[SuiteResults],
     cell: dict[tuple[str, str], MethodSummary] = {
         (suite, m.label): m for suite, ms in summaries.items() for m in ms}
 
+    notes: dict[str, int] = {}  # a skipped cell's reason -> its note number under the table
+
     def imp_cell(suite: SuiteResults, label: str) -> str:
         m = cell.get((suite.name, label))
+        reason = suite.meta.get("skipped", {}).get(label)
+        if reason and (m is None or not m.n_runs):
+            return f"not run (note {notes.setdefault(reason, len(notes) + 1)})"
         if m is None:
-            reason = suite.meta.get("skipped", {}).get(label)
-            return f"not run: {reason}" if reason else "not in suite"
+            return "not in suite"
         if not m.n_runs:
             return m.note
         text = fmt_improvement(m)
@@ -413,6 +417,9 @@ def leaderboard_markdown(suites: Sequence[SuiteResults],
               "| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for label in order:
         lines.append(f"| {label} | " + " | ".join(imp_cell(s, label) for s in suites) + " |")
+    if notes:
+        lines += ["", "Cells not run, and why (the suites' `skipped:` entries):", ""]
+        lines += [f"{n}. {reason}" for reason, n in notes.items()]
     lines += ["", ("### Selection cost as a multiple of one random fine-tune + evaluation "
                    "(wall / CPU / peak memory)"), "",
               "| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
