@@ -2,12 +2,15 @@
 # Scores of the same selections from two source trees: REV (default 1f8f403^, before the
 # issue-14 redesign) and HEAD, on small demo data; then a 2-shard run plus merge of
 # SHARD_METHOD (default perplexity) on each side. Usage: benchmarks/compare_scores.sh [REV]
-# METHODS="tov less" limits the plain runs; OUT sets the work folder.
+# METHODS="tov less" limits the plain runs; OUT sets the work folder; LESS_OPTS the options
+# of the less run (default "-o projection=sparse", the CPU setting the suites use: the
+# dense default costs about 25 min a side here).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REV="${1:-1f8f403^}" D="${OUT:-/tmp/finesift-compare}"; OLD=$D/old NEW=$D/new
 METHODS="${METHODS:-dsir embed perplexity uncertainty tov less}"
-SHARD_METHOD="${SHARD_METHOD:-perplexity}"
+SHARD_METHOD="${SHARD_METHOD-perplexity}"
+LESS_OPTS="${LESS_OPTS:--o projection=sparse}"
 rm -rf $D; mkdir -p $OLD $NEW $D/data
 git archive "$REV" src | tar -x -C $OLD
 git archive HEAD src | tar -x -C $NEW
@@ -30,11 +33,12 @@ PY
 }
 
 for m in $METHODS; do
+  opts=""; [ $m = less ] && opts=$LESS_OPTS
   for side in old new; do
     src=$OLD; [ $side = new ] && src=$NEW
     echo "== $m $side $(date +%T)"
     PYTHONPATH=$src/src /usr/bin/time -f "%e s %M KB" .venv/bin/finesift select \
-      --pool $POOL --target $TARGET --budget 10 --method $m --out $D/run-$m-$side \
+      --pool $POOL --target $TARGET --budget 10 --method $m $opts --out $D/run-$m-$side \
       --no-progress > $D/log-$m-$side 2>&1
     tail -2 $D/log-$m-$side
   done
@@ -42,6 +46,7 @@ for m in $METHODS; do
 done
 
 m=$SHARD_METHOD
+[ -z "$m" ] && exit 0
 for side in old new; do
   src=$OLD; [ $side = new ] && src=$NEW
   echo "== $m, 2 shards + merge, $side $(date +%T)"
