@@ -453,3 +453,168 @@ def test_only_and_seeds_restrict_the_runs_and_name_the_choices(tmp_path, write_j
         restrict_order(order, cfg, ["dsir"], None)
     with pytest.raises(ConfigError, match=r"--seeds: 5 not among"):
         restrict_order(order, cfg, None, [5])
+
+
+# --------------------------------------------------------------------------- cascade rows
+
+TOV = "{tov: {mode: basic, lr: 3.0e-3, val_epochs: 2}}"
+CASCADE_METHODS = (f"methods: [{TOV}, {{tov: {{mode: basic, lr: 3.0e-3, val_epochs: 2}}, "
+                   "prefilter: \"t-fixed-order:25%\", label: tov-cascade}]")
+
+
+def _with_methods(methods: str, **replace: str) -> str:
+    text = CONFIG.replace(f"methods: [random, {TOV}]", methods)
+    for old, new in replace.items():
+        text = text.replace(old, new)
+    return text
+
+
+def test_method_prefilter_parses_and_enters_the_key_only_when_set(tmp_path, write_jsonl):
+    from finesift.evaluate.bench import MethodSpec
+
+    cfg = load_config(make_suite(tmp_path, write_jsonl, _with_methods(
+        "methods: [random, {tov: {mode: basic, val_epochs: 2}, label: tov-tuned}, "
+        "{tov: {mode: basic, val_epochs: 2}, prefilter: ' embed:20% ', label: tov-cascade}, "
+        "{tov: {mode: basic, val_epochs: 2}, prefilter: {method: dsir, share: 50, "
+        "options: {sampling: top}}, label: tov-dsir}]")))
+    plain, cascade, by_dict = cfg.methods[1:]
+    assert [m.prefilter for m in cfg.methods] == [
+        None, None, "embed:20%", {"method": "dsir", "share": 50, "options": {"sampling": "top"}}]
+    assert plain.options == cascade.options == by_dict.options
+    # without a prefilter the key is the one it was before prefilters existed (the value
+    # committed result rows carry: benchmarks/results/*/results.jsonl)
+    assert plain.key == "tov-tuned#9a2253c1"
+    assert MethodSpec("random", {}, "random").key == "random#bf21a9e8"
+    # with one, the same label and options get another key, hence other runs and folders
+    same_label = MethodSpec("tov", dict(plain.options), "tov-tuned", prefilter="embed:20%")
+    assert same_label.key != plain.key and same_label.dirname != plain.dirname
+    assert same_label.key.startswith("tov-tuned#")
+    assert MethodSpec("tov", dict(plain.options), "tov-tuned", prefilter="embed:10%").key \
+        not in (plain.key, same_label.key)
+    # unlabelled entries told apart by their prefilter alone get distinct labels
+    twins = load_config(make_suite(tmp_path / "twins", write_jsonl, _with_methods(
+        f"methods: [{TOV}, {{tov: {{mode: basic, lr: 3.0e-3, val_epochs: 2}}, "
+        "prefilter: \"dsir:50%\"}]")))
+    assert len({m.label for m in twins.methods}) == 2
+    assert "prefilter=dsir:50%" in twins.methods[1].label
+
+
+def test_committed_result_rows_keep_their_keys() -> None:
+    """The shipped suites' method keys still find their committed runs, and the large
+    suite's plain rows share those keys while its cascade row has its own."""
+    bench_dir = Path(__file__).resolve().parent.parent / "benchmarks"
+    cfg = load_config(bench_dir / "instruct-gsm8k.yaml")
+    committed = {json.loads(line)["key"].split("|")[0] for line in
+                 (bench_dir / "results/instruct-gsm8k/results.jsonl").read_text().splitlines()
+                 if line.strip()}
+    keys = {m.label: m.key for m in cfg.methods}
+    for label in ("random", "dsir-add1", "embed", "tov-tuned"):
+        assert keys[label] in committed, label
+    large = load_config(bench_dir / "instruct-gsm8k-large.yaml")
+    by_label = {m.label: m for m in large.methods}
+    assert [m.label for m in large.methods] == ["random", "embed", "dsir-add1", "tov-tuned",
+                                                "tov-cascade"]
+    for label in ("random", "embed", "dsir-add1", "tov-tuned"):
+        assert by_label[label].prefilter is None and by_label[label].key == keys[label]
+    assert by_label["tov-cascade"].prefilter == "embed:20%"
+    assert by_label["tov-cascade"].options == by_label["tov-tuned"].options
+    assert large.tune is None and large.budgets == [50, 100] and large.seeds == [0, 1, 2]
+    assert [(s.name, s.limit) for s in large.pool] == [("sharegpt", 2000), ("gsm8k", 200)]
+
+
+@pytest.mark.parametrize("value, message", [
+    ('"embed:abc"', "embed:abc: the share 'abc' must be a count"),
+    ('"embed:0%"', "embed:0%: the share '0%' must be"),
+    ('"embed"', "'embed': expected METHOD:SHARE"),
+    ('"nosuch:20%"', "nosuch:20%: unknown method 'nosuch'"),
+    ('"auto:20%"', "auto:20%: auto chooses a method"),
+    ('"dsir:10%,colour=red"', "dsir:10%,colour=red: method 'dsir' has no option(s) colour"),
+    ("20", "expected METHOD:SHARE"),
+    ("{method: dsir}", "expected a mapping with method, share"),
+])
+def test_a_bad_method_prefilter_is_a_config_error(tmp_path, write_jsonl, value: str,
+                                                  message: str) -> None:
+    cfg = make_suite(tmp_path, write_jsonl, _with_methods(
+        f"methods: [random, {{tov: {{mode: basic}}, prefilter: {value}, label: tov-cascade}}]"))
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg)
+    text = str(err.value)
+    assert text.startswith(f"{cfg}: methods: tov-cascade.prefilter: "), text
+    assert message in text
+    assert "--prefilter" not in text  # the config's key is named, not select's flag
+
+
+def test_a_prefilter_keeping_less_than_the_budget_stops_before_any_run(tmp_path, write_jsonl,
+                                                                      monkeypatch):
+    monkeypatch.setitem(REGISTRY, _FixedOrder.name, _FixedOrder)
+    cfg = make_suite(tmp_path, write_jsonl, _with_methods(
+        "methods: [random, {tov: {mode: basic}, prefilter: \"t-fixed-order:4\", "
+        "label: tov-cascade}]", **{"seeds: [0, 1]": "seeds: [0]"}))
+    with pytest.raises(ConfigError, match=r"methods: tov-cascade.prefilter: t-fixed-order:4 "
+                                          r"keeps 4 of the 48 pool examples, fewer than the "
+                                          r"largest budget 12"):
+        run_bench(cfg, out=tmp_path / "out", quick=True)
+    assert not (tmp_path / "out" / "results.jsonl").exists()
+    assert not (tmp_path / "out" / "setup.json").exists()  # stopped before the setup too
+
+
+def _kept_ids(out: Path, row: dict) -> list[str]:
+    """The pool ids the row's selection kept through its prefilter (its scores table)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out / row["selection_dir"] / "scores.parquet").to_pydict()
+    return [i for i, kept in zip(table["id"], table["prefilter_kept"], strict=True) if kept]
+
+
+def test_quick_bench_runs_a_cascade_row_beside_the_plain_method(tmp_path, write_jsonl,
+                                                                monkeypatch):
+    """A cascade row selects with the prefilter (here one that keeps the first quarter of
+    the pool: noise records only, which plain ToV would not pick), records it, and neither
+    reuses the plain method's selection nor lets the plain method reuse its own."""
+    import pyarrow.parquet as pq
+
+    monkeypatch.setitem(REGISTRY, _FixedOrder.name, _FixedOrder)
+    one_run = {"seeds: [0, 1]": "seeds: [0]", "budgets: [8, 25%]": "budgets: [8]"}
+    cfg = make_suite(tmp_path, write_jsonl, _with_methods(CASCADE_METHODS, **one_run))
+    out = tmp_path / "out"
+    messages: list[str] = []
+    result = run_bench(cfg, out=out, quick=True, log=messages.append)
+    assert result.n_failed == 0 and result.n_done == 2, messages
+    rows = {r["method"]: r for r in result.rows}
+    plain, cascade = rows["tov"], rows["tov-cascade"]
+    assert "prefilter" not in plain and cascade["prefilter"] == "t-fixed-order:25%"
+    assert cascade["key"].split("|")[0] != plain["key"].split("|")[0]
+    assert cascade["selection_dir"] != plain["selection_dir"]
+    assert any("scoring the pool with tov-cascade" in m for m in messages)
+    # the prefilter kept the first quarter of the 48-example pool: 12 noise records
+    pool_ids = [json.loads(line)["id"] for name in ("pool-noise", "pool-seq")
+                for line in (out / "data" / f"{name}.jsonl").read_text().splitlines()]
+    kept = _kept_ids(out, cascade)
+    assert kept == pool_ids[:12] and all(i.startswith("noise-") for i in kept)
+    assert len(cascade["selected_ids"]) == 6 and set(cascade["selected_ids"]) <= set(kept)
+    assert cascade["n_from_seq"] == 0
+    # the plain method scored the whole pool (no prefilter) and picked target-like records
+    plain_table = pq.read_table(out / plain["selection_dir"] / "scores.parquet")
+    assert "prefilter_kept" not in plain_table.column_names
+    assert not set(plain["selected_ids"]) <= set(kept) and plain["n_from_seq"] > 0
+    manifest = json.loads((out / cascade["selection_dir"] / "manifest.json").read_text())
+    assert (manifest["prefilter"]["method"], manifest["prefilter"]["kept"]) == (
+        "t-fixed-order", 12)
+    with open(out / "results.csv", newline="") as fh:
+        assert {r["method"]: r["prefilter"] for r in csv.DictReader(fh)} == {
+            "tov": "", "tov-cascade": "t-fixed-order:25%"}
+
+    # the plain entry given the prefilter under its old label: new runs, not the old ones
+    moved = make_suite(tmp_path / "moved", write_jsonl, _with_methods(
+        "methods: [{tov: {mode: basic, lr: 3.0e-3, val_epochs: 2}, "
+        "prefilter: \"t-fixed-order:25%\"}]", **one_run))
+    messages.clear()
+    again = run_bench(moved, out=out, quick=True, log=messages.append)
+    assert again.n_done == 1 and again.n_skipped == 0, messages
+    assert any("scoring the pool with tov, seed 0" in m for m in messages)
+    (row,) = again.rows
+    assert row["method"] == "tov" and row["prefilter"] == "t-fixed-order:25%"
+    assert row["selection_dir"] != plain["selection_dir"]
+    assert set(row["selected_ids"]) <= set(_kept_ids(out, row))
+    # and it resumes like any row
+    assert run_bench(moved, out=out, quick=True).n_skipped == 1

@@ -26,7 +26,8 @@ Configuration (YAML; paths relative to the file)::
       - {name: sharegpt, path: data/sharegpt.jsonl, limit: 1500}
       - {name: gsm8k, path: data/gsm8k_pool.jsonl}
     target: {val: data/gsm8k_val.jsonl, test: data/gsm8k_test.jsonl}
-    methods: [random, tov]   # or {tov: {mode: interleaved}}
+    methods: [random, tov]   # or {tov: {mode: interleaved}}; an entry may also carry
+                             # label, seeds and prefilter ("embed:20%": a cascade row)
     budgets: [128, 256]      # counts or percentages of the pool
     seeds: [0, 1, 2]
     finetune: {epochs: 1, lr: 2.0e-4, lora_rank: 16, batch_size: 8}
@@ -60,7 +61,7 @@ CONFIG_KEYS = ("name", "task", "model", "max_length", "pool", "target", "methods
 OPTIONAL_KEYS = ("strategy", "tune", "results", "leaderboard", "flags", "skipped", "device",
                  "dtype")
 # the keys a method entry may carry beside its one {name: options} pair
-METHOD_ENTRY_KEYS = ("seeds", "label")
+METHOD_ENTRY_KEYS = ("seeds", "label", "prefilter")
 
 # --quick: a tiny random model and this many records
 QUICK_POOL_PER_SOURCE = 24
@@ -92,19 +93,27 @@ class MethodSpec:
     """A method of the config, with its options and a unique display label.
 
     ``seeds``: the seeds this method runs on when not all of the config's (a method too
-    costly to run on every seed says so in the reports instead of being left out)."""
+    costly to run on every seed says so in the reports instead of being left out).
+    ``prefilter``: a cascade (``"embed:20%"``, as ``select``'s ``prefilter=`` takes it, as
+    written in the config): a cheap method ranks the pool and this method scores only the
+    kept share; ``None`` for the plain method."""
 
     name: str
     options: dict[str, Any]
     label: str
     seeds: list[int] | None = None
+    prefilter: str | dict[str, Any] | None = None
 
     @property
     def key(self) -> str:
-        """Label plus a hash of the options: changed options never reuse old runs."""
+        """Label plus a hash of the options (and of the prefilter, when there is one):
+        changed options never reuse old runs. Without a prefilter the hash is of the
+        options alone, as before prefilters existed, so committed results keep their keys."""
         from finesift.store.work import fingerprint
 
-        return f"{self.label}#{fingerprint(self.options, version='bench-v0')}"
+        identity = (self.options if self.prefilter is None
+                    else {"options": self.options, "prefilter": self.prefilter})
+        return f"{self.label}#{fingerprint(identity, version='bench-v0')}"
 
     @property
     def dirname(self) -> str:
@@ -175,17 +184,49 @@ def _method_specs(value: Any, cfg_path: Path) -> list[MethodSpec]:
                                   or "|" in label or "#" in label):
             raise ConfigError(cfg_path, f"methods: {name}.label: expected a short name "
                                         f"without '|' or '#', got {label!r}")
-        specs.append(MethodSpec(str(name), dict(opts or {}), label or str(name), seeds))
+        prefilter = _method_prefilter(extra.get("prefilter"), label or str(name), cfg_path)
+        specs.append(MethodSpec(str(name), dict(opts or {}), label or str(name), seeds,
+                                prefilter))
         if label:
             named.add(id(specs[-1]))
     counts = Counter(s.label for s in specs)
     for s in specs:
         if counts[s.label] > 1 and id(s) not in named:
-            s.label = s.name + "[" + ",".join(f"{k}={v}" for k, v in sorted(s.options.items())) + "]"
+            parts = [f"{k}={v}" for k, v in sorted(s.options.items())]
+            if s.prefilter is not None:
+                parts.append(f"prefilter={s.prefilter}")
+            s.label = s.name + "[" + ",".join(parts) + "]"
     labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):
         raise ConfigError(cfg_path, f"methods: listed twice with the same options: {labels}")
     return specs
+
+
+def _method_prefilter(value: Any, who: str, cfg_path: Path) -> str | dict[str, Any] | None:
+    """A method entry's ``prefilter`` checked with ``select``'s own parser
+    (:func:`finesift.select.prefilter.parse_prefilter`) and returned as written (a string
+    stripped of surrounding spaces), or ``None`` without one.
+
+    Raises:
+        ConfigError: a malformed spec, an unknown prefilter method, a bad share or an
+            option the prefilter method rejects, naming the file, the method and the value.
+    """
+    from finesift.select.prefilter import EXAMPLES, parse_prefilter
+
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = value.strip()
+    elif not isinstance(value, dict):
+        raise ConfigError(cfg_path, f"methods: {who}.prefilter: expected METHOD:SHARE "
+                                    f"({EXAMPLES}), got {value!r}")
+    try:
+        parse_prefilter(value)
+    except OptionError as exc:
+        detail = str(exc).removeprefix("--prefilter ")
+        # the parser names the spec first ("embed:abc: the share 'abc' must be ...")
+        raise ConfigError(cfg_path, f"methods: {who}.prefilter: {detail}") from None
+    return value
 
 
 def load_config(path: str | Path) -> BenchConfig:
@@ -474,7 +515,10 @@ def _selection(cfg: BenchConfig, data: BenchData, spec: MethodSpec, seed: int, b
     folder ``OUT/work/<method>``, where it keeps fingerprinted state (HARP's
     train-evaluate runs are reused across its budgets), so a method's selection cost is
     what it costs alone: no method reuses another's cached passes (perplexity and
-    uncertainty would otherwise share one forward pass over the pool).
+    uncertainty would otherwise share one forward pass over the pool). A cascade entry
+    (``spec.prefilter``) selects with ``select``'s ``prefilter=``; its key, hence its
+    folders, differ from the plain method's, and a finished selection is reused only when
+    it was made with the same prefilter (or, for the plain method, with none).
 
     Returns ``(columns, cost)``: the score table and the scoring stage's cost, with the
     method's scalar figures (``method_info``) from the manifest.
@@ -489,10 +533,10 @@ def _selection(cfg: BenchConfig, data: BenchData, spec: MethodSpec, seed: int, b
     current = resolved_options(spec)
     if done.exists() and (sel_dir / "scores.parquet").exists():
         cost = {**json.loads(done.read_text()), "dir": sel_dir.name}
-        if is_current(cost, current):
+        if is_current(cost, current) and cost.get("prefilter") == spec.prefilter:
             return pq.read_table(sel_dir / "scores.parquet").to_pydict(), cost
-        log(f"[{cfg.name}] {spec.label}, seed {seed}: the options of the selection in "
-            f"{sel_dir} differ from this run's: scoring again")
+        log(f"[{cfg.name}] {spec.label}, seed {seed}: the options or prefilter of the "
+            f"selection in {sel_dir} differ from this run's: scoring again")
         done.unlink()
     costs = Stopwatch()
     log(f"[{cfg.name}] scoring the pool with {spec.label}, seed {seed} ...")
@@ -502,13 +546,14 @@ def _selection(cfg: BenchConfig, data: BenchData, spec: MethodSpec, seed: int, b
             method=spec.name, method_options=spec.options, task=cfg.task, model=model,
             strategy=cfg.strategy, seed=seed, out=sel_dir, max_length=cfg.max_length,
             progress=progress, log=log, workdir=out / "work" / spec.dirname,
-            device=cfg.device, dtype=cfg.dtype,
+            device=cfg.device, dtype=cfg.dtype, prefilter=spec.prefilter,
         )
     info = dict(sel.manifest.get("method_info") or {})
     cost = {**costs.stages["select"], "dir": sel_dir.name,
             "method_info": {k: v for k, v in info.items()
                             if isinstance(v, (int, float, str, bool)) or v is None},
-            "resolved_options": current}
+            "resolved_options": current,
+            **({"prefilter": spec.prefilter} if spec.prefilter is not None else {})}
     from finesift.store import write_json
 
     write_json(done, cost)
@@ -646,6 +691,10 @@ def run_bench(
             counts[b] = parse_budget(b, len(data.pool))
         except OptionError as exc:
             raise ConfigError(cfg.path, f"budgets: {exc}") from None
+    order = [] if report_only else run_order(cfg.methods, seeds, seeds_first)
+    order = restrict_order(order, cfg, only, only_seeds)
+    # before any tuning or run: a cascade that keeps fewer examples than the budget
+    check_cascades(cfg, [spec for spec, _ in order], max(counts.values()), len(data.pool))
     labels = label_names(cfg.task, model, [data.pool, data.val, data.test])
     largest = max(budgets, key=lambda b: counts[b])
     tuning = None
@@ -677,8 +726,6 @@ def run_bench(
 
     from finesift.methods.base import available
 
-    order = [] if report_only else run_order(cfg.methods, seeds, seeds_first)
-    order = restrict_order(order, cfg, only, only_seeds)
     for spec, seed in order:
         per_budget = bool(getattr(available().get(spec.name), "uses_budget", False))
         current = resolved_options(spec)
@@ -769,6 +816,22 @@ def restrict_order(order: list[tuple[MethodSpec, int]], cfg: BenchConfig,
     return order
 
 
+def check_cascades(cfg: BenchConfig, specs: Sequence[MethodSpec], k: int, n_pool: int) -> None:
+    """Stop before any run when a cascade entry's prefilter keeps fewer than ``k`` (the
+    largest budget) of the ``n_pool`` pool examples: ``select`` would stop that entry's
+    selection only after the entries before it had run. (``select`` checks again on the
+    usable pool, which ``--dedup`` may make smaller.)"""
+    from finesift.select.prefilter import parse_prefilter
+
+    for spec in {id(s): s for s in specs if s.prefilter is not None}.values():
+        n_keep = parse_prefilter(spec.prefilter).count(n_pool)
+        if n_keep < k:
+            raise ConfigError(cfg.path, f"methods: {spec.label}.prefilter: {spec.prefilter} "
+                                        f"keeps {n_keep} of the {n_pool} pool examples, "
+                                        f"fewer than the largest budget {k}: keep at least "
+                                        f"{k} (a larger share) or lower the budget")
+
+
 def resolved_options(spec: MethodSpec) -> dict[str, Any] | None:
     """Every option of ``spec``'s method with its value in this run, defaults included
     (None for a method without an options dataclass, such as ``auto``). Recorded in each
@@ -823,7 +886,9 @@ def pending_suites(config_dir: Path, results_root: Path) -> list[SuiteResults]:
 def suite_methods(cfg: BenchConfig, seeds: list[int]) -> list[dict[str, Any]]:
     """The config's methods as the reports and the leaderboard see them."""
     return [{"label": m.label, "name": m.name, "options": m.options, "key": m.key,
-             "seeds": method_seeds(m, seeds)} for m in cfg.methods]
+             "seeds": method_seeds(m, seeds),
+             **({"prefilter": m.prefilter} if m.prefilter is not None else {})}
+            for m in cfg.methods]
 
 
 def write_suite_record(res_dir: Path, cfg: BenchConfig, model: str | None, budgets: list,
@@ -874,7 +939,9 @@ def check_same_setup(out: Path, cfg: BenchConfig, model: str | None,
 def _failed_row(cfg: BenchConfig, spec: MethodSpec, budget: Any, k: int, seed: int,
                 exc: BaseException) -> dict[str, Any]:
     return {"key": run_key(spec.key, budget, seed), "config": cfg.name, "method": spec.label,
-            "method_name": spec.name, "budget": str(budget), "budget_count": k, "seed": seed,
+            "method_name": spec.name,
+            **({"prefilter": spec.prefilter} if spec.prefilter is not None else {}),
+            "budget": str(budget), "budget_count": k, "seed": seed,
             "status": "failed", "error": f"{type(exc).__name__}: {exc}",
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
@@ -908,6 +975,8 @@ def _one_run(cfg, data, spec, budget, k, seed, columns, sel_cost, base, by_id, m
         "resolved_options": resolved_options(spec),
         "budget": str(budget), "budget_count": k, "seed": seed,
     }
+    if spec.prefilter is not None:  # a cascade row (rows of plain methods stay as they were)
+        row["prefilter"] = spec.prefilter
     info = sel_cost.get("method_info") or {}
     row["method_info"] = info
     from finesift.methods.base import report_columns
@@ -1062,6 +1131,8 @@ def write_tables(out: Path, rows: list[dict[str, Any]]) -> None:
     from finesift.methods.base import report_columns
 
     cols = list(TABLE_COLUMNS[:17]) + extra + list(report_columns()) + list(TABLE_COLUMNS[17:])
+    if any(r.get("prefilter") is not None for r in rows):  # a suite with a cascade row
+        cols.insert(cols.index("method_options") + 1, "prefilter")
     with atomic_path(out / "results.csv") as tmp, open(tmp, "w", newline="",
                                                        encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
