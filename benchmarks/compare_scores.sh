@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Scores of the same selections from two source trees: REV (default 1f8f403^, before the
 # issue-14 redesign) and HEAD, on small demo data; then a 2-shard run plus merge of
-# SHARD_METHOD (default perplexity) on each side. Usage: benchmarks/compare_scores.sh [REV]
+# SHARD_METHOD (default embed; dsir cannot shard) on each side. Usage: benchmarks/compare_scores.sh [REV]
 # METHODS="tov less" limits the plain runs; OUT sets the work folder; LESS_OPTS the options
 # of the less run (default "-o projection=sparse", the CPU setting the suites use: the
 # dense default costs about 25 min a side here).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REV="${1:-1f8f403^}" D="${OUT:-/tmp/finesift-compare}"; OLD=$D/old NEW=$D/new
-METHODS="${METHODS:-dsir embed perplexity uncertainty tov less}"
-SHARD_METHOD="${SHARD_METHOD-perplexity}"
+METHODS="${METHODS-dsir embed perplexity uncertainty tov less}"
+SHARD_METHOD="${SHARD_METHOD-embed}"
 LESS_OPTS="${LESS_OPTS:--o projection=sparse}"
 rm -rf $D; mkdir -p $OLD $NEW $D/data
 git archive "$REV" src | tar -x -C $OLD
