@@ -53,8 +53,9 @@ def add_lora(model: torch.nn.Module, task: Any, options: LoraOptions, *, seed: i
     if targets == "all-linear" and factored:
         # an IProX proxy (finesift.models.proxy): peft's "all-linear" matches by the last
         # name component, which would also hit factored layers (not nn.Linear) that share a
-        # name with a kept-full layer; list every linear by its full name instead (the A
-        # and B factors of factored layers, every kept-full linear, no LM head or head)
+        # name with a kept-full layer; list every linear by its full name instead (the one
+        # factor of each factored layer that is an nn.Linear, the other being a plain
+        # module; every kept-full linear; no LM head or head)
         skip = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         head_name = kwargs.get("modules_to_save", [None])[0]
         targets = sorted(

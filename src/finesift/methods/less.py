@@ -28,8 +28,10 @@ bias-corrected update instead; the two rank pool examples differently (Spearman 
 0.95 on the demo), and the benchmark suites measure both.
 
 With ``proxy="iprox:RHO"`` everything above runs on an IProX proxy of the model
-(:mod:`finesift.models.proxy`, built before the LoRA adapter is added; cached in the
-work folder), and the proxy's parameter counts and stage timings join the manifest.
+(:mod:`finesift.models.proxy`, built before the LoRA adapter is added, which then sits on
+one factor of each factored layer; cached in finesift's cache, or the work folder where
+that is not writable, and reused by any run with the same model, proxy options and probe
+examples), and the proxy's parameter counts and stage timings join the manifest.
 
 The pool is cut into chunks of ``chunk_size`` examples on the length-sorted grid of
 :mod:`finesift.store.chunks` (tight batches; a chunk's features are the same whichever
@@ -71,11 +73,12 @@ from finesift.methods.base import (
     MethodContext,
     MethodResult,
     load_spec_model,
+    model_identity,
     register,
     run_fingerprint,
     score_chunks,
 )
-from finesift.models.proxy import build_proxy, parse_proxy, proxy_tag
+from finesift.models.proxy import build_proxy, parse_proxy, proxy_cache_roots
 from finesift.store.chunks import ChunkStore, chunk_grid, grid_rows, shard_chunk_ids
 from finesift.store.files import atomic_save_npy, atomic_save_torch
 
@@ -108,8 +111,12 @@ class GradInfluenceOptions(LoraFields):
         proxy: ``""`` (default: the model itself) or ``iprox:RHO[,KEY=VALUE...]``: run on
             an IProX influence-preserving proxy of the model with compression ratio RHO
             (see :mod:`finesift.models.proxy`; KEY is an :class:`IProxOptions` field,
-            e.g. ``iprox:0.5,align_epochs=1``). The LoRA adapter then goes on the proxy's
-            factors.
+            e.g. ``iprox:0.5,align_epochs=1``, ``iprox:0.5,svd=exact`` for the exact
+            rather than randomized SVD in IPSVD, ``svd_niter=4``, ``probe_examples=32``).
+            The LoRA adapter then goes on one factor of each factored layer (the smaller
+            adapter) and on the layers kept full: one adapted linear per adapted linear of
+            the model, fewer LoRA parameters. The built proxy is cached (finesift's cache,
+            else the work folder) and loaded by later runs with the same inputs.
         adam_formula: ``less`` only: the Adam preconditioning of pool gradients,
             ``reference`` (default; LESS's released code: m / sqrt(v + eps), no bias
             correction) or ``paper`` (the bias-corrected Adam update,
@@ -271,7 +278,7 @@ class GradChunkScorer:
 
         base = load_spec_model(self.model_spec, device, who="less/tracin")
         if self.proxy is not None:
-            base = factorize(base, self.proxy["ranks"])
+            base = factorize(base, self.proxy["ranks"], init="none")
             with torch.no_grad():
                 pm = dict(unwrap(base).named_parameters())
                 for k, v in self.proxy["factors"].items():
@@ -591,13 +598,13 @@ class _GradInfluence(Method):
         spec = parse_proxy(o.proxy)
         if spec is not None:
             # a new model: ctx.model is left as it was (bench and api reuse it)
-            cache = None
-            if ctx.workdir is not None:
-                fp = run_fingerprint(proxy_tag(ctx.model), spec, ctx)
-                cache = Path(ctx.workdir) / f"iprox-{fp}" / "proxy.pt"
+            # a run that keeps state (a work folder) keeps and reuses the proxy too
+            cache = proxy_cache_roots(ctx.workdir) if ctx.workdir is not None else None
             base, proxy_info = build_proxy(
                 ctx.model, ctx.task, ctx.pool, spec, model_task=ctx.model_task, seed=ctx.seed,
-                batch_size=ctx.batch_size, device=ctx.device, cache=cache, log=ctx.log)
+                batch_size=ctx.batch_size, device=ctx.device, cache=cache,
+                model_id=None if ctx.model_spec is None else model_identity(ctx.model_spec),
+                log=ctx.log)
         blob = proxy_blob(base) if spec is not None and ctx.executor is not None else None
         model = add_lora(base, ctx.model_task, lora, seed=ctx.seed)
         try:
@@ -698,11 +705,12 @@ def proxy_cost(ctx: MethodContext, spec: Any, lora: LoraOptions, cost: Any) -> N
     """Add the IProX build (:func:`finesift.models.proxy.build_proxy`) to ``cost``: the
     covariance passes over the probe set (a forward and backward pass per group of layers
     whose accumulators fit ``cov_memory_mb``), IPSVD of every factored layer (Cholesky
-    factors, a Gram eigendecomposition, triangular solves; timed once per layer shape)
-    and ``align_epochs`` epochs of gradient alignment over the probe set (the full model's
-    gradients and the proxy's with a double backward: counted as three training steps).
-    The later passes run on the proxy but are timed on the full model (an upper bound
-    where the proxy is cheaper)."""
+    factors, whitening, the rank-r SVD of ``svd``, triangular solves; timed once per
+    layer shape) and ``align_epochs`` epochs of gradient alignment over the probe set
+    (the full model's gradients and the proxy's with a double backward: counted as three
+    training steps). The later passes run on the proxy but are timed on the full model (an
+    upper bound where the proxy is cheaper). A cached proxy (loaded, not built) costs
+    none of this; the estimate does not look for one."""
     from collections import Counter
 
     from finesift.engine.cost import (
@@ -735,14 +743,13 @@ def proxy_cost(ctx: MethodContext, spec: Any, lora: LoraOptions, cost: Any) -> N
         smallest = min(shapes, key=lambda x: x[0] * x[1])
         for (out_f, in_f, r), count in [(smallest, 0), *shapes.items()]:  # warm-up first
             def one(out_f: int = out_f, in_f: int = in_f, r: int = r) -> None:
-                W = torch.randn(out_f, in_f)
-                torch.linalg.svd(W.double(), full_matrices=False)  # factorize's initial SVD
-                L_h = ipx.damped_cholesky(torch.eye(in_f) + 0.01, 0.01, torch.float32)
-                L_d = ipx.damped_cholesky(torch.eye(out_f) + 0.01, 0.01, torch.float32)
-                P_, sv, Qh = ipx.top_svd(L_d.T @ W @ L_h, r)
-                torch.linalg.solve_triangular(L_d.T, (P_ * sv.sqrt()).float(), upper=True)
-                torch.linalg.solve_triangular(L_h, (sv.sqrt()[:, None] * Qh).float(),
-                                              upper=False, left=False)
+                # what build_proxy does per layer: Cholesky factors of both covariances,
+                # whitening, the rank-r SVD (spec.svd), two triangular solves
+                cov = ipx.Covariances(torch.eye(in_f, dtype=torch.float64) + 0.01,
+                                      torch.eye(out_f, dtype=torch.float64) + 0.01, 1)
+                ipx.ipsvd_factors(torch.randn(out_f, in_f), cov, r, spec.damping,
+                                  dtype=torch.float32, svd=spec.svd, niter=spec.svd_niter,
+                                  oversample=spec.svd_oversample)
             if count:
                 total += count * time_it(one)
             else:
