@@ -362,6 +362,8 @@ def select_auto(
         fine-tune seconds, the subset sizes), ``winner``, ``base_heldout_loss_per_fold``
         (the untouched model) and ``settings``.
     """
+    import inspect
+
     from finesift.data.dedup import check_threshold
     from finesift.data.readers import load_records
     from finesift.logs import as_log
@@ -371,8 +373,6 @@ def select_auto(
         parse_source_weights,
         resolve_source_weights,
     )
-
-    import inspect
 
     defaults = {name: p.default for name, p in inspect.signature(select_with).parameters.items()
                 if p.kind is inspect.Parameter.KEYWORD_ONLY}
