@@ -78,9 +78,12 @@ def test_verdict_names_the_best_and_tells_noise_from_a_real_lead():
 def test_verdict_says_whether_auto_picked_the_leaderboards_best_candidate():
     rng = np.random.default_rng(3)
     # embed clearly best, dsir second; less is better than both but not a candidate
+    # embed-cascade (embed after a dsir prefilter) is better still, but it is not the
+    # candidate auto tried, so it must not count as the best candidate
     rows = _rows(_planted(rng, {"random": 0.0, "embed": 0.10, "dsir": 0.05, "less": 0.15,
-                                "auto": 0.05}))
+                                "auto": 0.05, "embed-cascade": 0.20}))
     methods = [{"label": m, "name": m} for m in ("random", "embed", "dsir", "less", "auto")]
+    methods.append({"label": "embed-cascade", "name": "embed", "prefilter": "dsir:20%"})
     for pick, agrees in (("embed", True), ("dsir", False)):
         for r in rows:
             if r["method"] == "auto":

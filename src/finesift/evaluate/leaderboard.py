@@ -61,6 +61,7 @@ class MethodSummary:
     cost: dict[str, float] = field(default_factory=dict)
     multiples: dict[str, float] = field(default_factory=dict)
     auto_picks: dict[str, int] = field(default_factory=dict)
+    prefilter: str | dict[str, Any] | None = None  # a cascade row: "embed:20%"
     note: str = ""
 
 
@@ -121,7 +122,8 @@ def summarize(rows: Sequence[dict[str, Any]], methods: Sequence[dict[str, Any]],
     out = []
     for m in methods:
         s = MethodSummary(label=m["label"], name=m["name"],
-                          planned_seeds=list(m.get("seeds") or []))
+                          planned_seeds=list(m.get("seeds") or []),
+                          prefilter=m.get("prefilter"))
         mine = [r for r in ok if r["method"] == s.label]
         s.n_runs = len(mine)
         s.seeds = sorted({int(r["seed"]) for r in mine})
@@ -243,7 +245,9 @@ def auto_agreement(rows: Sequence[dict[str, Any]], ranked: Sequence[MethodSummar
         given = json.loads(mine[0].get("method_options") or "{}") if mine else {}
         cands = [c.strip() for c in str(given.get("candidates", AutoOptions.candidates))
                  .split(",") if c.strip()] + ["random"]
-        among = [m for m in ranked if m.name in cands and not m.auto_picks]
+        # a cascade row (a prefilter before the method) is not the candidate auto tried
+        among = [m for m in ranked
+                 if m.name in cands and not m.auto_picks and m.prefilter is None]
         if not among:
             continue
         best = among[0]

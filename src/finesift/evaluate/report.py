@@ -278,7 +278,9 @@ def write_report(out: Path, cfg: Any, rows: list[dict[str, Any]], *, budgets: li
     from finesift.evaluate.leaderboard import head_to_head_rows, stats_note, summarize, verdict
 
     run_methods = methods or [{"label": m.label, "name": m.name, "options": m.options,
-                               "seeds": list(seeds)} for m in cfg.methods]
+                               "seeds": list(seeds),
+                               **({"prefilter": m.prefilter} if m.prefilter is not None
+                                  else {})} for m in cfg.methods]
     methods = [m["label"] for m in run_methods]
     budget_keys = [str(b) for b in budgets]
     sources = [s.name for s in cfg.pool]
@@ -306,7 +308,9 @@ def write_report(out: Path, cfg: Any, rows: list[dict[str, Any]], *, budgets: li
     effective = {
         "budgets": [str(b) for b in budgets], "seeds": list(seeds),
         "methods": {m["label"]: {"method": m["name"], "options": m.get("options", {}),
-                                 "seeds": m["seeds"]} for m in run_methods},
+                                 "seeds": m["seeds"],
+                                 **({"prefilter": m["prefilter"]} if m.get("prefilter")
+                                    is not None else {})} for m in run_methods},
         "strategy": cfg.strategy, "model": str(model), "max_length": cfg.max_length,
         "finetune": finetune.hyperparameters(), "quick": quick,
     }
