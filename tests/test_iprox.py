@@ -299,6 +299,127 @@ def test_alignment_lowers_the_alignment_loss_on_the_probe_set(data: Data):
     assert moved and all(k.endswith(("up.weight", "down.weight")) for k in moved)
 
 
+def test_align_eval_records_the_objective_before_and_after(data: Data, tmp_path):
+    """``align_eval``: the Stage 2 objective right after IPSVD and after the alignment,
+    with its per-layer breakdown, in the build's figures; the same factors as without it
+    (so it is not part of the cache key); lowered by 3 epochs at lr 1e-4 (as in
+    test_alignment_lowers_the_alignment_loss_on_the_probe_set, measured 0.261 -> 0.228)."""
+    model = tiny_causal_lm(len(data.tok))
+    kw = {"rho": 0.5, "align_epochs": 3, **SMALL}
+    logs: list[str] = []
+    proxy, info = I.build_proxy(model, data.task, data.pool,
+                                I.IProxOptions(align_eval=True, **kw), log=logs.append)
+    plain, plain_info = I.build_proxy(model, data.task, data.pool, I.IProxOptions(**kw))
+    sd, sd0 = proxy.state_dict(), plain.state_dict()
+    assert all(torch.equal(sd[k], sd0[k]) for k in sd0)
+    assert "proxy_align_before" not in plain_info
+    before, after = info["proxy_align_before"], info["proxy_align_after"]
+    assert after["total"] < before["total"] - 0.02
+    assert info["proxy_seconds_align_eval"] > 0
+    assert [round(t["align"] + 0.1 * t["kl"], 5) for t in info["proxy_align_epoch_terms"]] == \
+        pytest.approx([round(x, 5) for x in info["proxy_align_epoch_losses"]], abs=1e-5)
+    for res in (before, after):
+        assert set(res) == {"align", "kl", "total", "align_A", "align_B", "layers", "by_block",
+                            "by_kind", "min_grad_norm", "layers_tiny_grad"}
+        # IPSVD's factors make some gradients small (measured 7.2e-7 on this model)
+        assert res["min_grad_norm"] > 2e-7 and res["layers_tiny_grad"] == 0
+        assert len(res["layers"]) == 14 and list(res["by_block"]) == ["0", "1"]
+        assert set(res["by_kind"]) == {f"self_attn.{p}_proj" for p in "qkvo"} | {
+            f"mlp.{p}_proj" for p in ("gate", "up", "down")}
+        assert np.mean(list(res["layers"].values())) == pytest.approx(res["align"], abs=1e-5)
+        assert 0.5 * (res["align_A"] + res["align_B"]) == pytest.approx(res["align"], abs=1e-5)
+    # "after" is the aligned proxy's objective
+    probe = [data.pool[i] for i in I.probe_indices(len(data.pool), I.IProxOptions(**kw), 0)]
+    direct = I.alignment_loss(model, proxy, data.task, probe, model_task="lm",
+                              opts=I.IProxOptions(**kw))
+    assert direct["align"] == pytest.approx(after["align"], abs=1e-5)
+    assert any("alignment objective before" in m for m in logs)
+    # no alignment: one evaluation, before = after
+    _, info0 = I.build_proxy(model, data.task, data.pool,
+                             I.IProxOptions(align_eval=True, **{**kw, "align_epochs": 0}))
+    assert info0["proxy_align_after"] == info0["proxy_align_before"]
+    assert info0["proxy_align_before"]["align"] == pytest.approx(before["align"], abs=1e-6)
+    assert info0["proxy_align_epoch_losses"] == [] and info0["proxy_align_epoch_terms"] == []
+
+
+def test_align_eval_is_not_in_the_cache_key_but_rebuilds_a_proxy_without_it(
+        data: Data, tmp_path, monkeypatch):
+    model = tiny_causal_lm(len(data.tok))
+    kw = {"rho": 0.5, "align_epochs": 1, **SMALL}
+    _, info1 = I.build_proxy(model, data.task, data.pool, I.IProxOptions(**kw), cache=tmp_path)
+    assert info1["proxy_cached"] is False and "proxy_align_before" not in info1
+    logs: list[str] = []
+    _, info2 = I.build_proxy(model, data.task, data.pool, I.IProxOptions(align_eval=True, **kw),
+                             cache=tmp_path, log=logs.append)
+    # the cached proxy had no before/after figures: built again, the entry replaced
+    assert info2["proxy_cached"] is False and "proxy_align_before" in info2
+    assert any("built without align_eval" in m for m in logs)
+    assert len(list(tmp_path.glob("iprox-*.pt"))) == 1
+    monkeypatch.setattr(I, "ipsvd_factors", lambda *a, **k: pytest.fail("IPSVD ran"))
+    for eval_ in (True, False):  # now loaded, with the figures, either way
+        _, info3 = I.build_proxy(model, data.task, data.pool,
+                                 I.IProxOptions(align_eval=eval_, **kw), cache=tmp_path)
+        assert info3["proxy_cached"] is True
+        assert info3["proxy_align_before"] == info2["proxy_align_before"]
+        assert info3["proxy_options"]["align_eval"] is eval_
+
+
+@pytest.mark.parametrize("split", ["symmetric", "adapted"])
+@pytest.mark.parametrize("adapted", ["up", "down"])
+def test_split_factors_keeps_the_product(split, adapted):
+    gen = torch.Generator().manual_seed(0)
+    # IPSVD-like factors: a large A, a small B
+    A = torch.randn(24, 6, generator=gen, dtype=torch.float64) * 300
+    B = torch.randn(6, 16, generator=gen, dtype=torch.float64) / 500
+    A2, B2 = I.split_factors(A, B, split, adapted)
+    torch.testing.assert_close(A2 @ B2, A @ B, rtol=1e-10, atol=1e-12)
+    sv = torch.linalg.svdvals(A @ B)[:6]
+    eye = torch.eye(6, dtype=torch.float64)
+    if split == "symmetric":  # A' = U S^1/2, B' = S^1/2 V^T
+        torch.testing.assert_close(A2.T @ A2, torch.diag(sv), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(B2 @ B2.T, torch.diag(sv), rtol=1e-9, atol=1e-12)
+    elif adapted == "up":  # the adapted A carries S, B is orthonormal
+        torch.testing.assert_close(B2 @ B2.T, eye, rtol=0, atol=1e-10)
+        torch.testing.assert_close(A2.T @ A2, torch.diag(sv**2), rtol=1e-9, atol=1e-12)
+    else:
+        torch.testing.assert_close(A2.T @ A2, eye, rtol=0, atol=1e-10)
+        torch.testing.assert_close(B2 @ B2.T, torch.diag(sv**2), rtol=1e-9, atol=1e-12)
+    A3, B3 = I.split_factors(A, B, "ipsvd")
+    assert A3 is A and B3 is B
+    with pytest.raises(OptionError, match="split must be one of"):
+        I.split_factors(A, B, "lopsided")
+
+
+def test_split_changes_the_factors_not_the_proxy(data: Data):
+    """IPSVD's factors carry the covariances' scales (A large, B small, by a ratio that
+    differs between layers); a re-split proxy computes the same function, with balanced
+    factors, and is cached under its own key."""
+    model = tiny_causal_lm(len(data.tok))
+    exs = data.pool[:6]
+    kw = {"rho": 0.5, "align_epochs": 0, **SMALL}
+    base, _ = I.build_proxy(model, data.task, data.pool, I.IProxOptions(**kw))
+    ratios = [float(p.A.norm() / p.B.norm()) for _, _, p in I._pairs(model, base)]
+    assert max(ratios) / min(ratios) > 100  # measured 0.09 to 3e4
+    logits, _ = _logits_and_grads(base, data, exs)
+    for split in ("symmetric", "adapted"):
+        proxy, info = I.build_proxy(model, data.task, data.pool,
+                                    I.IProxOptions(split=split, **kw))
+        assert info["proxy_options"]["split"] == split
+        lp, _ = _logits_and_grads(proxy, data, exs)
+        torch.testing.assert_close(lp, logits, atol=1e-4, rtol=1e-4)
+        for _, _, p in I._pairs(model, proxy):
+            ratio = float(p.A.norm() / p.B.norm())
+            if split == "symmetric":
+                assert ratio == pytest.approx(1.0, rel=1e-3)
+            else:  # the orthonormal factor has norm sqrt(r)
+                other = p.B if p.adapted == "up" else p.A
+                assert float(other.norm()) == pytest.approx(p.rank ** 0.5, rel=1e-4)
+    probe = data.pool[:8]
+    key = {split: I.proxy_key(model, I.IProxOptions(split=split, **kw), probe, model_task="lm",
+                              seed=0, batch_size=8) for split in I.SPLITS}
+    assert len(set(key.values())) == 3
+
+
 # -- less on a proxy -------------------------------------------------------------------
 
 
@@ -543,12 +664,21 @@ def test_proxy_spec_parses_extra_options():
     assert (o.svd, o.svd_niter, o.svd_oversample) == ("exact", 4, 8)
     with pytest.raises(OptionError, match="svd must be one of"):
         I.parse_proxy("iprox:0.5,svd=full")
+    # flags are spelled out (bool("0") would be True)
+    assert I.parse_proxy("iprox:0.5,align_eval=1").align_eval is True
+    assert I.parse_proxy("iprox:0.5,align_eval=false").align_eval is False
+    assert I.parse_proxy("iprox:0.5").align_eval is False
+    with pytest.raises(OptionError, match="is not a flag"):
+        I.parse_proxy("iprox:0.5,align_eval=maybe")
+    assert I.parse_proxy("iprox:0.5,split=adapted").split == "adapted"
+    with pytest.raises(OptionError, match="split must be one of"):
+        I.parse_proxy("iprox:0.5,split=even")
 
 
 @pytest.mark.parametrize("argv,msg", [
     (["--method", "less", "--proxy", "iprox:2"], "rho must be in"),
     (["--method", "less", "--proxy", "lowrank:0.5"], "expected iprox:RHO"),
-    (["--method", "tov", "--proxy", "iprox:0.5"], "does not support --proxy"),
+    (["--method", "dsir", "--proxy", "iprox:0.5"], "does not support --proxy"),
 ])
 def test_cli_proxy_errors_are_clean(lm_data, tmp_path, capsys, argv, msg):
     from finesift.cli import main

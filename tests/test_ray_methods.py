@@ -30,6 +30,11 @@ CASES = {
     # method, options, the glob of its chunk files in OUT/.work, chunks of 79 examples
     "tov": ("tov", {"mode": "interleaved", "rounds": 2, "base_size": 16, "lr": 3e-3,
                     "chunk_size": 16}, "tov-*-chunk*.npy", 5),
+    # the coordinator builds the proxy and trains on it; workers rebuild it from its factors
+    "tov-iprox": ("tov", {"mode": "interleaved", "rounds": 2, "base_size": 16, "lr": 3e-3,
+                          "chunk_size": 16,
+                          "proxy": "iprox:0.5,block_size=4,probe_examples=8,align_epochs=1"},
+                  "tov-*-chunk*.npy", 5),
     "less": ("less", {**GRAD, "warmup_epochs": 2}, "less-*/ckpt*-pool-chunk*.npy", 2 * 5),
     "less-iprox": ("less", {**GRAD, "warmup_epochs": 1, "proxy":
                             "iprox:0.5,block_size=4,probe_examples=8,align_epochs=1"},

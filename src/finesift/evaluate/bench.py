@@ -836,16 +836,18 @@ def resolved_options(spec: MethodSpec) -> dict[str, Any] | None:
     """Every option of ``spec``'s method with its value in this run, defaults included
     (None for a method without an options dataclass, such as ``auto``). Recorded in each
     row and selection: a run whose recorded options differ (a default changed since) is
-    run again instead of being reused."""
+    run again instead of being reused. An option the method added later and leaves out
+    of its keys while unset (:func:`~finesift.methods.base.option_identity`) is left out
+    here too, so rows recorded before it existed stay current."""
     import dataclasses
 
-    from finesift.methods.base import available, options_from_dict
+    from finesift.methods.base import available, option_identity, options_from_dict
 
     cls = available().get(spec.name)
     if cls is None or not dataclasses.is_dataclass(cls.Options):
         return None
     opts = options_from_dict(cls, spec.options)
-    return json.loads(json.dumps(dataclasses.asdict(opts), sort_keys=True, default=str))
+    return json.loads(json.dumps(option_identity(opts), sort_keys=True, default=str))
 
 
 def is_current(record: dict[str, Any], current: dict[str, Any] | None) -> bool:

@@ -334,11 +334,27 @@ def model_identity(spec: dict[str, Any] | None) -> str:
     return json.dumps(parts, default=str)
 
 
+def option_identity(options: Any) -> dict[str, Any]:
+    """``dataclasses.asdict(options)`` as resume fingerprints and benchmark records key
+    it: without the fields the options class names in ``unkeyed_defaults`` (a
+    ``ClassVar``) while they hold their default. An option added after work folders and
+    benchmark rows were written is listed there, so those stay valid for runs that do not
+    use it (``tov``'s ``proxy``)."""
+    values = dataclasses.asdict(options)
+    skip = getattr(type(options), "unkeyed_defaults", ())
+    if skip:
+        defaults = {f.name: f.default for f in dataclasses.fields(options)}
+        for name in skip:
+            if name in values and values[name] == defaults.get(name):
+                del values[name]
+    return values
+
+
 def run_fingerprint(tag: str, options: Any, ctx: MethodContext) -> str:
-    """A short hash of a method's options, seed, precision, model (see
-    :func:`model_identity`) and every encoded example: the name under which a method
-    keeps resumable state in ``ctx.workdir`` (16 hex digits, the store's ``"run-v0"``
-    scheme, see :mod:`finesift.store.work`).
+    """A short hash of a method's options (:func:`option_identity`), seed, precision,
+    model (see :func:`model_identity`) and every encoded example: the name under which a
+    method keeps resumable state in ``ctx.workdir`` (16 hex digits, the store's
+    ``"run-v0"`` scheme, see :mod:`finesift.store.work`).
 
     Args:
         tag: the method and the version of its saved-state format, e.g. ``"tov-v3"``.
@@ -347,7 +363,7 @@ def run_fingerprint(tag: str, options: Any, ctx: MethodContext) -> str:
     """
     identity = {
         "tag": tag,
-        "options": dataclasses.asdict(options),
+        "options": option_identity(options),
         "seed": ctx.seed,
         "precision": ctx.precision,
         "n_pool": len(ctx.pool),

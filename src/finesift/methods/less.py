@@ -68,17 +68,17 @@ from finesift.engine.train import (
 )
 from finesift.errors import OptionError
 from finesift.methods import _gradients as G
+from finesift.methods._proxy import check_proxy, proxy_cost, run_proxy
 from finesift.methods.base import (
     Method,
     MethodContext,
     MethodResult,
     load_spec_model,
-    model_identity,
     register,
     run_fingerprint,
     score_chunks,
 )
-from finesift.models.proxy import build_proxy, parse_proxy, proxy_cache_roots
+from finesift.models.proxy import parse_proxy, proxy_blob, proxy_from_blob
 from finesift.store.chunks import ChunkStore, chunk_grid, grid_rows, shard_chunk_ids
 from finesift.store.files import atomic_save_npy, atomic_save_torch
 
@@ -159,9 +159,7 @@ class GradInfluenceOptions(LoraFields):
             )
         if not self.lr > 0:
             raise OptionError("lr must be > 0")
-        if not isinstance(self.proxy, str):
-            raise OptionError(f"proxy must be a string such as 'iprox:0.7', got {self.proxy!r}")
-        parse_proxy(self.proxy)
+        check_proxy(self.proxy)
 
 
 @dataclass
@@ -273,18 +271,9 @@ class GradChunkScorer:
         return {**self.__dict__, "projector": None}
 
     def build(self, device: str = "cpu"):
-        from finesift.engine.tasks import unwrap
-        from finesift.models.proxy import factorize
-
         base = load_spec_model(self.model_spec, device, who="less/tracin")
         if self.proxy is not None:
-            base = factorize(base, self.proxy["ranks"], init="none")
-            with torch.no_grad():
-                pm = dict(unwrap(base).named_parameters())
-                for k, v in self.proxy["factors"].items():
-                    pm[k].copy_(v)
-            for q in base.parameters():
-                q.requires_grad_(False)
+            base = proxy_from_blob(base, self.proxy)
         return self.bind(add_lora(base, self.model_task, self.lora, seed=self.seed).to(device),
                          device)
 
@@ -311,19 +300,6 @@ class GradChunkScorer:
             return out
 
         return score
-
-
-def proxy_blob(proxy: torch.nn.Module) -> dict[str, Any]:
-    """An IProX proxy as a worker rebuilds it: the rank of every factored layer and the
-    factors' trained values (what the proxy cache holds)."""
-    from finesift.engine.tasks import unwrap
-    from finesift.models.proxy import FactoredLinear
-
-    base = unwrap(proxy)
-    ranks = {n: m.rank for n, m in base.named_modules() if isinstance(m, FactoredLinear)}
-    factors = {k: v.detach().cpu().clone() for k, v in base.named_parameters()
-               if k.rsplit(".", 2)[0] in ranks}
-    return {"ranks": ranks, "factors": factors}
 
 
 def _cpu_checkpoint(c: Checkpoint) -> Checkpoint:
@@ -354,7 +330,7 @@ class _GradInfluence(Method):
     def cost(self, ctx: MethodContext):
         """The passes of :meth:`score`:
 
-        * (``proxy``: the IProX build, see :func:`proxy_cost`);
+        * (``proxy``: the IProX build, see :func:`finesift.methods._proxy.proxy_cost`);
         * warm-up: ``warmup_epochs`` epochs of LoRA training on the warm-up set
           (``warmup_fraction`` of the pool, at least ``min_warmup``), ``batch_size`` random
           rows per step;
@@ -597,14 +573,7 @@ class _GradInfluence(Method):
         base, proxy_info = ctx.model, {}
         spec = parse_proxy(o.proxy)
         if spec is not None:
-            # a new model: ctx.model is left as it was (bench and api reuse it)
-            # a run that keeps state (a work folder) keeps and reuses the proxy too
-            cache = proxy_cache_roots(ctx.workdir) if ctx.workdir is not None else None
-            base, proxy_info = build_proxy(
-                ctx.model, ctx.task, ctx.pool, spec, model_task=ctx.model_task, seed=ctx.seed,
-                batch_size=ctx.batch_size, device=ctx.device, cache=cache,
-                model_id=None if ctx.model_spec is None else model_identity(ctx.model_spec),
-                log=ctx.log)
+            base, proxy_info = run_proxy(ctx, spec)  # a new model; ctx.model is left as it was
         blob = proxy_blob(base) if spec is not None and ctx.executor is not None else None
         model = add_lora(base, ctx.model_task, lora, seed=ctx.seed)
         try:
@@ -699,83 +668,6 @@ class _GradInfluence(Method):
             info["shard"] = {**ctx.shard.to_dict(), "chunks": len(ids), "examples": len(rows)}
         return MethodResult(scores=scores, columns=columns, info=info,
                             rows=rows if ctx.shard is not None else None)
-
-
-def proxy_cost(ctx: MethodContext, spec: Any, lora: LoraOptions, cost: Any) -> None:
-    """Add the IProX build (:func:`finesift.models.proxy.build_proxy`) to ``cost``: the
-    covariance passes over the probe set (a forward and backward pass per group of layers
-    whose accumulators fit ``cov_memory_mb``), IPSVD of every factored layer (Cholesky
-    factors, whitening, the rank-r SVD of ``svd``, triangular solves; timed once per
-    layer shape) and ``align_epochs`` epochs of gradient alignment over the probe set
-    (the full model's gradients and the proxy's with a double backward: counted as three
-    training steps). The later passes run on the proxy but are timed on the full model (an
-    upper bound where the proxy is cheaper). A cached proxy (loaded, not built) costs
-    none of this; the estimate does not look for one."""
-    from collections import Counter
-
-    from finesift.engine.cost import (
-        Pass,
-        Probe,
-        ProbeResult,
-        lengths_of,
-        parameter_bytes,
-        shuffled_tokens,
-    )
-    from finesift.engine.cost import sorted_tokens as sorted_padded
-    from finesift.engine.cost import timed as time_it
-    from finesift.models import proxy as ipx
-
-    ranks, _ = ipx.plan_ranks(ctx.model, spec)
-    layers = ipx.proxy_targets(ctx.model)
-    probe_idx = ipx.probe_indices(len(ctx.pool), spec, ctx.seed)
-    lengths = lengths_of(ctx.task, [ctx.pool[i] for i in probe_idx])
-    used, groups = 0, 1 if ranks else 0
-    for name in ranks:
-        size = 4 * (layers[name].in_features ** 2 + layers[name].out_features ** 2)
-        if used and used + size > spec.cov_memory_mb * (1 << 20):
-            groups, used = groups + 1, 0
-        used += size
-    shapes = Counter((layers[nm].out_features, layers[nm].in_features, r)
-                     for nm, r in ranks.items())
-
-    def measure_ipsvd() -> ProbeResult:
-        total = 0.0
-        smallest = min(shapes, key=lambda x: x[0] * x[1])
-        for (out_f, in_f, r), count in [(smallest, 0), *shapes.items()]:  # warm-up first
-            def one(out_f: int = out_f, in_f: int = in_f, r: int = r) -> None:
-                # what build_proxy does per layer: Cholesky factors of both covariances,
-                # whitening, the rank-r SVD (spec.svd), two triangular solves
-                cov = ipx.Covariances(torch.eye(in_f, dtype=torch.float64) + 0.01,
-                                      torch.eye(out_f, dtype=torch.float64) + 0.01, 1)
-                ipx.ipsvd_factors(torch.randn(out_f, in_f), cov, r, spec.damping,
-                                  dtype=torch.float32, svd=spec.svd, niter=spec.svd_niter,
-                                  oversample=spec.svd_oversample)
-            if count:
-                total += count * time_it(one)
-            else:
-                one()
-        return ProbeResult(total, detail=f"{len(shapes)} layer shape(s), {len(ranks)} layers")
-
-    opts_rank = f"rho={spec.rho:g}"
-    if groups:
-        cost.passes.append(Pass(
-            f"iprox: covariance passes, {groups} x {len(probe_idx)} probe examples",
-            groups * sorted_padded(lengths, ctx.batch_size), kind="train", adapter=lora))
-        cost.passes.append(Pass(f"iprox: IPSVD of {len(ranks)} layers ({opts_rank})", 1,
-                                kind="probe", probe=Probe(
-                                    f"IPSVD, {len(shapes)} layer shape(s) timed once each",
-                                    measure_ipsvd, "build")))
-    if groups and spec.align_epochs:
-        tokens = shuffled_tokens(lengths, spec.align_batch_size, spec.align_epochs, seed=ctx.seed)
-        cost.passes.append(Pass(
-            f"iprox: gradient alignment, {spec.align_epochs} epoch(s) on the probe set "
-            "(x3: full model, proxy, double backward)", 3 * tokens, kind="train",
-            batch_size=spec.align_batch_size, adapter=lora))
-    factor = sum(r * (layers[nm].in_features + layers[nm].out_features) for nm, r in ranks.items())
-    cost.disk["IProX proxy (cache)"] = 4.0 * factor
-    _, model_bytes = parameter_bytes(ctx.model)
-    cost.memory["IProX proxy (a factored copy of the model)"] = float(model_bytes)
-    cost.notes.append("iprox: the passes on the proxy are timed on the full model")
 
 
 def _project_chunk(projector: Projector, flat: torch.Tensor) -> torch.Tensor:

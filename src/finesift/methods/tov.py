@@ -30,6 +30,15 @@ parameter (``adapter="full"``). Scoring never feeds back into training, so every
 adapter pair is trained first and the pool is then scored at each of them, in chunks.
 Trained rounds and scored chunks are saved in the run's work folder, so a killed run
 resumes where it stopped and gives the same scores.
+
+With ``proxy="iprox:RHO"`` (``--proxy``) all of this (the fine-tuning on the target and on
+the base set U, and both scoring passes of every round) runs on an IProX proxy of the model
+(:mod:`finesift.models.proxy`: a low-rank factorised copy, built once from the model before
+the adapter is added, which then sits on one factor of each factored layer). The proxy is
+cached in finesift's cache (the work folder where that is not writable) and reused by any
+run with the same model, proxy options and probe examples; its parameter counts and build
+timings join the manifest. The resume state of a proxy run is kept apart from a full-model
+run's (the option is part of the work folder's fingerprint).
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -57,6 +66,7 @@ from finesift.engine.train import (
     trainable_state,
 )
 from finesift.errors import OptionError
+from finesift.methods._proxy import check_proxy, proxy_cost, run_proxy
 from finesift.methods.base import (
     Method,
     MethodContext,
@@ -66,6 +76,7 @@ from finesift.methods.base import (
     run_fingerprint,
     score_chunks,
 )
+from finesift.models.proxy import parse_proxy, proxy_blob, proxy_from_blob
 from finesift.store.chunks import ChunkStore, chunk_grid, grid_rows, shard_chunk_ids
 from finesift.store.files import atomic_save_torch
 
@@ -116,7 +127,19 @@ class ToVOptions(LoraFields):
             log-prob changes from there. ``auto`` (default): only when the model's
             classification head is new (a fresh head's first updates learn the tag
             prior, which would dominate the scores); ``on``; ``off``.
+        proxy: ``""`` (default: the model itself) or ``iprox:RHO[,KEY=VALUE...]``: train
+            and score on an IProX proxy of the model with compression ratio RHO (see
+            :mod:`finesift.models.proxy`; KEY is an :class:`IProxOptions` field, e.g.
+            ``iprox:0.5,align_epochs=1``). Every fine-tuning phase (target and base set)
+            and both scoring passes run on the proxy; the LoRA adapter goes on one factor of
+            each factored layer and on the layers kept full (``adapter=full`` trains every
+            parameter of the proxy). The built proxy is cached (finesift's cache, else the
+            work folder) and loaded by later runs with the same inputs.
     """
+
+    #: left out of the resume fingerprint (and benchmark records) while unset, so work
+    #: folders from before the option existed stay valid (see ``option_identity``)
+    unkeyed_defaults: ClassVar[tuple[str, ...]] = ("proxy",)
 
     mode: str = "interleaved"
     transform: str = "identity"
@@ -135,6 +158,7 @@ class ToVOptions(LoraFields):
     score_precision: str = "fp32"
     chunk_size: int = 256
     warmup: str = "auto"
+    proxy: str = ""
 
     def validate(self) -> None:
         if self.warmup not in WARMUPS:
@@ -155,6 +179,7 @@ class ToVOptions(LoraFields):
             raise OptionError("tov: rounds, base_size, batch_size and chunk_size must be >= 1")
         if not (self.lr > 0 and self.eps > 0 and self.val_epochs > 0 and self.base_epochs > 0):
             raise OptionError("tov: lr, eps, val_epochs and base_epochs must be > 0")
+        check_proxy(self.proxy, "tov: ")
 
     def round_lr(self, k: int) -> float:
         """eta_k for round k = 0..L-1."""
@@ -250,6 +275,8 @@ class ToVChunkScorer:
         task: the :class:`~finesift.engine.tasks.Task`.
         checkpoints: the rounds' ``(theta_before, theta_after)`` snapshots.
         transform, batch_size, precision: as for :func:`score_examples`.
+        proxy: an IProX proxy as :func:`~finesift.models.proxy.proxy_blob` gives it (the
+            worker rebuilds it on the model it loads, then adds the adapter), or ``None``.
     """
 
     model_spec: dict[str, Any]
@@ -260,9 +287,11 @@ class ToVChunkScorer:
     transform: str = "identity"
     batch_size: int = 8
     precision: str = "fp32"
+    proxy: dict[str, Any] | None = None
 
     @classmethod
-    def from_run(cls, method: Method, ctx: MethodContext, checkpoints, precision: str):
+    def from_run(cls, method: Method, ctx: MethodContext, checkpoints, precision: str,
+                 proxy: dict[str, Any] | None = None):
         if ctx.executor is not None and ctx.model_spec is None:
             raise OptionError("tov: an executor needs ctx.model_spec (how workers load the model)")
         o = method.options
@@ -270,12 +299,14 @@ class ToVChunkScorer:
                 if o.adapter == "lora" else None)
         cpu = [(_cpu(b), _cpu(a)) for b, a in checkpoints]
         return cls(dict(ctx.model_spec or {}), lora, ctx.seed, ctx.task, cpu, o.transform,
-                   ctx.batch_size, precision)
+                   ctx.batch_size, precision, proxy)
 
     def build(self, device: str = "cpu"):
-        """Load the model on this worker, add the adapter; returns
-        ``score(examples) -> (L, n) array``."""
+        """Load the model on this worker (and rebuild the proxy on it), add the adapter;
+        returns ``score(examples) -> (L, n) array``."""
         model = load_spec_model(self.model_spec, device, who="tov")
+        if self.proxy is not None:
+            model = proxy_from_blob(model, self.proxy)
         if self.lora is not None:
             model = add_lora(model, self.model_spec["task"], self.lora, seed=self.seed)
         return self.bind(model.to(device), device)
@@ -325,6 +356,7 @@ class ToV(Method):
     shardable = True
     # the coordinator trains the rounds; workers score chunks at every checkpoint
     chunk_scorer = ToVChunkScorer
+    cli_flags: ClassVar[dict[str, str]] = {"proxy": "proxy"}  # --proxy iprox:RHO
     trains = True  # the rounds' adapters
 
     def required_dtype(self) -> tuple[str, str] | None:
@@ -358,6 +390,11 @@ class ToV(Method):
         passes run at ``score_precision`` with the adapter on. Held: two adapters per
         round and each trajectory's adapter and two optimisers' moments; written: the same
         in the resume file, and one float64 per round and pool example.
+
+        With ``proxy``, the IProX build comes first
+        (:func:`finesift.methods._proxy.proxy_cost`); the passes above then run on the
+        proxy but are timed (and the adapter states sized) on the full model, an upper
+        bound.
         """
         from finesift.engine.cost import (
             FULL,
@@ -380,7 +417,11 @@ class ToV(Method):
             return Pass(what, times * tokens, kind="train", data=data, batch_size=o.batch_size,
                         adapter=adapter)
 
-        passes: list[Pass] = []
+        cost = Cost()
+        spec = parse_proxy(o.proxy)
+        if spec is not None:  # the build's passes, before any of ToV's own
+            proxy_cost(ctx, spec, o.lora(), cost)
+        passes: list[Pass] = cost.passes
         if o.mode == "basic":
             rounds, trajectories = 1, 0
             base_idx = self._basic_base_set(ctx)
@@ -408,12 +449,12 @@ class ToV(Method):
                            precision=precision, adapter=adapter))
         _, one = adapter_size(ctx.model, ctx.model_task, adapter, ctx.seed)
         states = 2 * rounds + 5 * trajectories  # checkpoints; trajectories: state + 2 x moments
-        return Cost(passes=passes,
-                    memory={f"{states} adapter states (checkpoints, trajectories)": states * one},
-                    disk={"round checkpoints (resume file)": states * one,
+        cost.memory[f"{states} adapter states (checkpoints, trajectories)"] = states * one
+        cost.disk.update({"round checkpoints (resume file)": states * one,
                           "per-round scores (chunk store)":
-                              8.0 * rounds * n + 128 * -(-n // o.chunk_size)},
-                    score_columns=rounds)
+                              8.0 * rounds * n + 128 * -(-n // o.chunk_size)})
+        cost.score_columns = rounds
+        return cost
 
     # -- helpers -------------------------------------------------------------------
     def _train(self, ctx, model, examples, *, lr, epochs, optimizer, seed, desc):
@@ -478,7 +519,14 @@ class ToV(Method):
         o.validate()
         if ctx.model is None:
             raise OptionError("tov needs a model")
-        model = ctx.model
+        model, proxy_info, blob = ctx.model, {}, None
+        spec = parse_proxy(o.proxy)
+        if spec is not None:
+            # built once from the model as it is (no adapter yet); a new model, so
+            # ctx.model is left as it was. Workers rebuild it from the blob.
+            model, proxy_info = run_proxy(ctx, spec)
+            if ctx.executor is not None:
+                blob = proxy_blob(model)
         peft_wrapped = False
         if o.adapter == "lora":
             lora = o.lora()
@@ -491,7 +539,7 @@ class ToV(Method):
             work = self._work_prefix(ctx)
             prog, base_idx = self._train_phase(ctx, model, work)
             t0 = time.perf_counter()
-            per_round, rows = self._score_phase(ctx, model, prog.checkpoints, work)
+            per_round, rows = self._score_phase(ctx, model, prog.checkpoints, work, blob)
             score_seconds = time.perf_counter() - t0
             n_trainable = int(sum(p.numel() for p in model.parameters() if p.requires_grad))
         finally:
@@ -509,6 +557,7 @@ class ToV(Method):
         }
         if base_idx is not None:
             info["base_set_size"] = len(base_idx)
+        info.update(proxy_info)
         return MethodResult(scores=scores, columns=columns, base_set=base_idx, info=info,
                             rows=rows if ctx.shard is not None else None)
 
@@ -646,7 +695,8 @@ class ToV(Method):
 
     # -- phase 2: scoring ----------------------------------------------------------
     def _score_phase(
-        self, ctx: MethodContext, model, checkpoints, work: Path | None
+        self, ctx: MethodContext, model, checkpoints, work: Path | None,
+        proxy: dict[str, Any] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """phi_k for the pool examples this run scores and every round k: ``(values, rows)``
         with ``values`` of shape (L, len(rows)) and ``rows`` the sorted pool positions
@@ -656,7 +706,9 @@ class ToV(Method):
         of :mod:`finesift.store.chunks`); each finished chunk is saved in the work folder
         and skipped when a killed run is resumed. Chunks are scored here one after the
         other or, with ``ctx.executor``, by its workers (e.g. Ray), through the same
-        :class:`ToVChunkScorer` (:func:`~finesift.methods.base.score_chunks`).
+        :class:`ToVChunkScorer` (:func:`~finesift.methods.base.score_chunks`); ``proxy``
+        (:func:`~finesift.models.proxy.proxy_blob`) is how the workers rebuild the
+        run's proxy.
         """
         o = self.options
         n, L = len(ctx.pool), len(checkpoints)
@@ -687,7 +739,7 @@ class ToV(Method):
                 else:
                     done(c, vals, saved=True)
             if todo:
-                scorer = ToVChunkScorer.from_run(self, ctx, checkpoints, precision)
+                scorer = ToVChunkScorer.from_run(self, ctx, checkpoints, precision, proxy)
                 for c, vals in score_chunks(ctx, scorer, todo,
                                             lambda c: [ctx.pool[i] for i in grid[c]],
                                             model=model):

@@ -7,19 +7,25 @@ of label token t (one forward pass),
 
 which peaks at p_t = 1/2 (psi = log 1/4) and falls off both where the model is sure of
 the token and where it finds it unlikely. Higher psi = more uncertain = selected first.
+
+``proxy="iprox:RHO"`` (``--proxy``; here and for ``perplexity``) runs the forward pass on an
+IProX proxy of the model (:mod:`finesift.models.proxy`; built once, cached as for ``less``)
+instead of the model itself.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from finesift.engine.scoring import token_logprobs
 from finesift.errors import OptionError
+from finesift.methods._proxy import check_proxy, proxy_cost, run_proxy
 from finesift.methods.base import (
     Method,
     MethodContext,
@@ -29,6 +35,7 @@ from finesift.methods.base import (
     run_fingerprint,
     score_chunks,
 )
+from finesift.models.proxy import parse_proxy, proxy_blob, proxy_from_blob
 from finesift.store import chunks
 from finesift.store.chunks import (
     ChunkStore,
@@ -74,15 +81,22 @@ class UncertaintyOptions:
     Attributes:
         precision: precision of the forward pass: ``run`` (default: the run's
             ``--precision``), ``auto``, ``bf16`` or ``fp32``.
+        proxy: ``""`` (default: the model itself) or ``iprox:RHO[,KEY=VALUE...]``: the
+            forward pass runs on an IProX proxy of the model (see ``less``'s ``proxy``).
     """
 
+    #: left out of benchmark records while unset (see ``option_identity``)
+    unkeyed_defaults: ClassVar[tuple[str, ...]] = ("proxy",)
+
     precision: str = "run"
+    proxy: str = ""
 
     def validate(self) -> None:
         if self.precision not in ("run", "auto", "bf16", "fp32"):
             raise OptionError(
                 f"precision must be 'run', 'auto', 'bf16' or 'fp32', got {self.precision!r}"
             )
+        check_proxy(self.proxy, "uncertainty: ")
 
 
 @dataclass
@@ -96,15 +110,21 @@ class LogprobChunkScorer:
         model_spec: how a worker loads the model (``MethodContext.model_spec``).
         task: the :class:`~finesift.engine.tasks.Task`.
         batch_size, precision: of the forward pass.
+        proxy: an IProX proxy as :func:`~finesift.models.proxy.proxy_blob` gives it (the
+            worker rebuilds it on the model it loads), or ``None``.
     """
 
     model_spec: dict[str, Any]
     task: Any
     batch_size: int | str = 8
     precision: str = "fp32"
+    proxy: dict[str, Any] | None = None
 
     def build(self, device: str = "cpu"):
-        return self.bind(load_spec_model(self.model_spec, device, who="forward pass"), device)
+        model = load_spec_model(self.model_spec, device, who="forward pass")
+        if self.proxy is not None:
+            model = proxy_from_blob(model, self.proxy)
+        return self.bind(model, device)
 
     def bind(self, model, device: str = "cpu"):
         def score(examples: list[Any]) -> np.ndarray:
@@ -117,7 +137,8 @@ class LogprobChunkScorer:
 
 
 def forward_logprobs(
-    ctx: MethodContext, precision: str, desc: str
+    ctx: MethodContext, precision: str, desc: str, *, proxy: str = "",
+    info: dict[str, Any] | None = None,
 ) -> tuple[list[np.ndarray], np.ndarray | None]:
     """Label-token log-probs under ``ctx.model`` (one pass): ``(logprobs, rows)``.
 
@@ -128,13 +149,28 @@ def forward_logprobs(
     With ``ctx.workdir`` every finished chunk is saved (atomically), so a killed run
     resumes at the first unfinished chunk. With ``ctx.executor`` the chunks are scored by
     its workers (:class:`LogprobChunkScorer`), into the same store.
+
+    ``proxy`` (an ``iprox:RHO`` spec): the pass runs on an IProX proxy of ``ctx.model``
+    (built once, see :func:`finesift.methods._proxy.run_proxy`; workers rebuild it), its
+    figures go into ``info``, and its chunks into a store of their own.
     """
-    if ctx.model is None and ctx.executor is None:
+    spec = parse_proxy(proxy)
+    if (ctx.model is None and ctx.executor is None) or (spec is not None and ctx.model is None):
         raise OptionError(f"{desc} needs the model, but none was loaded")
     prec = ctx.precision if precision == "run" else precision
+    model, blob = ctx.model, None
+    if spec is not None:
+        model, proxy_info = run_proxy(ctx, spec)  # a new model; ctx.model is left as it was
+        if info is not None:
+            info.update(proxy_info)
+        if ctx.executor is not None:
+            blob = proxy_blob(model)
     store = ChunkStore(None)
     if ctx.workdir is not None:
-        key = run_fingerprint(f"logprobs-v1-{prec}-{ctx.batch_size}", _NoOptions(), ctx)
+        tag = f"logprobs-v1-{prec}-{ctx.batch_size}"
+        if spec is not None:  # unchanged without a proxy: existing stores stay valid
+            tag += "-iprox-" + json.dumps(asdict(spec), sort_keys=True)
+        key = run_fingerprint(tag, _NoOptions(), ctx)
         store = ChunkStore(Path(ctx.workdir) / f"logprobs-{key}")
     lengths = np.array([ctx.task.length(e) for e in ctx.pool], dtype=np.int64)
     grid = chunk_grid(lengths, chunks.DEFAULT_CHUNK)
@@ -157,9 +193,10 @@ def forward_logprobs(
                 todo.append(c)
             else:
                 done(c, lps)
-        scorer = LogprobChunkScorer(dict(ctx.model_spec or {}), ctx.task, ctx.batch_size, prec)
+        scorer = LogprobChunkScorer(dict(ctx.model_spec or {}), ctx.task, ctx.batch_size, prec,
+                                    blob)
         for c, packed in score_chunks(ctx, scorer, todo,
-                                      lambda c: [ctx.pool[i] for i in grid[c]], model=ctx.model):
+                                      lambda c: [ctx.pool[i] for i in grid[c]], model=model):
             packed = np.asarray(packed, dtype=np.float32)
             lps = unpack_ragged(packed, len(grid[c]))
             if lps is None:
@@ -174,20 +211,27 @@ def forward_logprobs(
     return [out[i] for i in rows], rows  # type: ignore[misc]
 
 
-def forward_cost(ctx: MethodContext, precision: str, desc: str) -> Any:
+def forward_cost(ctx: MethodContext, precision: str, desc: str, proxy: str = "") -> Any:
     """The cost of :func:`forward_logprobs`: one forward pass of the untouched model over
     the pool (length-sorted batches of the run's batch size) at ``precision`` (``run``:
-    the run's); its chunk store holds every label token's log-prob (float32)."""
+    the run's); its chunk store holds every label token's log-prob (float32). With
+    ``proxy``, the IProX build comes first (:func:`finesift.methods._proxy.proxy_cost`,
+    its training passes calibrated with a default LoRA adapter) and the forward pass,
+    on the proxy, is timed on the full model (an upper bound)."""
     from finesift.engine.cost import Cost, Pass, lengths_of, sorted_tokens
+    from finesift.engine.train import LoraOptions
 
     prec = ctx.precision if precision == "run" else precision
     tokens = sorted_tokens(lengths_of(ctx.task, ctx.pool), ctx.batch_size)
     labels = sum(int(e.n_label_tokens) + 1 for e in ctx.pool)
     n_chunks = -(-len(ctx.pool) // chunks.DEFAULT_CHUNK)
-    return Cost(passes=[Pass(f"{desc}: one forward pass over the pool", tokens,
-                             precision=prec)],
-                disk={"label-token log-probs (chunk store)": 4 * labels + 128 * n_chunks},
-                score_columns=1)
+    cost = Cost(score_columns=1)
+    spec = parse_proxy(proxy)
+    if spec is not None:
+        proxy_cost(ctx, spec, LoraOptions(), cost)
+    cost.passes.append(Pass(f"{desc}: one forward pass over the pool", tokens, precision=prec))
+    cost.disk["label-token log-probs (chunk store)"] = 4 * labels + 128 * n_chunks
+    return cost
 
 
 @dataclass
@@ -203,14 +247,18 @@ class Uncertainty(Method):
     Options = UncertaintyOptions
     shardable = True  # psi(x) depends on x and the untouched model only
     chunk_scorer = LogprobChunkScorer  # workers run the forward pass over pool chunks
+    cli_flags: ClassVar[dict[str, str]] = {"proxy": "proxy"}  # --proxy iprox:RHO
 
     def cost(self, ctx: MethodContext) -> Any:
-        """One forward pass of the untouched model over the pool."""
+        """One forward pass of the untouched model (or its proxy) over the pool."""
         self.options.validate()
-        return forward_cost(ctx, self.options.precision, self.name)
+        return forward_cost(ctx, self.options.precision, self.name, self.options.proxy)
 
     def score(self, ctx: MethodContext) -> MethodResult:
-        logprobs, rows = forward_logprobs(ctx, self.options.precision, self.name)
+        self.options.validate()
+        info: dict[str, Any] = {}
+        logprobs, rows = forward_logprobs(ctx, self.options.precision, self.name,
+                                          proxy=self.options.proxy, info=info)
         psi = uncertainty_scores(logprobs)
         loss = np.array([-float(np.mean(lp)) if len(lp) else 0.0 for lp in logprobs])
-        return MethodResult(scores=psi, columns={"loss": loss}, rows=rows)
+        return MethodResult(scores=psi, columns={"loss": loss}, rows=rows, info=info)

@@ -46,7 +46,11 @@ Where this differs from the reference code (csr16/IProX):
   W to the span of at most ``max_probes`` probe tokens, with an absolute ridge of 1e-3.
   Here the full covariances are used (no restriction to the probe span) and the damping
   is relative to the mean eigenvalue (scale-free: the loss scale does not change the
-  result).
+  product A B). The split of A B between A and B is not scale-free: A carries
+  C_delta^{-1/2} and B C_h^{-1/2}, so where output gradients are small against inputs A
+  is large and B small, by a ratio that varies from layer to layer (0.1 to 3e4 on the
+  tiny test Llama). ``split`` (:func:`split_factors`) can re-split the product after
+  IPSVD (``symmetric`` or ``adapted``); the default ``ipsvd`` keeps IPSVD's factors.
 * Probe tokens: the reference samples k tokens per sequence from the non-padding ones and
   caps each layer at ``max_probes`` columns; so does this (``probe_tokens``), seeded.
 * One probe set (``probe_examples`` pool examples) serves both stages; the reference
@@ -100,6 +104,8 @@ from finesift.store.files import atomic_save_torch
 _CACHE_VERSION = 2  # 2: one adapted factor per layer (Factor), keyed by model and probe
 #: how IPSVD takes the rank-r SVD of the whitened layer
 SVD_MODES = ("randomized", "exact")
+#: how the rank-r product A B is split between the factors (:func:`split_factors`)
+SPLITS = ("ipsvd", "symmetric", "adapted")
 #: names of heads that are never factored (they are not part of the attention/MLP blocks)
 _HEAD_NAMES = ("lm_head", "classifier", "score", "pooler", "cls", "qa_outputs")
 
@@ -135,6 +141,18 @@ class IProxOptions:
         svd_niter: power iterations of the randomized SVD (default 2).
         svd_oversample: extra sketch columns of the randomized SVD (default 16); where
             r + this reaches min(m, n) the exact SVD is used (it is then as cheap).
+        split: how each factored layer's product A B is split between A and B after
+            IPSVD (:func:`split_factors`): ``ipsvd`` (default; as IPSVD gives them, with
+            the covariances' scales), ``symmetric`` (U Sigma^1/2, Sigma^1/2 V^T) or
+            ``adapted`` (the factor with the LoRA adapter carries Sigma, the other is
+            orthonormal). Does not change the proxy's outputs; changes its adapter's
+            gradients and Stage 2.
+        align_eval: also evaluate the Stage 2 objective on the probe set right after
+            IPSVD and after the alignment (:func:`alignment_loss` with its per-layer
+            breakdown; ``proxy_align_before`` / ``proxy_align_after`` in the build's
+            figures). Costs one pass over the probe set each (the model's and the proxy's
+            gradients, no double backward; one pass in all when ``align_epochs`` is 0);
+            does not change the proxy, so it is not part of the cache key (default off).
     """
 
     rho: float = 0.5
@@ -152,6 +170,8 @@ class IProxOptions:
     svd: str = "randomized"
     svd_niter: int = 2
     svd_oversample: int = 16
+    split: str = "ipsvd"
+    align_eval: bool = False
 
     def validate(self) -> None:
         if not 0 <= self.rho < 1:
@@ -167,6 +187,9 @@ class IProxOptions:
         if self.svd not in SVD_MODES:
             raise OptionError(f"iprox: svd must be one of {', '.join(SVD_MODES)}, "
                               f"got {self.svd!r}")
+        if self.split not in SPLITS:
+            raise OptionError(f"iprox: split must be one of {', '.join(SPLITS)}, "
+                              f"got {self.split!r}")
         if self.svd_niter < 0 or self.svd_oversample < 0:
             raise OptionError("iprox: svd_niter and svd_oversample must be >= 0")
         if not self.damping > 0:
@@ -208,6 +231,13 @@ def parse_proxy(spec: str) -> IProxOptions | None:
             )
         typ = type(getattr(defaults, key))
         val = val.strip()
+        if typ is bool:  # bool("0") is True: spell the flags out
+            flag = {"1": True, "true": True, "yes": True, "on": True,
+                    "0": False, "false": False, "no": False, "off": False}.get(val.lower())
+            if flag is None:
+                raise OptionError(f"proxy {spec!r}: {key}={val!r} is not a flag (1 or 0)")
+            values[key] = flag
+            continue
         try:
             values[key] = typ(float(val)) if typ is int and "." not in val else typ(val)
         except ValueError:
@@ -687,6 +717,48 @@ def weighted_error(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, cov: Covar
     return float(torch.trace(E.T @ c_d @ E @ c_h))
 
 
+def split_factors(A: torch.Tensor, B: torch.Tensor, split: str, adapted: str = "up"
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A', B')`` with ``A' B' = A B`` (up to rounding), split between the two factors
+    as ``split`` says (float64 inside, returned in A's dtype):
+
+    * ``ipsvd``: ``(A, B)`` unchanged. IPSVD's factors carry the covariances' scales,
+      A = C_delta^{-1/2} P S^{1/2} and B = S^{1/2} Q^T C_h^{-1/2}: where the output
+      gradients are small against the inputs (a loss gradient against activations of
+      order one), A is large and B small, by a ratio that differs from layer to layer
+      (about 0.1 to 3e4 on the tiny test Llama).
+    * ``symmetric``: A' = U Sigma^{1/2}, B' = Sigma^{1/2} V^T for the SVD U Sigma V^T of
+      A B (as plain truncated SVD splits W).
+    * ``adapted``: the factor that carries the LoRA adapter (``adapted``, see
+      :func:`lora_factor`) carries Sigma, the other is orthonormal: A' = U Sigma,
+      B' = V^T for ``"up"``; A' = U, B' = Sigma V^T for ``"down"``. An adapter on A'
+      then sees the layer's input projected onto V (B' x = V^T x), one on B' the output
+      gradient projected onto U (A'^T delta = U^T delta): its gradients are those of an
+      adapter on A B restricted to those subspaces, at the model's scale.
+
+    The split changes neither the proxy's outputs nor its gradient w.r.t. A B, but it
+    changes the per-example gradients of the adapter (their scale per layer, hence the
+    weight of each layer in ``less``'s features), the Stage 2 cosines (grad_A vs
+    grad_W B^T is not invariant to A -> A D, B -> D^-1 B) and the relative size of
+    Stage 2's fixed-size AdamW steps.
+    """
+    if split not in SPLITS:
+        raise OptionError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if split == "ipsvd":
+        return A, B
+    dtype = A.dtype
+    Qa, Ra = torch.linalg.qr(A.double())
+    Qb, Rb = torch.linalg.qr(B.double().T)
+    U, sv, Vh = torch.linalg.svd(Ra @ Rb.T)
+    U, Vh = Qa @ U, Vh @ Qb.T  # A B = U diag(sv) Vh
+    if split == "symmetric":
+        root = sv.sqrt()
+        return (U * root).to(dtype), (root[:, None] * Vh).to(dtype)
+    if adapted == "up":
+        return (U * sv).to(dtype), Vh.to(dtype)
+    return U.to(dtype), (sv[:, None] * Vh).to(dtype)
+
+
 # -- Stage 2: gradient alignment -------------------------------------------------------
 
 
@@ -697,9 +769,24 @@ def _pairs(target: torch.nn.Module, proxy: torch.nn.Module):
             if isinstance(mod, FactoredLinear)]
 
 
-def _alignment_terms(target, proxy, pairs, batch, n, model_task, tau, create_graph):
+def _cosine(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """cos(x, y) of the flattened tensors, in float64 and scale-free: only a zero norm is
+    guarded (``F.cosine_similarity`` clamps each norm at its eps, 1e-8, which pulls the
+    cosine of smaller gradients towards 0; IPSVD's factors can make them that small)."""
+    x, y = x.reshape(-1).double(), y.reshape(-1).double()
+    den = x.norm() * y.norm()
+    ok = den > 0  # a zero gradient: cos 0, no gradient (rather than a division by ~0)
+    return torch.where(ok, (x * y).sum() / torch.where(ok, den, torch.ones_like(den)),
+                       torch.zeros_like(den)).float()
+
+
+def _alignment_terms(target, proxy, pairs, batch, n, model_task, tau, create_graph,
+                     per_layer: list[tuple[float, float, float]] | None = None):
     """``(align, kl)`` on one batch; ``align`` stays in the graph of the factors when
-    ``create_graph``."""
+    ``create_graph``. Both gradients are of :func:`batch_loss` on the same batch: the
+    model's w.r.t. W, the proxy's w.r.t. A and B. ``per_layer``: ``(1 - cos_A, 1 - cos_B,
+    the smallest norm of the four gradients compared)`` of every pair is appended to it
+    (in the order of ``pairs``; the cosine is scale-free, :func:`_cosine`)."""
     weights = [t.weight for _, t, _ in pairs]
     with _grads_on(weights), torch.enable_grad():
         t_logits, tgt, row = label_logits(target, batch, model_task)
@@ -718,11 +805,13 @@ def _alignment_terms(target, proxy, pairs, batch, n, model_task, tau, create_gra
             gB = torch.zeros_like(p.B) if gB is None else gB
             # the full model's gradient projected onto the factors; A and B stay in the
             # graph here too, as in the reference code
-            cos_a = F.cosine_similarity(gA.reshape(-1).float(), (gW @ p.B.T).reshape(-1).float(),
-                                        dim=0, eps=1e-8)
-            cos_b = F.cosine_similarity(gB.reshape(-1).float(), (p.A.T @ gW).reshape(-1).float(),
-                                        dim=0, eps=1e-8)
+            cos_a = _cosine(gA, gW @ p.B.T)
+            cos_b = _cosine(gB, p.A.T @ gW)
             terms.append(0.5 * ((1 - cos_a) + (1 - cos_b)))
+            if per_layer is not None:
+                norms = [float(v.detach().norm()) for v in (gA, gW @ p.B.T, gB, p.A.T @ gW)]
+                per_layer.append((1 - float(cos_a.detach()), 1 - float(cos_b.detach()),
+                                  min(norms)))
         align = torch.stack(terms).mean() if terms else p_loss.new_zeros(())
         t_logp = F.log_softmax(t_logits / tau, dim=-1)
         p_logp = F.log_softmax(p_logits / tau, dim=-1)
@@ -731,30 +820,86 @@ def _alignment_terms(target, proxy, pairs, batch, n, model_task, tau, create_gra
 
 
 def alignment_loss(target, proxy, task: Task, examples: Sequence[Any], *, model_task: str,
-                   opts: IProxOptions, device: str = "cpu") -> dict[str, float]:
-    """Mean alignment loss, KL term and total over ``examples`` (no update)."""
+                   opts: IProxOptions, device: str = "cpu", per_layer: bool = False
+                   ) -> dict[str, Any]:
+    """The Stage 2 objective over ``examples`` (no update), in batches of
+    ``opts.align_batch_size`` examples, each batch weighted by its size:
+
+    * ``align``: mean over factored layers of 0.5 [(1 - cos_A) + (1 - cos_B)];
+    * ``kl``: tau^2 KL(target || proxy), averaged over label tokens (tau^2 included);
+    * ``total``: ``align + kl_weight * kl``, the loss :func:`align_proxy` minimises.
+
+    ``per_layer``: also ``align_A`` and ``align_B`` (the mean 1 - cos of each factor),
+    ``layers`` ({layer: mean 1 - cos}), ``by_block`` ({block index: mean 1 - cos over its
+    layers}, the block index being the first number in the layer's name, e.g. 3 for
+    ``model.layers.3.mlp.up_proj``) and ``by_kind`` ({the rest of the name, e.g.
+    ``mlp.up_proj``: mean 1 - cos over the blocks}), ``min_grad_norm`` (the smallest
+    norm of a compared gradient, grad_A, grad_W B^T, grad_B or A^T grad_W, over layers
+    and batches) and ``layers_tiny_grad`` (layers where one fell below 1e-7; before the
+    cosine was made scale-free, :func:`_cosine`, ``F.cosine_similarity`` clamped norms
+    at 1e-8, which made 1 - cos near 1 there whatever the directions). A layer whose proxy
+    gradient is 0 has 1 - cos = 1. Both models are evaluated in eval mode (no dropout; restored
+    after)."""
     pairs = _pairs(target, proxy)
     lengths = [task.length(e) for e in examples]
     sums = {"align": 0.0, "kl": 0.0}
+    layer_sums = np.zeros((len(pairs), 2))
+    layer_min = np.full(len(pairs), np.inf)
     total = 0
-    for idx in sorted_batches(examples, lengths, batch_size=opts.align_batch_size,
-                              max_tokens=4096):
-        batch = {k: v.to(device) for k, v in task.collate([examples[i] for i in idx]).items()}
-        align, kl = _alignment_terms(target, proxy, pairs, batch, len(idx), model_task,
-                                     opts.tau, create_graph=False)
-        sums["align"] += float(align.detach()) * len(idx)
-        sums["kl"] += float(kl.detach()) * len(idx)
-        total += len(idx)
-    out = {k: v / max(1, total) for k, v in sums.items()}
+    t_training, p_training = target.training, proxy.training
+    target.eval()
+    proxy.eval()
+    try:
+        for idx in sorted_batches(examples, lengths, batch_size=opts.align_batch_size,
+                                  max_tokens=4096):
+            batch = {k: v.to(device)
+                     for k, v in task.collate([examples[i] for i in idx]).items()}
+            terms: list[tuple[float, float, float]] | None = [] if per_layer else None
+            align, kl = _alignment_terms(target, proxy, pairs, batch, len(idx), model_task,
+                                         opts.tau, create_graph=False, per_layer=terms)
+            sums["align"] += float(align.detach()) * len(idx)
+            sums["kl"] += float(kl.detach()) * len(idx)
+            if terms:
+                arr = np.asarray(terms)
+                layer_sums += arr[:, :2] * len(idx)
+                layer_min = np.minimum(layer_min, arr[:, 2])
+            total += len(idx)
+    finally:
+        target.train(t_training)
+        proxy.train(p_training)
+    out: dict[str, Any] = {k: v / max(1, total) for k, v in sums.items()}
     out["total"] = out["align"] + opts.kl_weight * out["kl"]
+    if per_layer:
+        both = layer_sums / max(1, total)
+        mean = both.mean(axis=1) if len(pairs) else np.zeros(0)
+        out["align_A"] = float(both[:, 0].mean()) if len(pairs) else 0.0
+        out["align_B"] = float(both[:, 1].mean()) if len(pairs) else 0.0
+        out["layers"] = {name: float(v) for (name, _, _), v in zip(pairs, mean, strict=True)}
+        out["min_grad_norm"] = float(layer_min.min()) if len(pairs) and total else 0.0
+        out["layers_tiny_grad"] = int((layer_min < 1e-7).sum())
+        blocks: dict[str, list[float]] = {}
+        kinds: dict[str, list[float]] = {}
+        for (name, _, _), v in zip(pairs, mean, strict=True):
+            parts = name.split(".")
+            at = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+            block = "-" if at is None else parts[at]
+            kind = name if at is None else ".".join(parts[at + 1:]) or name
+            blocks.setdefault(block, []).append(float(v))
+            kinds.setdefault(kind, []).append(float(v))
+        order = sorted(blocks, key=lambda b: (not b.isdigit(), int(b) if b.isdigit() else 0))
+        out["by_block"] = {b: float(np.mean(blocks[b])) for b in order}
+        out["by_kind"] = {k: float(np.mean(v)) for k, v in kinds.items()}
     return out
 
 
 def align_proxy(target, proxy, task: Task, examples: Sequence[Any], *, model_task: str,
                 opts: IProxOptions, seed: int = 0, device: str = "cpu",
-                log: Callable[[str], None] = lambda m: None) -> list[float]:
+                log: Callable[[str], None] = lambda m: None,
+                terms: list[dict[str, float]] | None = None) -> list[float]:
     """Stage 2: ``opts.align_epochs`` epochs of AdamW on the proxy's factors (only).
-    Returns the mean training loss of each epoch. ``target`` is not changed."""
+    Returns the mean training loss of each epoch; ``terms``, if given, receives each
+    epoch's mean ``{"align": 1 - cos, "kl": tau^2 KL}`` (running means over the epoch's
+    steps, as the factors moved). ``target`` is not changed."""
     pairs = _pairs(target, proxy)
     if not pairs or opts.align_epochs == 0:
         return []
@@ -786,6 +931,8 @@ def align_proxy(target, proxy, task: Task, examples: Sequence[Any], *, model_tas
                 tot_kl += float(kl.detach()) * len(idx)
                 cnt += len(idx)
             losses.append(tot / max(1, cnt))
+            if terms is not None:
+                terms.append({"align": tot_align / max(1, cnt), "kl": tot_kl / max(1, cnt)})
             log(f"iprox: alignment epoch {epoch + 1}/{opts.align_epochs}: loss "
                 f"{losses[-1]:.4f} (1 - cos {tot_align / max(1, cnt):.4f}, "
                 f"tau^2 KL {tot_kl / max(1, cnt):.4f})")
@@ -872,7 +1019,7 @@ def weights_digest(model: torch.nn.Module, sample: int = 4096) -> str:
 
 
 #: options that do not change the proxy (not part of its cache key)
-_NOT_IN_KEY = ("cov_memory_mb",)
+_NOT_IN_KEY = ("cov_memory_mb", "align_eval")
 
 
 def proxy_key(model: torch.nn.Module, opts: IProxOptions, probe: Sequence[Any], *,
@@ -963,12 +1110,21 @@ def build_proxy(
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """An IProX proxy of ``model`` (a new model; ``model`` is left as it was) and figures
     for the manifest: parameter counts and ratio, layers factored and kept, seconds of
-    each stage (IPSVD split into its steps), alignment losses.
+    each stage (IPSVD split into its steps), alignment losses (``proxy_align_epoch_losses``
+    and, per epoch, ``proxy_align_epoch_terms``: running means of 1 - cos and tau^2 KL).
+
+    ``opts.align_eval``: also ``proxy_align_before`` (right after IPSVD) and
+    ``proxy_align_after`` (after the alignment; the same figures when ``align_epochs`` is
+    0), :func:`alignment_loss` with its per-layer breakdown on the probe set, and
+    ``proxy_seconds_align_eval`` (not part of ``proxy_seconds_align``).
 
     ``cache``: a folder, or folders in order of preference (:func:`proxy_cache_roots`).
     A proxy built before with the same inputs (:func:`proxy_key`; ``model_id`` joins the
     key) is loaded from the first folder that holds it, without a probe pass, IPSVD or
-    alignment; a new one is saved atomically in the first writable folder.
+    alignment (its build's figures come with it); a new one is saved atomically in the
+    first writable folder. With ``align_eval``, a cached proxy whose figures lack the
+    before/after evaluation (built without it) is built again (the same factors) and the
+    cache entry replaced.
     """
     opts.validate()
     if not callable(getattr(task_class(model_task), "label_logits", None)):
@@ -985,6 +1141,11 @@ def build_proxy(
         key = proxy_key(model, opts, probe, model_task=model_task, seed=seed,
                         batch_size=batch_size, model_id=model_id)
         path, blob = _load_cached(roots, key, log)
+        if blob is not None and opts.align_eval and ranks \
+                and "proxy_align_before" not in blob.get("info", {}):
+            log(f"iprox: the cached proxy {path} was built without align_eval; building it "
+                "again for the before/after alignment figures")
+            blob = None
         if blob is not None:
             proxy = factorize(model, blob["ranks"], init="none")
             _copy_factors(proxy, blob["factors"])
@@ -1020,15 +1181,48 @@ def build_proxy(
                                  oversample=opts.svd_oversample, seed=seed * 100003 + j,
                                  timing=steps)
             roots_.pop((id(covs[name].c_delta), "cholesky"), None)
+            A, B = split_factors(A, B, opts.split, pmods[name].adapted)
             pmods[name].up.weight.copy_(A)
             pmods[name].down.weight.copy_(B)
     del covs, roots_
     t2 = time.perf_counter()
     log(f"iprox: covariances {t1 - t0:.1f} s, IPSVD ({opts.svd}) of {len(ranks)} layers "
         f"{t2 - t1:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in steps.items()) + ")")
+    evals: dict[str, Any] = {}
+    t_eval = 0.0
+
+    def rounded(x: Any) -> Any:  # figures for the manifest
+        if isinstance(x, dict):
+            return {k: rounded(v) for k, v in x.items()}
+        return float(f"{x:.6g}") if isinstance(x, float) else x
+
+    def evaluate(when: str) -> None:
+        nonlocal t_eval
+        te = time.perf_counter()
+        res = alignment_loss(model, proxy, task, probe, model_task=model_task, opts=opts,
+                             device=device, per_layer=True)
+        t_eval += time.perf_counter() - te
+        evals[when] = rounded(res)
+        blocks = res["by_block"]
+        shown = ", ".join(f"{b}: {v:.3f}" for b, v in blocks.items())
+        log(f"iprox: alignment objective {when} alignment on {len(probe)} probe examples: "
+            f"1 - cos {res['align']:.4f} (A {res['align_A']:.4f}, B {res['align_B']:.4f}), "
+            f"tau^2 KL {res['kl']:.4f}, total {res['total']:.4f}; smallest compared gradient "
+            f"norm {res['min_grad_norm']:.2e} ({res['layers_tiny_grad']} layers below 1e-7); "
+            f"1 - cos by block {shown}")
+
+    if ranks and opts.align_eval:
+        evaluate("before")
+    epoch_terms: list[dict[str, float]] = []
+    t_align = time.perf_counter()
     losses = align_proxy(model, proxy, task, probe, model_task=model_task, opts=opts,
-                         seed=seed, device=device, log=log) if ranks else []
-    t3 = time.perf_counter()
+                         seed=seed, device=device, log=log, terms=epoch_terms) if ranks else []
+    t_align = time.perf_counter() - t_align
+    if ranks and opts.align_eval:
+        if losses:
+            evaluate("after")
+        else:  # no alignment step: the proxy is the one evaluated before
+            evals["after"] = evals["before"]
     for p in proxy.parameters():
         p.requires_grad_(False)
     full_params, proxy_params = param_count(model), param_count(proxy)
@@ -1041,10 +1235,14 @@ def build_proxy(
         "proxy_seconds_ipsvd": round(t2 - t1, 3),
         "proxy_seconds_copy": round(t_copy, 3),
         **{f"proxy_seconds_ipsvd_{k}": round(v, 3) for k, v in steps.items()},
-        "proxy_seconds_align": round(t3 - t2, 3),
+        "proxy_seconds_align": round(t_align, 3),
         "proxy_align_epoch_losses": [round(x, 6) for x in losses],
+        "proxy_align_epoch_terms": [rounded(x) for x in epoch_terms],
         "proxy_cached": False,
     })
+    if evals:
+        info.update({"proxy_align_before": evals["before"], "proxy_align_after": evals["after"],
+                     "proxy_seconds_align_eval": round(t_eval, 3)})
     if roots and key is not None:
         factors = {k: v.detach().cpu().clone() for k, v in unwrap(proxy).named_parameters()
                    if k.rsplit(".", 2)[0] in ranks}
@@ -1055,3 +1253,28 @@ def build_proxy(
             info["proxy_cache_file"] = str(path)
             log(f"iprox: proxy saved to the cache {path}")
     return proxy, info
+
+
+# -- shipping a proxy to another process -----------------------------------------------
+
+
+def proxy_blob(proxy: torch.nn.Module) -> dict[str, Any]:
+    """A built proxy as another process rebuilds it (:func:`proxy_from_blob`): the rank
+    of every factored layer and the factors' trained values, on the CPU (what the proxy
+    cache holds). Everything else of the proxy is the model's own and is loaded with it."""
+    base = unwrap(proxy)
+    ranks = {n: m.rank for n, m in base.named_modules() if isinstance(m, FactoredLinear)}
+    factors = {k: v.detach().cpu().clone() for k, v in base.named_parameters()
+               if k.rsplit(".", 2)[0] in ranks}
+    return {"ranks": ranks, "factors": factors}
+
+
+def proxy_from_blob(model: torch.nn.Module, blob: dict[str, Any]) -> torch.nn.Module:
+    """The proxy of ``blob`` (:func:`proxy_blob`) rebuilt on ``model`` (the same model
+    the proxy was built from, loaded again, e.g. by a worker): a factored copy with the
+    trained factors copied in, every parameter frozen, in eval mode."""
+    proxy = factorize(model, blob["ranks"], init="none")
+    _copy_factors(proxy, blob["factors"])
+    for p in proxy.parameters():
+        p.requires_grad_(False)
+    return proxy

@@ -1,0 +1,116 @@
+"""The ``proxy`` option of the methods that can run on an IProX proxy of the model
+(``less``, ``tracin``, ``tov``, ``perplexity``, ``uncertainty``): checking it, building the
+proxy for a run (cached as :mod:`finesift.models.proxy` describes) and its cost for
+``--estimate``. Workers rebuild a proxy with :func:`finesift.models.proxy.proxy_from_blob`
+from the coordinator's :func:`finesift.models.proxy.proxy_blob`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from finesift.errors import OptionError
+from finesift.methods.base import MethodContext, model_identity
+from finesift.models.proxy import IProxOptions, build_proxy, parse_proxy, proxy_cache_roots
+
+
+def check_proxy(value: Any, who: str = "") -> IProxOptions | None:
+    """The parsed ``proxy`` option (``None`` for ``""``), or a clear :class:`OptionError`
+    (``who``, e.g. ``"tov: "``, prefixes the message of a value that is not a string)."""
+    if not isinstance(value, str):
+        raise OptionError(f"{who}proxy must be a string such as 'iprox:0.7', got {value!r}")
+    return parse_proxy(value)
+
+
+def run_proxy(ctx: MethodContext, spec: IProxOptions) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The IProX proxy of ``ctx.model`` for this run and its manifest figures
+    (:func:`finesift.models.proxy.build_proxy`): a new model (``ctx.model`` is left as it
+    was: bench and the API reuse it), probed on the seeded probe set of the whole pool
+    (every shard run builds the same proxy). A run that keeps state (a work folder) keeps
+    and reuses the proxy too: finesift's cache, else the work folder."""
+    cache = proxy_cache_roots(ctx.workdir) if ctx.workdir is not None else None
+    return build_proxy(
+        ctx.model, ctx.task, ctx.pool, spec, model_task=ctx.model_task, seed=ctx.seed,
+        batch_size=ctx.batch_size, device=ctx.device, cache=cache,
+        model_id=None if ctx.model_spec is None else model_identity(ctx.model_spec),
+        log=ctx.log)
+
+
+def proxy_cost(ctx: MethodContext, spec: Any, lora: Any, cost: Any) -> None:
+    """Add the IProX build (:func:`finesift.models.proxy.build_proxy`) to ``cost``: the
+    covariance passes over the probe set (a forward and backward pass per group of layers
+    whose accumulators fit ``cov_memory_mb``), IPSVD of every factored layer (Cholesky
+    factors, whitening, the rank-r SVD of ``svd``, triangular solves; timed once per
+    layer shape) and ``align_epochs`` epochs of gradient alignment over the probe set
+    (the full model's gradients and the proxy's with a double backward: counted as three
+    training steps). ``lora``: the adapter the training passes are calibrated with (the
+    method's LoRA settings). The later passes run on the proxy but are timed on the full
+    model (an upper bound where the proxy is cheaper). A cached proxy (loaded, not built)
+    costs none of this; the estimate does not look for one."""
+    from collections import Counter
+
+    from finesift.engine.cost import (
+        Pass,
+        Probe,
+        ProbeResult,
+        lengths_of,
+        parameter_bytes,
+        shuffled_tokens,
+    )
+    from finesift.engine.cost import sorted_tokens as sorted_padded
+    from finesift.engine.cost import timed as time_it
+    from finesift.models import proxy as ipx
+
+    ranks, _ = ipx.plan_ranks(ctx.model, spec)
+    layers = ipx.proxy_targets(ctx.model)
+    probe_idx = ipx.probe_indices(len(ctx.pool), spec, ctx.seed)
+    lengths = lengths_of(ctx.task, [ctx.pool[i] for i in probe_idx])
+    used, groups = 0, 1 if ranks else 0
+    for name in ranks:
+        size = 4 * (layers[name].in_features ** 2 + layers[name].out_features ** 2)
+        if used and used + size > spec.cov_memory_mb * (1 << 20):
+            groups, used = groups + 1, 0
+        used += size
+    shapes = Counter((layers[nm].out_features, layers[nm].in_features, r)
+                     for nm, r in ranks.items())
+
+    def measure_ipsvd() -> ProbeResult:
+        total = 0.0
+        smallest = min(shapes, key=lambda x: x[0] * x[1])
+        for (out_f, in_f, r), count in [(smallest, 0), *shapes.items()]:  # warm-up first
+            def one(out_f: int = out_f, in_f: int = in_f, r: int = r) -> None:
+                # what build_proxy does per layer: Cholesky factors of both covariances,
+                # whitening, the rank-r SVD (spec.svd), two triangular solves
+                cov = ipx.Covariances(torch.eye(in_f, dtype=torch.float64) + 0.01,
+                                      torch.eye(out_f, dtype=torch.float64) + 0.01, 1)
+                ipx.ipsvd_factors(torch.randn(out_f, in_f), cov, r, spec.damping,
+                                  dtype=torch.float32, svd=spec.svd, niter=spec.svd_niter,
+                                  oversample=spec.svd_oversample)
+            if count:
+                total += count * time_it(one)
+            else:
+                one()
+        return ProbeResult(total, detail=f"{len(shapes)} layer shape(s), {len(ranks)} layers")
+
+    opts_rank = f"rho={spec.rho:g}"
+    if groups:
+        cost.passes.append(Pass(
+            f"iprox: covariance passes, {groups} x {len(probe_idx)} probe examples",
+            groups * sorted_padded(lengths, ctx.batch_size), kind="train", adapter=lora))
+        cost.passes.append(Pass(f"iprox: IPSVD of {len(ranks)} layers ({opts_rank})", 1,
+                                kind="probe", probe=Probe(
+                                    f"IPSVD, {len(shapes)} layer shape(s) timed once each",
+                                    measure_ipsvd, "build")))
+    if groups and spec.align_epochs:
+        tokens = shuffled_tokens(lengths, spec.align_batch_size, spec.align_epochs, seed=ctx.seed)
+        cost.passes.append(Pass(
+            f"iprox: gradient alignment, {spec.align_epochs} epoch(s) on the probe set "
+            "(x3: full model, proxy, double backward)", 3 * tokens, kind="train",
+            batch_size=spec.align_batch_size, adapter=lora))
+    factor = sum(r * (layers[nm].in_features + layers[nm].out_features) for nm, r in ranks.items())
+    cost.disk["IProX proxy (cache)"] = 4.0 * factor
+    _, model_bytes = parameter_bytes(ctx.model)
+    cost.memory["IProX proxy (a factored copy of the model)"] = float(model_bytes)
+    cost.notes.append("iprox: the passes on the proxy are timed on the full model")
