@@ -15,6 +15,25 @@ one alignment epoch) because on a 2-core CPU one forward + backward pass of Smol
 128-token example takes seconds; at this size the proxy's construction costs about as much
 as the gradients it saves, which only pays off on larger pools.
 
+Noise ceiling: ``--reference-seeds S ...`` runs full ``less`` again with the run's seed
+replaced by S (only the methods' seed: the pool, target and model are the same). In
+``less`` the seed draws the warm-up subset (``warmup_fraction`` of the pool, at least
+``min_warmup``), initialises the LoRA adapter, orders the warm-up batches and draws
+LoRA's dropout masks, and seeds the random projection. ``--reference-mode same-warmup``
+keeps the warm-up subset of the run's own seed (so only the adapter's initialisation,
+dropout, batch order and projection change, as between ``less`` and a proxy run, which
+draws the same warm-up subset), ``both`` runs both kinds. Every run is then compared
+with full ``less`` and with each reference run (top-10% / top-5% overlap, Spearman), so
+proxy-against-less sits next to less-against-less. The scores of every run are kept in
+``scores.npz``.
+
+Alignment: ``--align-epochs 0 2`` builds a proxy per value and RHO (0: IPSVD only),
+``--splits ipsvd adapted`` one per split of the factors (``IProxOptions.split``);
+``--align-eval`` records the alignment objective (1 - cos, tau^2 KL, per block and per
+layer kind) on the probe set right after IPSVD and after the alignment
+(``proxy_align_before`` / ``proxy_align_after`` of
+:func:`finesift.models.proxy.build_proxy`).
+
 Usage::
 
     FINESIFT_CACHE=/tmp/fscache python benchmarks/influence_cost.py --out /tmp/influence
@@ -23,6 +42,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import faulthandler
 import json
 import os
@@ -30,6 +50,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,12 +129,162 @@ def load_data(args, tokenizer):
 
 STAGES = {
     "less": ["proxy_seconds_probe", "proxy_seconds_ipsvd", "proxy_seconds_align",
-             "seconds_warmup", "seconds_per_example_grads", "seconds_projection"],
+             "proxy_seconds_align_eval", "seconds_warmup", "seconds_per_example_grads",
+             "seconds_projection"],
     "tov": ["seconds_training", "seconds_scoring"],
 }
+#: the top shares compared (name, share of the pool)
+SHARES = (("top10", 0.10), ("top5", 0.05))
 
 
-def main() -> None:
+@dataclasses.dataclass
+class Run:
+    """One method run of the benchmark.
+
+    Attributes:
+        label: its name in the tables (and, cleaned, its work folder's).
+        method: the registered method.
+        options: the method's options.
+        seed: the run's seed (``MethodContext.seed``).
+        warmup_seed: ``less``/``tracin``: draw the warm-up subset with this seed instead
+            (``None``: the run's seed).
+        kind: ``base`` (full ``less`` at the run's seed, what the others are compared
+            with), ``reference`` (full ``less`` at another seed), ``proxy`` or ``method``.
+    """
+
+    label: str
+    method: str
+    options: dict[str, Any]
+    seed: int
+    warmup_seed: int | None = None
+    kind: str = "method"
+
+
+def plan_runs(args: argparse.Namespace) -> list[Run]:
+    """The runs of one benchmark, in order: ``less``, its reference reruns, the proxies
+    (per RHO, per alignment epochs), ``tracin``, ``tov``."""
+    grad_opts = {"warmup_epochs": args.warmup_epochs, "proj_dim": args.proj_dim,
+                 "chunk_size": args.chunk_size, "projection": args.projection}
+    runs: list[Run] = []
+    if "less" in args.methods:
+        runs.append(Run("less", "less", grad_opts, args.seed, kind="base"))
+        for s in args.reference_seeds:
+            if args.reference_mode in ("reseed", "both"):
+                runs.append(Run(f"less-seed{s}", "less", grad_opts, s, kind="reference"))
+            if args.reference_mode in ("same-warmup", "both"):
+                runs.append(Run(f"less-seed{s}-samewarmup", "less", grad_opts, s,
+                                warmup_seed=args.seed, kind="reference"))
+    if "iprox" in args.methods:
+        for rho in args.rhos:
+            for split in args.splits:
+                for epochs in args.align_epochs:
+                    spec = (f"iprox:{rho:g},probe_examples={args.probe_examples},"
+                            f"align_epochs={epochs}")
+                    if split != "ipsvd":
+                        spec += f",split={split}"
+                    if args.align_eval:
+                        spec += ",align_eval=1"
+                    if args.proxy_options:
+                        spec += "," + args.proxy_options.strip(",")
+                    label = (f"less+iprox:{rho:g}"
+                             + (f",align={epochs}" if len(args.align_epochs) > 1 else "")
+                             + (f",split={split}" if len(args.splits) > 1 else ""))
+                    runs.append(Run(label, "less", {**grad_opts, "proxy": spec}, args.seed,
+                                    kind="proxy"))
+    if "tracin" in args.methods:
+        runs.append(Run("tracin", "tracin", grad_opts, args.seed))
+    if "tov" in args.methods:
+        runs.append(Run("tov (basic)", "tov", {"mode": "basic", "val_epochs": args.tov_val_epochs},
+                        args.seed))
+    return runs
+
+
+def compare_runs(scores: dict[str, np.ndarray], references: Sequence[str]
+                 ) -> dict[str, dict[str, dict[str, float]]]:
+    """``{run: {reference: {"top10", "top5", "spearman"}}}``: every run's agreement with
+    every reference run (present in ``scores``) other than itself: the overlap of their
+    top-10% and top-5% (:func:`top_overlap`) and the Spearman correlation of the scores."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for label, s in scores.items():
+        out[label] = {}
+        for ref in references:
+            if ref == label or ref not in scores:
+                continue
+            r = scores[ref]
+            out[label][ref] = {**{name: top_overlap(s, r, share) for name, share in SHARES},
+                               "spearman": spearman(s, r)}
+    return out
+
+
+def _fmt(v, spec="{:.1f}"):
+    return "-" if v is None else spec.format(v)
+
+
+def _agreement(a: dict[str, float] | None) -> str:
+    if not a:
+        return "-"
+    return f"{a['top10']:.2f} / {a['top5']:.2f} / {a['spearman']:+.3f}"
+
+
+def _blocks(d: dict[str, float] | None) -> str:
+    return "-" if not d else ", ".join(f"{k} {v:.3f}" for k, v in d.items())
+
+
+def print_tables(rows: list[dict[str, Any]], references: Sequence[str]) -> None:
+    extra = [r for r in references if r != "less"]
+    print()
+    head = ("| method | seed | wall s | CPU s | stages (wall s) | peak RSS MiB | store MiB | "
+            "params (proxy / full) | top-10% overlap | top-5% overlap | Spearman vs less |")
+    head += "".join(f" vs {r}: top-10% / top-5% / Spearman |" for r in extra)
+    print(head)
+    print("|---" * (11 + len(extra)) + "|")
+    for r in rows:
+        stages = ", ".join(f"{k.replace('proxy_seconds_', 'proxy ').replace('seconds_', '')} "
+                           f"{v:.1f}" for k, v in r["stages"].items())
+        params = (f"{r['proxy_parameters'] / 1e6:.1f}M / {r['full_parameters'] / 1e6:.1f}M "
+                  f"({r['proxy_param_ratio']:.2f})" if r["proxy_parameters"] else "-")
+        seed = str(r["seed"]) + ("" if r.get("warmup_seed") is None
+                                 else f" (warm-up subset {r['warmup_seed']})")
+        line = (f"| {r['method']} | {seed} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {stages} | "
+                f"{r['peak_rss_mib']:.0f} | {r['store_bytes'] / 2**20:.1f} | {params} | "
+                f"{_fmt(r.get('top10_overlap'), '{:.2f}')} | "
+                f"{_fmt(r.get('top5_overlap'), '{:.2f}')} | "
+                f"{_fmt(r.get('spearman_vs_less'), '{:+.3f}')} |")
+        line += "".join(f" {_agreement(r['agreement'].get(ref))} |" for ref in extra)
+        print(line)
+    aligned = [r for r in rows if r.get("align_before")]
+    if aligned:
+        print("\nAlignment objective on the probe set (1 - cos: mean over factored layers of "
+              "0.5 [(1 - cos_A) + (1 - cos_B)]; KL: tau^2 KL(model || proxy)):\n")
+        print("| method | align epochs | 1 - cos before (A / B) | tau^2 KL before | "
+              "1 - cos after (A / B) | tau^2 KL after | per-epoch training means "
+              "(1 - cos, KL) | eval s |")
+        print("|---" * 8 + "|")
+        for r in aligned:
+            b, a = r["align_before"], r["align_after"]
+            terms = "; ".join(f"{t['align']:.3f}, {t['kl']:.2f}"
+                              for t in r.get("align_epoch_terms") or []) or "-"
+            print(f"| {r['method']} | {r.get('align_epochs', '-')} | {b['align']:.4f} "
+                  f"({b.get('align_A', float('nan')):.3f} / {b.get('align_B', float('nan')):.3f}) | "
+                  f"{b['kl']:.3f} | {a['align']:.4f} "
+                  f"({a.get('align_A', float('nan')):.3f} / {a.get('align_B', float('nan')):.3f}) | "
+                  f"{a['kl']:.3f} | {terms} | {_fmt(r['stages'].get('proxy_seconds_align_eval'))} |")
+        for r in aligned:
+            b, a = r["align_before"], r["align_after"]
+            print(f"\n{r['method']}: 1 - cos by block (before -> after)")
+            print("  before: " + _blocks(b.get("by_block")))
+            print("  after:  " + _blocks(a.get("by_block")))
+            print(f"  smallest compared gradient norm before / after: "
+                  f"{_fmt(b.get('min_grad_norm'), '{:.2e}')} / "
+                  f"{_fmt(a.get('min_grad_norm'), '{:.2e}')}; layers with one below 1e-7 "
+                  f"(cosine eps 1e-8): {b.get('layers_tiny_grad', '-')} / "
+                  f"{a.get('layers_tiny_grad', '-')}")
+            print(f"{r['method']}: 1 - cos by layer kind")
+            print("  before: " + _blocks(b.get("by_kind")))
+            print("  after:  " + _blocks(a.get("by_kind")))
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="work folder (emptied first)")
     ap.add_argument("--model", default="smollm2-135m")
@@ -130,13 +301,49 @@ def main() -> None:
                          "once per chunk)")
     ap.add_argument("--rhos", type=float, nargs="+", default=[0.5, 0.8])
     ap.add_argument("--probe-examples", type=int, default=8)
-    ap.add_argument("--align-epochs", type=int, default=1)
+    ap.add_argument("--align-epochs", type=int, nargs="+", default=[1],
+                    help="Stage 2 epochs; several values build a proxy per value and RHO "
+                         "(0: IPSVD only)")
+    ap.add_argument("--align-eval", action="store_true",
+                    help="record the alignment objective (1 - cos, tau^2 KL; per block and "
+                         "layer kind) on the probe set before and after the alignment (one "
+                         "extra pass over the probe set each)")
+    ap.add_argument("--splits", nargs="+", default=["ipsvd"],
+                    choices=["ipsvd", "symmetric", "adapted"],
+                    help="how each proxy layer's A B is split between its factors "
+                         "(IProxOptions.split); several values build a proxy per value")
+    ap.add_argument("--proxy-options", default="",
+                    help="more IProxOptions for every proxy, KEY=VALUE[,KEY=VALUE...], e.g. "
+                         "align_lr=1e-3")
+    ap.add_argument("--reference-seeds", type=int, nargs="*", default=[],
+                    help="run full less again at these seeds (the noise ceiling: less "
+                         "against less); every run is also compared with them")
+    ap.add_argument("--reference-mode", default="reseed",
+                    choices=["reseed", "same-warmup", "both"],
+                    help="reseed: the reference run changes every seeded choice (warm-up "
+                         "subset, LoRA init, dropout, batch order, projection); same-warmup: "
+                         "it keeps the base seed's warm-up subset (as a proxy run does); "
+                         "both: one run of each per seed")
     ap.add_argument("--tov-val-epochs", type=float, default=2.0)
     ap.add_argument("--methods", nargs="+", default=["less", "iprox", "tracin", "tov"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    args.reference_seeds = list(dict.fromkeys(args.reference_seeds))
+    if args.reference_seeds and "less" not in args.methods:
+        ap.error("--reference-seeds needs less in --methods")
+    if args.seed in args.reference_seeds:
+        ap.error(f"--reference-seeds: {args.seed} is the run's own --seed")
+    if min(args.align_epochs) < 0:
+        ap.error("--align-epochs must be >= 0")
+    args.align_epochs = list(dict.fromkeys(args.align_epochs))
+    args.splits = list(dict.fromkeys(args.splits))
     faulthandler.register(signal.SIGUSR1)  # kill -USR1 PID prints where it is
 
     import torch
@@ -146,6 +353,9 @@ def main() -> None:
     from finesift.methods import MethodContext, get_method
     from finesift.models.loader import load_model
 
+    runs = plan_runs(args)
+    for run in runs:  # bad options fail now, not after an hour of the runs before them
+        get_method(run.method, run.options)
     if args.out.exists():
         shutil.rmtree(args.out)
     args.out.mkdir(parents=True)
@@ -158,82 +368,80 @@ def main() -> None:
           f"{len(target.examples)} ({sum(len(e) for e in target.examples)} tokens); "
           f"max_length {args.max_length}; torch threads {args.threads}; "
           f"setup {time.perf_counter() - t0:.1f} s", flush=True)
-    grad_opts = {"warmup_epochs": args.warmup_epochs, "proj_dim": args.proj_dim,
-                 "chunk_size": args.chunk_size, "projection": args.projection}
-    proxy_tail = f",probe_examples={args.probe_examples},align_epochs={args.align_epochs}"
-    runs: list[tuple[str, str, dict[str, Any]]] = []
-    if "less" in args.methods:
-        runs.append(("less", "less", grad_opts))
-    if "iprox" in args.methods:
-        for rho in args.rhos:
-            runs.append((f"less+iprox:{rho:g}", "less",
-                         {**grad_opts, "proxy": f"iprox:{rho:g}{proxy_tail}"}))
-    if "tracin" in args.methods:
-        runs.append(("tracin", "tracin", grad_opts))
-    if "tov" in args.methods:
-        runs.append(("tov (basic)", "tov", {"mode": "basic", "val_epochs": args.tov_val_epochs}))
-    print("options:", json.dumps({label: opts for label, _, opts in runs}), flush=True)
+    print("runs:", json.dumps({r.label: {"method": r.method, "seed": r.seed,
+                                         "warmup_seed": r.warmup_seed, "options": r.options}
+                               for r in runs}), flush=True)
 
     rows = []
     scores: dict[str, np.ndarray] = {}
-    for label, method, opts in runs:
+    for run in runs:
+        label = run.label
         work = args.out / "work" / label.replace(":", "-").replace(" ", "")
         ctx = MethodContext(
             pool=pool.examples, target=target.examples, pool_records=pool.records,
             target_records=target.records, task=task_for("lm", bundle.tokenizer),
-            model=bundle.model, model_task="lm", seed=args.seed, precision="fp32",
+            model=bundle.model, model_task="lm", seed=run.seed, precision="fp32",
             batch_size=args.batch_size, workdir=work,
             log=lambda m, label=label: print(f"  [{label}] {m}", flush=True),
         )
         print(f"{label} ...", flush=True)
-        meth = get_method(method, opts)
+        meth = get_method(run.method, run.options)
+        if run.warmup_seed is not None:
+            # the warm-up subset of another seed; everything else seeded by run.seed
+            draw = meth.warmup_indices
+            meth.warmup_indices = (  # type: ignore[method-assign]
+                lambda c, draw=draw, s=run.warmup_seed: draw(dataclasses.replace(c, seed=s)))
         c0, w0 = time.process_time(), time.perf_counter()
         with PeakRSS() as rss:
             res = meth.score(ctx)
         wall, cpu = time.perf_counter() - w0, time.process_time() - c0
         scores[label] = np.asarray(res.scores, dtype=np.float64)
         info = res.info
-        row = {"method": label, "wall_s": wall, "cpu_s": cpu, "peak_rss_mib": rss.peak / 2**20,
+        opts = info.get("proxy_options") or {}
+        row = {"method": label, "kind": run.kind, "seed": run.seed,
+               "warmup_seed": run.warmup_seed, "options": run.options,
+               "wall_s": wall, "cpu_s": cpu, "peak_rss_mib": rss.peak / 2**20,
                "store_bytes": folder_bytes(work),
-               "stages": {k: info[k] for k in STAGES["tov" if method == "tov" else "less"]
+               "stages": {k: info[k] for k in STAGES["tov" if run.method == "tov" else "less"]
                           if k in info},
                "proxy_parameters": info.get("proxy_parameters"),
                "full_parameters": info.get("full_parameters"),
                "proxy_param_ratio": info.get("proxy_param_ratio"),
+               "proxy_cached": info.get("proxy_cached"),
                "trainable_parameters": info.get("trainable_parameters"),
-               "align_epoch_losses": info.get("proxy_align_epoch_losses")}
+               "warmup_examples": info.get("warmup_examples"),
+               "align_epochs": opts.get("align_epochs"),
+               "split": opts.get("split"),
+               "align_epoch_losses": info.get("proxy_align_epoch_losses"),
+               "align_epoch_terms": info.get("proxy_align_epoch_terms"),
+               "align_before": info.get("proxy_align_before"),
+               "align_after": info.get("proxy_align_after")}
         rows.append(row)
         (args.out / "results.partial.json").write_text(json.dumps(rows, indent=2))
+        np.savez(args.out / "scores.npz", **scores)
         print(f"  {label}: {wall:.1f} s wall, {cpu:.1f} s CPU, peak RSS "
               f"{row['peak_rss_mib']:.0f} MiB, stages {row['stages']}", flush=True)
+        if row["align_before"]:
+            b, a = row["align_before"], row["align_after"]
+            print(f"  {label}: alignment objective before -> after: 1 - cos "
+                  f"{b['align']:.4f} -> {a['align']:.4f}, tau^2 KL {b['kl']:.3f} -> "
+                  f"{a['kl']:.3f}", flush=True)
 
-    ref = scores.get("less")
+    references = [r.label for r in runs if r.kind in ("base", "reference")]
+    agreement = compare_runs(scores, references)
     for row in rows:
-        s = scores[row["method"]]
-        if ref is not None and row["method"] != "less":
-            row["top10_overlap"] = top_overlap(s, ref, 0.10)
-            row["top5_overlap"] = top_overlap(s, ref, 0.05)
-            row["spearman_vs_less"] = spearman(s, ref)
+        row["agreement"] = agreement[row["method"]]
+        base = row["agreement"].get("less")
+        if base is not None:
+            row["top10_overlap"] = base["top10"]
+            row["top5_overlap"] = base["top5"]
+            row["spearman_vs_less"] = base["spearman"]
     (args.out / "results.json").write_text(json.dumps(rows, indent=2))
-
-    def fmt(v, spec="{:.1f}"):
-        return "-" if v is None else spec.format(v)
-
-    print()
-    print("| method | wall s | CPU s | stages (wall s) | peak RSS MiB | store MiB | "
-          "params (proxy / full) | top-10% overlap | top-5% overlap | Spearman vs less |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        stages = ", ".join(f"{k.replace('proxy_seconds_', 'proxy ').replace('seconds_', '')} "
-                           f"{v:.1f}" for k, v in r["stages"].items())
-        params = (f"{r['proxy_parameters'] / 1e6:.1f}M / {r['full_parameters'] / 1e6:.1f}M "
-                  f"({r['proxy_param_ratio']:.2f})" if r["proxy_parameters"] else "-")
-        print(f"| {r['method']} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {stages} | "
-              f"{r['peak_rss_mib']:.0f} | {r['store_bytes'] / 2**20:.1f} | {params} | "
-              f"{fmt(r.get('top10_overlap'), '{:.2f}')} | {fmt(r.get('top5_overlap'), '{:.2f}')} | "
-              f"{fmt(r.get('spearman_vs_less'), '{:+.3f}')} |")
-    print(f"\ntotal {time.perf_counter() - t0:.0f} s; results in {args.out / 'results.json'}")
+    print_tables(rows, references)
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s; results in {args.out / 'results.json'}, "
+          f"scores in {args.out / 'scores.npz'}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
