@@ -155,7 +155,7 @@ def forward_logprobs(
     figures go into ``info``, and its chunks into a store of their own.
     """
     spec = parse_proxy(proxy)
-    if (ctx.model is None and ctx.executor is None) or (spec is not None and ctx.model is None):
+    if ctx.model is None and (ctx.executor is None or spec is not None):  # a proxy needs it
         raise OptionError(f"{desc} needs the model, but none was loaded")
     prec = ctx.precision if precision == "run" else precision
     model, blob = ctx.model, None
