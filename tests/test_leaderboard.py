@@ -97,6 +97,38 @@ def test_verdict_says_whether_auto_picked_the_leaderboards_best_candidate():
             assert "the best candidate here is embed (embed)" in tail
 
 
+def test_auto_agreement_matches_a_candidate_by_the_options_auto_gave_it():
+    rng = np.random.default_rng(4)
+    # the default (interleaved) tov is best, embed second, basic-mode tov behind embed;
+    # a tov on a proxy is better than all but is never a candidate auto tried
+    rows = _rows(_planted(rng, {"random": 0.0, "tov-paper": 0.20, "embed": 0.10,
+                                "tov-tuned": 0.03, "tov-proxy": 0.30, "auto": 0.05}))
+    methods = [{"label": "random", "name": "random"}, {"label": "embed", "name": "embed"},
+               {"label": "tov-paper", "name": "tov", "options": {"mode": "interleaved"}},
+               {"label": "tov-tuned", "name": "tov",
+                "options": {"mode": "basic", "val_epochs": 2}},
+               {"label": "tov-proxy", "name": "tov", "options": {"proxy": "iprox:0.5"}},
+               {"label": "auto", "name": "auto"}]
+    for given, agrees, shown in (
+            ({"candidates": "embed,tov"}, True, "embed, tov, random"),
+            ({"candidates": "embed,tov", "tov.mode": "basic", "tov.val_epochs": "2"}, False,
+             "embed, tov as tov-tuned, random"),
+            ({"candidates": "embed,tov", "tov.rounds": 5}, True,
+             "embed, tov as tov-paper, tov-tuned, random")):
+        for r in rows:
+            if r["method"] == "auto":
+                r["auto_winner"] = "tov"
+                r["method_options"] = json.dumps(given)
+        line = verdict(rows, summarize(rows, methods, budgets=["10", "20"]), n_resamples=200)
+        tail = line.split("**auto** picked ")[1]
+        assert f"of its candidates ({shown})" in tail, tail
+        assert ("ranking agrees" in tail) == agrees, tail
+        if not agrees:
+            assert "the best candidate here is embed (embed)" in tail
+        # no row runs tov with rounds=5: the plain tov rows stand in, and the line says so
+        assert ("no row runs tov with auto's options" in tail) == ("tov.rounds" in given)
+
+
 def test_compute_hours_counts_each_selection_once_and_no_reused_run():
     from finesift.evaluate.leaderboard import compute_hours
 

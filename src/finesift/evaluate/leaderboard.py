@@ -62,6 +62,7 @@ class MethodSummary:
     multiples: dict[str, float] = field(default_factory=dict)
     auto_picks: dict[str, int] = field(default_factory=dict)
     prefilter: str | dict[str, Any] | None = None  # a cascade row: "embed:20%"
+    options: dict[str, Any] = field(default_factory=dict)  # the method's options as run
     note: str = ""
 
 
@@ -123,7 +124,7 @@ def summarize(rows: Sequence[dict[str, Any]], methods: Sequence[dict[str, Any]],
     for m in methods:
         s = MethodSummary(label=m["label"], name=m["name"],
                           planned_seeds=list(m.get("seeds") or []),
-                          prefilter=m.get("prefilter"))
+                          prefilter=m.get("prefilter"), options=dict(m.get("options") or {}))
         mine = [r for r in ok if r["method"] == s.label]
         s.n_runs = len(mine)
         s.seeds = sorted({int(r["seed"]) for r in mine})
@@ -231,10 +232,30 @@ def verdict(rows: Sequence[dict[str, Any]], summaries: Sequence[MethodSummary], 
     return text + "." + auto_agreement(rows, ranked)
 
 
+def _same_options(name: str, a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two option dicts of method ``name`` resolve to the same run (defaults
+    filled in, so ``{}`` equals the defaults spelt out)."""
+    from finesift.methods.base import available, option_identity, options_from_dict
+
+    cls = available().get(name)
+    try:
+        if cls is None:
+            return a == b
+        return (option_identity(options_from_dict(cls, a))
+                == option_identity(options_from_dict(cls, b)))
+    except Exception:  # options an older finesift accepted: compare them as written
+        return a == b
+
+
 def auto_agreement(rows: Sequence[dict[str, Any]], ranked: Sequence[MethodSummary]) -> str:
     """Whether ``--method auto``'s pick is the method this leaderboard ranks first among
     the candidates auto could pick (its trials run on folds of the val set; the
-    leaderboard measures on the test set), or "" when auto has no finished runs."""
+    leaderboard measures on the test set), or "" when auto has no finished runs.
+
+    A candidate is the leaderboard row of its method with the options auto gave it
+    (``tov.mode=basic`` matches a ``tov`` row with ``mode: basic``); where no row has
+    them, every plain row of the method stands for it and the line says so. A cascade row
+    (a prefilter) or a row on a proxy is never the candidate auto tried."""
     from finesift.evaluate.auto import AutoOptions
 
     out = []
@@ -243,11 +264,23 @@ def auto_agreement(rows: Sequence[dict[str, Any]], ranked: Sequence[MethodSummar
             continue
         mine = [r for r in _ok(rows) if r.get("method") == s.label]
         given = json.loads(mine[0].get("method_options") or "{}") if mine else {}
-        cands = [c.strip() for c in str(given.get("candidates", AutoOptions.candidates))
-                 .split(",") if c.strip()] + ["random"]
-        # a cascade row (a prefilter before the method) is not the candidate auto tried
-        among = [m for m in ranked
-                 if m.name in cands and not m.auto_picks and m.prefilter is None]
+        cands = list(dict.fromkeys(
+            [c.strip() for c in str(given.get("candidates", AutoOptions.candidates))
+             .split(",") if c.strip()] + ["random"]))
+        sub: dict[str, dict[str, Any]] = {c: {} for c in cands}
+        for key, value in given.items():
+            method, dot, opt = str(key).partition(".")
+            if dot and method in sub:
+                sub[method][opt] = value
+        among, loose = [], []
+        for c in cands:
+            plain = [m for m in ranked if m.name == c and not m.auto_picks
+                     and m.prefilter is None and not m.options.get("proxy")]
+            exact = [m for m in plain if _same_options(c, m.options, sub[c])]
+            if not exact and plain:
+                loose.append(c)
+            among += exact or plain
+        among = [m for m in ranked if any(m is a for a in among)]  # in leaderboard order
         if not among:
             continue
         best = among[0]
@@ -256,8 +289,13 @@ def auto_agreement(rows: Sequence[dict[str, Any]], ranked: Sequence[MethodSummar
         top = max(s.auto_picks.items(), key=lambda kv: kv[1])[0]
         state = ("agrees" if top == best.name else
                  f"disagrees: the best candidate here is {best.name} ({best.label})")
+        tried = ", ".join(c if c not in loose and not sub[c] else
+                          f"{c} as {', '.join(m.label for m in among if m.name == c)}"
+                          for c in cands)
+        note = (f" (no row runs {', '.join(loose)} with auto's options: every plain row of it "
+                "stands in)" if loose else "")
         out.append(f" **{s.label}** picked {picks}; of its candidates "
-                   f"({', '.join(dict.fromkeys(cands))}), the leaderboard's ranking {state}.")
+                   f"({tried}), the leaderboard's ranking {state}.{note}")
     return "".join(out)
 
 
