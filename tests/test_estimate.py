@@ -211,6 +211,15 @@ def test_every_method_declares_its_cost(tiny_ctx: MethodContext) -> None:
     cost = get_method("less", {"proxy": "iprox:0.5"}).cost(tiny_ctx)
     assert [p.what.split(":")[0] for p in cost.passes[:3]] == ["iprox"] * 3
     assert cost.disk["IProX proxy (cache)"] > 0
+    # align_eval adds its figures' passes: twice the probe set's tokens per evaluation
+    # (model and proxy), one evaluation before and one after the alignment
+    evals = {}
+    for extra in ("", ",align_eval=1", ",align_eval=1,align_epochs=0"):
+        c = get_method("less", {"proxy": "iprox:0.5" + extra}).cost(tiny_ctx)
+        evals[extra] = [p for p in c.passes if "align_eval" in p.what]
+    assert evals[""] == []
+    (after,), (before_only,) = evals[",align_eval=1"], evals[",align_eval=1,align_epochs=0"]
+    assert after.units == 2 * before_only.units > 0
 
 
 def test_the_probes_measure_on_the_tiny_model(tiny_ctx: MethodContext) -> None:

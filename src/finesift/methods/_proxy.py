@@ -109,6 +109,15 @@ def proxy_cost(ctx: MethodContext, spec: Any, lora: Any, cost: Any) -> None:
             f"iprox: gradient alignment, {spec.align_epochs} epoch(s) on the probe set "
             "(x3: full model, proxy, double backward)", 3 * tokens, kind="train",
             batch_size=spec.align_batch_size, adapter=lora))
+    if groups and spec.align_eval:
+        # alignment_loss on the probe set after IPSVD and again after the alignment: the
+        # model's and the proxy's gradients, no double backward
+        n_evals = 2 if spec.align_epochs else 1
+        tokens = shuffled_tokens(lengths, spec.align_batch_size, 1, seed=ctx.seed)
+        cost.passes.append(Pass(
+            f"iprox: alignment figures (align_eval), {n_evals} pass(es) over the probe set "
+            "(x2: full model, proxy)", 2 * n_evals * tokens, kind="train",
+            batch_size=spec.align_batch_size, adapter=lora))
     factor = sum(r * (layers[nm].in_features + layers[nm].out_features) for nm, r in ranks.items())
     cost.disk["IProX proxy (cache)"] = 4.0 * factor
     _, model_bytes = parameter_bytes(ctx.model)
