@@ -17,6 +17,7 @@ import yaml
 from finesift.config import (
     LoraFields,
     RunConfig,
+    check_choice,
     describe,
     docstring_help,
     from_mapping,
@@ -119,6 +120,15 @@ def test_from_mapping_converts_and_names_bad_values() -> None:
         make({"rate": -1})
     with pytest.raises(OptionError, match=r"unknown \['roundz'\]"):
         make({"roundz": 1})
+
+
+def test_check_choice_returns_a_choice_and_names_a_bad_value() -> None:
+    assert check_choice("b", ("a", "b"), "opt: mode") == "b"
+    with pytest.raises(OptionError, match=r"^opt: mode must be one of a, b, got 'c'$"):
+        check_choice("c", ("a", "b"), "opt: mode")
+    with pytest.raises(ValueError, match=r"^level must be one of 1, 2, got 3$") as info:
+        check_choice(3, (1, 2), "level", error=ValueError)
+    assert not isinstance(info.value, OptionError)
 
 
 def test_docstring_help_reads_google_attributes() -> None:

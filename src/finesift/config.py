@@ -276,6 +276,16 @@ def convert_field(info: OptionInfo, value: Any, *, shown: str) -> Any:
     return value
 
 
+def check_choice(value: Any, choices: Sequence[Any], what: str, *,
+                 error: Callable[[str], Exception] = OptionError) -> Any:
+    """``value`` if it is one of ``choices``, else raise
+    ``error("{what} must be one of a, b, got 'c'")`` (``what`` names the option, with
+    its owner's prefix: ``"tov: mode"``, ``"--dtype"``)."""
+    if value not in choices:
+        raise error(f"{what} must be one of {', '.join(map(str, choices))}, got {value!r}")
+    return value
+
+
 def check_declared(obj: Any, *, shown: Callable[[str, Any], str],
                    below: Callable[[str, Any, float], str] | None = None) -> None:
     """Check the ``choices`` and ``minimum`` declared on ``obj``'s fields (``below``: see

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from finesift.config import check_choice
+
 #: a forward pass without gradients (scoring, embedding with the run's model)
 FORWARD = "forward"
 #: a training step: forward + backward + optimiser step
@@ -85,8 +87,7 @@ class Pass:
     probe: Probe | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"pass kind must be one of {KINDS}, got {self.kind!r}")
+        check_choice(self.kind, KINDS, "pass kind", error=ValueError)
         if (self.kind == PROBE) != (self.probe is not None):
             raise ValueError("a PROBE pass needs a probe, and only a PROBE pass has one")
         if self.data not in ("pool", "target"):

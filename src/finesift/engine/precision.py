@@ -39,8 +39,9 @@ def cpu_has_fast_bf16() -> bool:
 
 def resolve(precision: str, device: str = "cpu") -> str:
     """Map ``auto`` to ``bf16`` or ``fp32`` for this device."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    from finesift.config import check_choice
+
+    check_choice(precision, PRECISIONS, "precision", error=ValueError)
     if precision != "auto":
         return precision
     if device.startswith("cuda"):
@@ -122,10 +123,10 @@ def resolve_dtype(dtype: str, device: str = "cpu", *,
     Raises:
         OptionError: an unknown dtype, or one that contradicts ``required`` or ``trains``.
     """
+    from finesift.config import check_choice
     from finesift.errors import OptionError
 
-    if dtype not in DTYPES:
-        raise OptionError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    check_choice(dtype, DTYPES, "--dtype")
     if dtype == "auto":
         if required is not None:
             return required[0]

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from finesift.config import check_choice
 from finesift.errors import OptionError
 
 _SHIFTS = torch.arange(8, dtype=torch.uint8)
@@ -55,8 +56,7 @@ class Projector:
         cache_elems: int = 1 << 26,
         sparsity: int = 8,
     ) -> None:
-        if kind not in PROJECTIONS:
-            raise OptionError(f"projection must be one of {', '.join(PROJECTIONS)}, got {kind!r}")
+        check_choice(kind, PROJECTIONS, "projection")
         self.n_in, self.dim, self.kind, self.seed = int(n_in), int(dim), kind, int(seed)
         self.sparsity = int(sparsity)
         if kind == "sparse":

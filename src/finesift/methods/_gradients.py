@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from finesift.config import check_choice
 from finesift.engine.batching import sorted_batches
 from finesift.engine.tasks import Task
 from finesift.errors import OptionError
@@ -175,8 +176,7 @@ def adam_direction(
     v = b2 * exp_avg_sq + (1 - b2) * g * g
     if formula == "reference":
         return m / (v + eps).sqrt()
-    if formula != "paper":
-        raise ValueError(f"adam formula must be one of {', '.join(ADAM_FORMULAS)}, got {formula!r}")
+    check_choice(formula, ADAM_FORMULAS, "adam formula", error=ValueError)
     t = step + 1
     m_hat = m / (1 - b1**t)
     v_hat = v / (1 - b2**t)

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from finesift.config import check_choice
 from finesift.errors import OptionError
 from finesift.methods._text import texts_of
 from finesift.methods.base import Method, MethodContext, MethodResult, register
@@ -136,8 +137,7 @@ class HashedNgrams:
 
     def __init__(self, num_buckets: int = 10_000, ngrams: int = 2,
                  hashing: str = "sha256") -> None:
-        if hashing not in HASHINGS:
-            raise ValueError(f"hashing must be one of {', '.join(HASHINGS)}, got {hashing!r}")
+        check_choice(hashing, HASHINGS, "hashing", error=ValueError)
         self.num_buckets = int(num_buckets)
         self.ngrams = int(ngrams)
         self.hashing = hashing
@@ -327,17 +327,11 @@ class DSIROptions:
                               "target never uses has log-probability -inf)")
         if not self.floor <= 1:
             raise OptionError(f"dsir: floor must be <= 1, got {self.floor}")
-        if self.hashing not in HASHINGS:
-            raise OptionError(
-                f"dsir: hashing must be one of {', '.join(HASHINGS)}, got {self.hashing!r}"
-            )
+        check_choice(self.hashing, HASHINGS, "dsir: hashing")
         if not np.isfinite(self.smoothing * self.num_buckets):
             raise OptionError(f"dsir: smoothing {self.smoothing} is too large: the pseudo-counts "
                               "of all buckets must add up to a finite number")
-        if self.sampling not in SAMPLINGS:
-            raise OptionError(
-                f"dsir: sampling must be one of {', '.join(SAMPLINGS)}, got {self.sampling!r}"
-            )
+        check_choice(self.sampling, SAMPLINGS, "dsir: sampling")
         if self.chunk_size < 1:
             raise OptionError("dsir: chunk_size must be >= 1")
 

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from finesift.config import check_choice
 from finesift.engine.batching import sorted_batches
 from finesift.engine.precision import autocast
 from finesift.engine.tasks import unwrap
@@ -83,15 +84,8 @@ class EmbedOptions:
     batch_size: int = 32
 
     def validate(self) -> None:
-        if self.embedder not in EMBEDDERS:
-            raise OptionError(
-                f"embed: embedder must be one of {', '.join(EMBEDDERS)}, got {self.embedder!r}"
-            )
-        if self.aggregate not in AGGREGATES:
-            raise OptionError(
-                f"embed: aggregate must be one of {', '.join(AGGREGATES)}, "
-                f"got {self.aggregate!r}"
-            )
+        check_choice(self.embedder, EMBEDDERS, "embed: embedder")
+        check_choice(self.aggregate, AGGREGATES, "embed: aggregate")
         if self.max_length < 2 or self.batch_size < 1:
             raise OptionError("embed: max_length must be >= 2 and batch_size >= 1")
 

@@ -63,7 +63,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from finesift.config import LoraFields
+from finesift.config import LoraFields, check_choice
 from finesift.engine.scoring import example_losses
 from finesift.engine.train import (
     TrainOptions,
@@ -139,12 +139,8 @@ class HarpOptions(LoraFields):
     embed_batch_size: int = 32
 
     def validate(self) -> None:
-        if self.envelope not in ENVELOPES:
-            raise OptionError(f"harp: envelope must be one of {', '.join(ENVELOPES)}, "
-                              f"got {self.envelope!r}")
-        if self.embedder not in EMBEDDERS:
-            raise OptionError(f"harp: embedder must be one of {', '.join(EMBEDDERS)}, "
-                              f"got {self.embedder!r}")
+        check_choice(self.envelope, ENVELOPES, "harp: envelope")
+        check_choice(self.embedder, EMBEDDERS, "harp: embedder")
         for name in ("leaf_size", "parent_leaves", "region_parents", "leaves_per_parent",
                      "max_runs", "steps", "batch_size", "lora_rank", "max_target",
                      "max_length", "embed_batch_size"):

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from finesift.config import LoraFields
+from finesift.config import LoraFields, check_choice
 from finesift.engine.projection import PROJECTIONS, Projector
 from finesift.engine.train import (
     LoraOptions,
@@ -138,14 +138,10 @@ class GradInfluenceOptions(LoraFields):
     adam_formula: str = "reference"
 
     def validate(self) -> None:
-        if self.adam_formula not in G.ADAM_FORMULAS:
-            raise OptionError(f"adam_formula must be one of {', '.join(G.ADAM_FORMULAS)}, "
-                              f"got {self.adam_formula!r}")
+        check_choice(self.adam_formula, G.ADAM_FORMULAS, "adam_formula")
         if not 0 < self.warmup_fraction <= 1:
             raise OptionError("warmup_fraction must be in (0, 1]")
-        if self.projection not in PROJECTIONS:
-            raise OptionError(f"projection must be one of {', '.join(PROJECTIONS)}, "
-                              f"got {self.projection!r}")
+        check_choice(self.projection, PROJECTIONS, "projection")
         if self.projection == "sparse" and (self.sparsity < 1 or self.proj_dim % self.sparsity):
             raise OptionError(f"projection sparse: proj_dim ({self.proj_dim}) must be a "
                               f"multiple of sparsity ({self.sparsity})")

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from finesift.config import check_choice
 from finesift.engine.scoring import mean_losses
 from finesift.errors import OptionError
 from finesift.methods._proxy import check_proxy
@@ -52,10 +53,7 @@ class PerplexityOptions:
     proxy: str = ""
 
     def validate(self) -> None:
-        if self.order not in ORDERS:
-            raise OptionError(
-                f"perplexity: order must be one of {', '.join(ORDERS)}, got {self.order!r}"
-            )
+        check_choice(self.order, ORDERS, "perplexity: order")
         if self.precision not in ("run", "auto", "bf16", "fp32"):
             raise OptionError(
                 f"precision must be 'run', 'auto', 'bf16' or 'fp32', got {self.precision!r}"

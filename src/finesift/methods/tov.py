@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from finesift.config import LoraFields
+from finesift.config import LoraFields, check_choice
 from finesift.engine.scoring import token_logprobs
 from finesift.engine.train import (
     LoraOptions,
@@ -161,14 +161,10 @@ class ToVOptions(LoraFields):
     proxy: str = ""
 
     def validate(self) -> None:
-        if self.warmup not in WARMUPS:
-            raise OptionError(f"tov: warmup must be one of {WARMUPS}, got {self.warmup!r}")
-        if self.mode not in MODES:
-            raise OptionError(f"tov: mode must be one of {MODES}, got {self.mode!r}")
-        if self.transform not in TRANSFORMS:
-            raise OptionError(f"tov: transform must be one of {TRANSFORMS}, got {self.transform!r}")
-        if self.lr_schedule not in SCHEDULES:
-            raise OptionError(f"tov: lr_schedule must be one of {SCHEDULES}")
+        check_choice(self.warmup, WARMUPS, "tov: warmup")
+        check_choice(self.mode, MODES, "tov: mode")
+        check_choice(self.transform, TRANSFORMS, "tov: transform")
+        check_choice(self.lr_schedule, SCHEDULES, "tov: lr_schedule")
         if self.score_precision not in ("auto", "bf16", "fp32"):
             raise OptionError("tov: score_precision must be 'auto', 'bf16' or 'fp32'")
         if self.adapter not in ("lora", "full"):

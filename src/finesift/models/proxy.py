@@ -96,6 +96,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from finesift.config import check_choice
 from finesift.engine.batching import shuffled_batches, sorted_batches
 from finesift.engine.tasks import Task, task_class, unwrap
 from finesift.errors import OptionError
@@ -184,12 +185,8 @@ class IProxOptions:
             )
         if self.align_epochs < 0:
             raise OptionError("iprox: align_epochs must be >= 0")
-        if self.svd not in SVD_MODES:
-            raise OptionError(f"iprox: svd must be one of {', '.join(SVD_MODES)}, "
-                              f"got {self.svd!r}")
-        if self.split not in SPLITS:
-            raise OptionError(f"iprox: split must be one of {', '.join(SPLITS)}, "
-                              f"got {self.split!r}")
+        check_choice(self.svd, SVD_MODES, "iprox: svd")
+        check_choice(self.split, SPLITS, "iprox: split")
         if self.svd_niter < 0 or self.svd_oversample < 0:
             raise OptionError("iprox: svd_niter and svd_oversample must be >= 0")
         if not self.damping > 0:
@@ -618,8 +615,7 @@ def ipsvd_factors(W: torch.Tensor, cov: Covariances, rank: int, damping: float =
     W = W.detach()
     if whitening not in ("cholesky", "eigh"):
         raise OptionError(f"whitening must be 'cholesky' or 'eigh', got {whitening!r}")
-    if svd not in SVD_MODES:
-        raise OptionError(f"svd must be one of {', '.join(SVD_MODES)}, got {svd!r}")
+    check_choice(svd, SVD_MODES, "svd")
     clock = _StepClock(timing)
     for c in (cov.c_h, cov.c_delta):
         if (id(c), whitening) not in roots:
@@ -742,8 +738,7 @@ def split_factors(A: torch.Tensor, B: torch.Tensor, split: str, adapted: str = "
     grad_W B^T is not invariant to A -> A D, B -> D^-1 B) and the relative size of
     Stage 2's fixed-size AdamW steps.
     """
-    if split not in SPLITS:
-        raise OptionError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    check_choice(split, SPLITS, "split")
     if split == "ipsvd":
         return A, B
     dtype = A.dtype
