@@ -137,6 +137,12 @@ def test_the_proxy_is_part_of_the_resume_fingerprint(data: Data):
                                            for f in fields(ToVOptions) if f.name != "proxy"])
     assert asdict(before()) == option_identity(ToVOptions())
     assert run_fingerprint("state-v3", before(), ctx) == get_method("tov", {})._fingerprint(ctx)
+    # and the manifest records the options the same way, so a shard written before the
+    # option existed merges with one written after
+    from finesift.pipeline import jsonable
+
+    assert jsonable(ToVOptions()) == asdict(before())
+    assert jsonable(ToVOptions(proxy="iprox:0.5"))["proxy"] == "iprox:0.5"
 
 
 def test_a_proxy_run_does_not_resume_a_full_model_runs_state(data: Data, plain, proxied,

@@ -28,7 +28,7 @@ import numpy as np
 from finesift.data.records import Example, Record
 from finesift.errors import InputError, OptionError
 from finesift.logs import as_log
-from finesift.methods.base import Method, MethodContext, MethodResult, get_method
+from finesift.methods.base import Method, MethodContext, MethodResult, get_method, option_identity
 from finesift.select.strategies import STRATEGIES, parse_budget, score_table, select_indices
 from finesift.store.chunks import ShardSpec
 from finesift.store.files import file_fingerprint
@@ -206,9 +206,12 @@ def model_name(model: Any) -> str | None:
 
 
 def jsonable(options: Any) -> Any:
-    """A method's options as the manifest records them (a dataclass as a dict)."""
+    """A method's options as the manifest records them (a dataclass as a dict): every
+    option, except one the method added later and leaves out of its keys while unset
+    (:func:`~finesift.methods.base.option_identity`), so shards written before it
+    existed still merge with new ones."""
     if dataclasses.is_dataclass(options):
-        return dataclasses.asdict(options)
+        return option_identity(options)
     return dict(options) if isinstance(options, dict) else options
 
 
