@@ -127,6 +127,17 @@ def test_auto_agreement_matches_a_candidate_by_the_options_auto_gave_it():
             assert "the best candidate here is embed (embed)" in tail
         # no row runs tov with rounds=5: the plain tov rows stand in, and the line says so
         assert ("no row runs tov with auto's options" in tail) == ("tov.rounds" in given)
+    # every candidate worse than random: random, the floor, is the best candidate
+    rows = _rows(_planted(rng, {"random": 0.0, "embed": -0.05, "tov-tuned": -0.10,
+                                "tov-paper": 0.10, "auto": 0.0}))
+    for r in rows:
+        if r["method"] == "auto":
+            r["auto_winner"] = "embed"
+            r["method_options"] = json.dumps({"candidates": "embed,tov", "tov.mode": "basic",
+                                              "tov.val_epochs": 2})
+    line = verdict(rows, summarize(rows, [m for m in methods if m["label"] != "tov-proxy"],
+                                   budgets=["10", "20"]), n_resamples=200)
+    assert "disagrees: the best candidate here is random (random)" in line, line
 
 
 def test_compute_hours_counts_each_selection_once_and_no_reused_run():

@@ -229,7 +229,7 @@ def verdict(rows: Sequence[dict[str, Any]], summaries: Sequence[MethodSummary], 
         text += " (the runner-up is the best text-only baseline)"
     else:
         text += "; no text-only baseline has finished runs"
-    return text + "." + auto_agreement(rows, ranked)
+    return text + "." + auto_agreement(rows, ranked, summaries)
 
 
 def _same_options(name: str, a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -247,7 +247,8 @@ def _same_options(name: str, a: dict[str, Any], b: dict[str, Any]) -> bool:
         return a == b
 
 
-def auto_agreement(rows: Sequence[dict[str, Any]], ranked: Sequence[MethodSummary]) -> str:
+def auto_agreement(rows: Sequence[dict[str, Any]], ranked: Sequence[MethodSummary],
+                   summaries: Sequence[MethodSummary] = ()) -> str:
     """Whether ``--method auto``'s pick is the method this leaderboard ranks first among
     the candidates auto could pick (its trials run on folds of the val set; the
     leaderboard measures on the test set), or "" when auto has no finished runs.
@@ -255,8 +256,14 @@ def auto_agreement(rows: Sequence[dict[str, Any]], ranked: Sequence[MethodSummar
     A candidate is the leaderboard row of its method with the options auto gave it
     (``tov.mode=basic`` matches a ``tov`` row with ``mode: basic``); where no row has
     them, every plain row of the method stands for it and the line says so. A cascade row
-    (a prefilter) or a row on a proxy is never the candidate auto tried."""
+    (a prefilter) or a row on a proxy is never the candidate auto tried. ``random`` (in
+    ``summaries``, with no improvement over itself) ranks at 0%: where every other
+    candidate does worse than random, random is the best candidate."""
     from finesift.evaluate.auto import AutoOptions
+
+    floor = [s for s in summaries if s.label == REFERENCE and s.n_runs]
+    ranked = sorted([*ranked, *floor],  # stable: a method at exactly 0% stays above random
+                    key=lambda s: -(s.improvement["mean"] if s.improvement else 0.0))
 
     out = []
     for s in ranked:
