@@ -197,3 +197,43 @@ def test_influence_refuses_bad_reference_seeds(influence):
         influence.main(["--out", "x", "--methods", "iprox", "--reference-seeds", "1"])
     with pytest.raises(SystemExit):
         influence.main(["--out", "x", "--reference-seeds", "0"])
+
+
+# -- score_agreement.py ----------------------------------------------------------------
+
+
+def test_score_agreement_against_a_reference_selection(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    agree = _load("score_agreement")
+    ids = [f"p{i}" for i in range(20)]
+    ref = np.arange(20, dtype=float)  # p19 ranks first
+
+    def folder(name: str, scores, keep=None):
+        d = tmp_path / name
+        d.mkdir()
+        rows = [(i, s) for i, s in zip(ids, scores) if keep is None or i in keep]
+        pq.write_table(pa.table({"id": [r[0] for r in rows], "score": [r[1] for r in rows]}),
+                       d / "scores.parquet")
+        return d
+
+    a = folder("ref", ref)
+    same = folder("same", 3 * ref + 1)  # a monotone transform: the same ranking
+    flipped = folder("flipped", -ref)
+    # the top two swapped with the bottom two, and p0 not scored
+    swapped = ref.copy()
+    swapped[[18, 19, 1, 2]] = swapped[[1, 2, 18, 19]]
+    part = folder("part", swapped, keep=set(ids[1:]))
+    res = agree.main([str(a), str(same), str(flipped), str(part), "--shares", "0.1", "0.25",
+                      "--out", str(tmp_path / "a.json")])
+    assert res[str(same)] == {"n": 20, "spearman": pytest.approx(1.0),
+                              "top_overlap": {"0.1": 1.0, "0.25": 1.0}}
+    assert res[str(flipped)]["spearman"] == pytest.approx(-1.0)
+    assert res[str(flipped)]["top_overlap"] == {"0.1": 0.0, "0.25": 0.0}
+    got = res[str(part)]
+    assert got["n"] == 19
+    # 19 examples: top-10% is 2 (p19, p18 against p2, p1: none shared), top-25% is 5
+    # (p19..p15 against p2, p1, p17, p16, p15: three shared)
+    assert got["top_overlap"] == {"0.1": 0.0, "0.25": pytest.approx(3 / 5)}
+    assert json.loads((tmp_path / "a.json").read_text())[str(part)]["n"] == 19
