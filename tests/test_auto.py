@@ -262,6 +262,11 @@ def test_manifest_holds_the_trial_table_and_settings(planted_run) -> None:
     assert st["finetune"]["steps"] == 40 and st["finetune"]["lr"] == 1e-2
     assert len(section["base_heldout_loss_per_fold"]) == 2
     assert man["wall_seconds"] >= section["trial_seconds"]
+    # this process ran every trial: nothing resumed, and each part's CPU is recorded
+    assert section["resumed_trial_seconds"] == 0 == section["resumed_trial_cpu_seconds"]
+    runs = [r for row in section["trials"] for r in row["runs"]]
+    assert not any(r["select_resumed"] or r["finetune_resumed"] for r in runs)
+    assert all(r["select_cpu_seconds"] > 0 and r["finetune_cpu_seconds"] > 0 for r in runs)
 
 
 def test_a_rerun_resumes_from_the_finished_trials(planted_run, data, tiny_auto_lm,
@@ -279,6 +284,27 @@ def test_a_rerun_resumes_from_the_finished_trials(planted_run, data, tiny_auto_l
     assert again.selected_ids == planted_run["sel"].selected_ids
     assert [r["mean_heldout_loss"] for r in again.manifest["auto"]["trials"]] == [
         r["mean_heldout_loss"] for r in planted_run["sel"].manifest["auto"]["trials"]]
+    # the resumed trials' cost is the first run's recorded cost of them: wall and CPU
+    first = [r for row in planted_run["sel"].manifest["auto"]["trials"] for r in row["runs"]]
+    section = again.manifest["auto"]
+    assert all(r["select_resumed"] and r["finetune_resumed"]
+               for row in section["trials"] for r in row["runs"])
+    assert section["resumed_trial_seconds"] == pytest.approx(
+        sum(r["select_seconds"] + r["finetune_seconds"] for r in first), abs=0.01)
+    assert section["resumed_trial_cpu_seconds"] == pytest.approx(
+        sum(r["select_cpu_seconds"] + r["finetune_cpu_seconds"] for r in first), abs=0.01)
+    # the harness adds them to the selection's cost
+    from finesift.evaluate.bench import add_resumed_trials
+
+    cost = add_resumed_trials({"seconds": 2.0, "cpu_seconds": 3.0}, again.manifest)
+    assert cost["seconds"] == pytest.approx(2.0 + section["resumed_trial_seconds"], abs=0.01)
+    assert cost["cpu_seconds"] == pytest.approx(3.0 + section["resumed_trial_cpu_seconds"],
+                                                abs=0.01)
+    assert "cpu_partial" not in cost
+    # trials recorded before auto kept CPU figures: wall added, CPU marked partial
+    old = {"auto": {**section, "resumed_trial_cpu_seconds": None}}
+    assert add_resumed_trials({"seconds": 2.0, "cpu_seconds": 3.0}, old)["cpu_partial"]
+    assert add_resumed_trials({"seconds": 2.0}, {"stages": {}}) == {"seconds": 2.0}
 
 
 def test_ties_go_to_the_cheaper_then_the_earlier_candidate() -> None:

@@ -140,6 +140,20 @@ def test_auto_agreement_matches_a_candidate_by_the_options_auto_gave_it():
     assert "disagrees: the best candidate here is random (random)" in line, line
 
 
+def test_cpu_multiple_is_a_lower_bound_where_resumed_trials_had_no_cpu_figure():
+    from finesift.evaluate.leaderboard import fmt_multiples
+
+    rng = np.random.default_rng(5)
+    rows = _rows(_planted(rng, {"random": 0.0, "tov": 0.05}))
+    methods = METHODS[:2]
+    assert fmt_multiples(summarize(rows, methods, budgets=["10", "20"])[1]) == "0.2x / 0.16x / 0.25x"
+    for r in rows:
+        if r["method"] == "tov":
+            r["select_cpu_partial"] = True
+    tov = summarize(rows, methods, budgets=["10", "20"])[1]
+    assert tov.cpu_partial and fmt_multiples(tov) == "0.2x / >=0.16x / 0.25x"
+
+
 def test_compute_hours_counts_each_selection_once_and_no_reused_run():
     from finesift.evaluate.leaderboard import compute_hours
 

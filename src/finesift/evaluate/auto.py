@@ -331,8 +331,26 @@ def _prepare(pool_records: list[Record], target_records: list[Record], opts: Aut
     )
 
 
-def _cost_seconds(costs: dict[str, Any]) -> float:
-    return float(sum(c.get("seconds", 0.0) for c in costs.values()))
+def _cost_seconds(costs: dict[str, Any], key: str = "seconds") -> float:
+    return float(sum(c.get(key) or 0.0 for c in costs.values()))
+
+
+def resumed_trial_cost(section: dict[str, Any]) -> tuple[float, float | None]:
+    """Wall and CPU seconds of the trial selections and fine-tunes in an ``auto``
+    manifest section that an earlier process ran (this process resumed them), as they
+    were recorded then; CPU is None when a resumed part has no CPU figure (recorded
+    before auto kept one). A run's full cost is its own plus these."""
+    wall, cpu, cpu_known = 0.0, 0.0, True
+    for row in section.get("trials") or []:
+        for run in row.get("runs") or []:
+            for part in ("select", "finetune"):
+                if not run.get(f"{part}_resumed"):
+                    continue
+                wall += float(run.get(f"{part}_seconds") or 0.0)
+                got = run.get(f"{part}_cpu_seconds")
+                cpu_known = cpu_known and got is not None
+                cpu += float(got or 0.0)
+    return wall, (cpu if cpu_known else None)
 
 
 # --------------------------------------------------------------------------- the run
@@ -470,6 +488,10 @@ def select_auto(
             tmp.cleanup()
     trial_seconds = time.perf_counter() - t_start
     section["trial_seconds"] = round(trial_seconds, 3)
+    # trials an earlier process ran: their recorded cost, which this run's clock misses
+    wall, cpu = resumed_trial_cost(section)
+    section["resumed_trial_seconds"] = round(wall, 3)
+    section["resumed_trial_cpu_seconds"] = None if cpu is None else round(cpu, 3)
     winner = section["winner"]
     log(f"auto: the winner is {winner}; selecting with it from the whole pool and every "
         "target example ...")
@@ -539,6 +561,8 @@ def _run_trials(plan: AutoPlan, pool_paths: list[str], target_paths: list[str],
         f"{opts.folds} folds x {len(seeds)} seed(s); each selects {trial_k} of "
         f"{data.n_trial_pool} pool examples, then {opts.steps} fine-tuning steps at lr {lr:g}")
 
+    ran_here: set[Path] = set()  # fine-tunes this process ran (shared by equal subsets)
+
     def finetune(records: list[Record] | None, fold: int, s: int) -> dict[str, Any]:
         ft = FinetuneOptions(steps=opts.steps, lr=lr, lora_rank=opts.lora_rank,
                              batch_size=opts.batch_size, seed=s, max_length=ft_max_length,
@@ -547,15 +571,18 @@ def _run_trials(plan: AutoPlan, pool_paths: list[str], target_paths: list[str],
         key = _hash([_FINETUNE_VERSION, data_key, fold, finetune_key_fields(ft), model_id[s],
                      task, labels, ids], 16)
         path = work / "finetunes" / f"{key}.json"
-        if path.exists():
-            return json.loads(path.read_text(encoding="utf-8"))
+        if path.exists():  # an earlier process's (resumed) or a same-subset candidate's
+            return {**json.loads(path.read_text(encoding="utf-8")),
+                    "resumed": path not in ran_here}
         res = finetune_and_evaluate(records, data.heldout[fold], task=task, model=model,
                                     options=ft, labels=labels, measure_base=records is None,
                                     progress=progress, device=device)
         fig = {"heldout_loss": res.test_loss, "n_train": res.n_train, "n_heldout": res.n_test,
                "train_loss": None if records is None else res.train_loss,
-               "seconds": round(_cost_seconds(res.costs), 3)}
+               "seconds": round(_cost_seconds(res.costs), 3),
+               "cpu_seconds": round(_cost_seconds(res.costs, "cpu_seconds"), 3)}
         write_json(path, fig)
+        ran_here.add(path)
         return fig
 
     runs: dict[str, list[dict[str, Any]]] = {c: [] for c in plan.candidates}
@@ -577,11 +604,11 @@ def _run_trials(plan: AutoPlan, pool_paths: list[str], target_paths: list[str],
                 sel_dir = work / "trials" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', cand)}-f{fold + 1}-s{s}-{trial_key}"
                 marker = sel_dir / "trial.json"
                 if marker.exists():
-                    trial = json.loads(marker.read_text(encoding="utf-8"))
+                    trial = {**json.loads(marker.read_text(encoding="utf-8")), "resumed": True}
                     log(f"auto: trial {done}/{n_trials} ({where}): selection done before")
                 else:
                     log(f"auto: trial {done}/{n_trials} ({where}): selecting ...")
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     try:
                         sel = select_with(
                             [str(p) for p in data.pool_files], str(data.target_files[fold]),
@@ -594,7 +621,8 @@ def _run_trials(plan: AutoPlan, pool_paths: list[str], target_paths: list[str],
                     except FinesiftError as exc:
                         raise FinesiftError(f"auto trial {where}: {exc}") from exc
                     trial = {"ids": sel.selected_ids,
-                             "seconds": round(time.perf_counter() - t0, 3)}
+                             "seconds": round(time.perf_counter() - t0, 3),
+                             "cpu_seconds": round(time.process_time() - c0, 3)}
                     write_json(marker, trial)
                 # the fine-tune sees the subset in pool order: its result depends on which
                 # examples were chosen, not on their ranking (identical subsets share a run)
@@ -611,6 +639,11 @@ def _run_trials(plan: AutoPlan, pool_paths: list[str], target_paths: list[str],
                                    "n_selected": len(train),
                                    "select_seconds": trial["seconds"],
                                    "finetune_seconds": fig["seconds"],
+                                   "select_cpu_seconds": trial.get("cpu_seconds"),
+                                   "finetune_cpu_seconds": fig.get("cpu_seconds"),
+                                   # done by an earlier process: not in this one's cost
+                                   "select_resumed": bool(trial.get("resumed")),
+                                   "finetune_resumed": bool(fig.get("resumed")),
                                    "selection_dir": str(sel_dir)})
 
     rand = {(r["fold"], r["seed"]): r["heldout_loss"] for r in runs[FLOOR]}

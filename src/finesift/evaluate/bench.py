@@ -549,7 +549,7 @@ def _selection(cfg: BenchConfig, data: BenchData, spec: MethodSpec, seed: int, b
             device=cfg.device, dtype=cfg.dtype, prefilter=spec.prefilter,
         )
     info = dict(sel.manifest.get("method_info") or {})
-    cost = {**costs.stages["select"], "dir": sel_dir.name,
+    cost = {**add_resumed_trials(costs.stages["select"], sel.manifest), "dir": sel_dir.name,
             "method_info": {k: v for k, v in info.items()
                             if isinstance(v, (int, float, str, bool)) or v is None},
             "resolved_options": current,
@@ -558,6 +558,26 @@ def _selection(cfg: BenchConfig, data: BenchData, spec: MethodSpec, seed: int, b
 
     write_json(done, cost)
     return sel.columns, cost
+
+
+def add_resumed_trials(cost: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
+    """``cost`` (a selection's ``seconds``, ``cpu_seconds``, ...) with, for an ``auto``
+    selection that resumed trials an earlier process ran, their recorded cost added:
+    wall seconds always, CPU seconds where recorded (else ``cpu_partial``: the CPU figure
+    is this process's only), so the row's selection cost is the whole of auto's,
+    wherever its parts ran. Other selections' cost is returned as it is."""
+    got = manifest.get("auto") or {}
+    wall = float(got.get("resumed_trial_seconds") or 0.0)
+    if wall <= 0:
+        return cost
+    out = {**cost, "seconds": round(float(cost.get("seconds") or 0.0) + wall, 3),
+           "resumed_trial_seconds": wall}
+    cpu = got.get("resumed_trial_cpu_seconds")
+    if cpu is None:
+        out["cpu_partial"] = True
+    else:
+        out["cpu_seconds"] = round(float(cost.get("cpu_seconds") or 0.0) + float(cpu), 3)
+    return out
 
 
 def _subset(columns: dict[str, Any], k: int, strategy: str, seed: int, *,
@@ -1016,6 +1036,9 @@ def _one_run(cfg, data, spec, budget, k, seed, columns, sel_cost, base, by_id, m
         "select_seconds": sel_cost.get("seconds"),
         "select_peak_rss_mb": sel_cost.get("peak_rss_mb"),
         "select_cpu_seconds": sel_cost.get("cpu_seconds"),
+        **({"select_cpu_partial": True} if sel_cost.get("cpu_partial") else {}),
+        **({"resumed_trial_seconds": sel_cost["resumed_trial_seconds"]}
+           if sel_cost.get("resumed_trial_seconds") else {}),
         "selected_ids": ids,
         "selection_dir": str(Path("selections") / Path(sel_cost.get("dir", "")).name),
     }

@@ -63,6 +63,7 @@ class MethodSummary:
     auto_picks: dict[str, int] = field(default_factory=dict)
     prefilter: str | dict[str, Any] | None = None  # a cascade row: "embed:20%"
     options: dict[str, Any] = field(default_factory=dict)  # the method's options as run
+    cpu_partial: bool = False  # part of the selection's CPU time was not recorded
     note: str = ""
 
 
@@ -164,6 +165,7 @@ def summarize(rows: Sequence[dict[str, Any]], methods: Sequence[dict[str, Any]],
             ("select_cpu_seconds", _mean([r.get("select_cpu_seconds") for r in sels])),
             ("select_peak_rss_mb", _mean([r.get("select_peak_rss_mb") for r in sels])),
         ) if v is not None}
+        s.cpu_partial = any(r.get("select_cpu_partial") for r in sels)
         for key, ref in (("wall", ref_wall), ("cpu", ref_cpu), ("peak", ref_peak)):
             mine_v = s.cost.get({"wall": "select_seconds", "cpu": "select_cpu_seconds",
                                  "peak": "select_peak_rss_mb"}[key])
@@ -319,7 +321,9 @@ def fmt_improvement(s: MethodSummary) -> str:
 def fmt_multiples(s: MethodSummary) -> str:
     if not s.multiples:
         return "-"
-    return " / ".join(f"{s.multiples[k]:.2g}x" if k in s.multiples else "-"
+    # ">=": part of the selection ran in an earlier process that recorded no CPU time
+    return " / ".join(("-" if k not in s.multiples else
+                       f"{'>=' if k == 'cpu' and s.cpu_partial else ''}{s.multiples[k]:.2g}x")
                       for k in ("wall", "cpu", "peak"))
 
 
