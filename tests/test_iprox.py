@@ -299,6 +299,34 @@ def test_alignment_lowers_the_alignment_loss_on_the_probe_set(data: Data):
     assert moved and all(k.endswith(("up.weight", "down.weight")) for k in moved)
 
 
+def test_alignment_steps_hold_at_most_align_tokens(data: Data, monkeypatch):
+    """Stage 2 cuts its batches to align_tokens (rows x longest), which bounds its
+    memory; the cap enters the proxy's cache key (it changes the steps)."""
+    model = tiny_causal_lm(len(data.tok))
+    seen: list[tuple[int, int]] = []
+    real = I._alignment_terms
+
+    def spy(target, proxy, pairs, batch, n, *args, **kw):
+        if kw.get("create_graph"):
+            seen.append((n, int(batch["input_ids"].shape[1])))
+        return real(target, proxy, pairs, batch, n, *args, **kw)
+
+    monkeypatch.setattr(I, "_alignment_terms", spy)
+    probe = [data.pool[i] for i in I.probe_indices(len(data.pool), I.IProxOptions(**SMALL), 0)]
+    longest = max(len(ex.input_ids) for ex in probe)
+    cap = 2 * longest
+    opts = I.IProxOptions(rho=0.5, align_epochs=1, **{**SMALL, "align_batch_size": 8},
+                          align_tokens=cap)
+    I.build_proxy(model, data.task, data.pool, opts)
+    assert sum(n for n, _ in seen) == len(probe)  # one epoch: every probe example once
+    assert all(n * width <= cap or n == 1 for n, width in seen)
+    assert max(n for n, _ in seen) <= 2 < min(8, len(probe))
+    assert (I.proxy_key(model, opts, probe, model_task="lm", seed=0, batch_size=4)
+            != I.proxy_key(model, I.IProxOptions(rho=0.5, align_epochs=1,
+                                                 **{**SMALL, "align_batch_size": 8}),
+                           probe, model_task="lm", seed=0, batch_size=4))
+
+
 def test_align_eval_records_the_objective_before_and_after(data: Data, tmp_path):
     """``align_eval``: the Stage 2 objective right after IPSVD and after the alignment,
     with its per-layer breakdown, in the build's figures; the same factors as without it

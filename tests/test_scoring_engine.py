@@ -181,3 +181,23 @@ def test_bf16_pass_casts_weights_once_same_values_and_restores_them(model):
         assert p.dtype == torch.float32, n
         assert torch.equal(p, before[n]), n
     assert not torch.equal(model.lm_head.weight.bfloat16().float(), model.lm_head.weight)
+
+
+def test_shuffled_batches_capped_by_tokens():
+    from finesift.engine.batching import shuffled_batches
+
+    lengths = [128] * 10 + [256] * 6
+    plain = list(shuffled_batches(16, batch_size=8, rng=np.random.default_rng(0)))
+    # a cap no batch reaches: the same batches as without one
+    same = list(shuffled_batches(16, batch_size=8, rng=np.random.default_rng(0),
+                                 lengths=[100] * 16, max_tokens=800))
+    assert same == plain
+    capped = list(shuffled_batches(16, batch_size=8, rng=np.random.default_rng(0),
+                                   lengths=lengths, max_tokens=1024))
+    # every item once, in the same shuffled order; no batch over 8 rows or 1024 tokens
+    assert [i for b in capped for i in b] == [i for b in plain for i in b]
+    assert all(len(b) <= 8 and len(b) * max(lengths[i] for i in b) <= 1024 for b in capped)
+    assert len(capped) > len(plain)
+    # an item longer than the cap still gets a batch of its own
+    assert list(shuffled_batches(2, batch_size=8, rng=np.random.default_rng(0),
+                                 lengths=[5000, 10], max_tokens=1024)) in ([[0], [1]], [[1], [0]])

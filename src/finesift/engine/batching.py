@@ -57,12 +57,29 @@ def sorted_batches(
 
 
 def shuffled_batches(
-    n: int, *, batch_size: int, rng: np.random.Generator
+    n: int, *, batch_size: int, rng: np.random.Generator,
+    lengths: Sequence[int] | None = None, max_tokens: int | None = None,
 ) -> Iterator[list[int]]:
-    """Random batches for training (one epoch over ``n`` items)."""
+    """Random batches for training (one epoch over ``n`` items). With ``lengths`` and
+    ``max_tokens``, a batch also ends before its rows x longest length would pass
+    ``max_tokens`` (at least one item a batch); where no batch reaches that, the batches
+    are the same as without it."""
     perm = rng.permutation(n)
-    for s in range(0, n, batch_size):
-        yield perm[s : s + batch_size].tolist()
+    if lengths is None or max_tokens is None:
+        for s in range(0, n, batch_size):
+            yield perm[s : s + batch_size].tolist()
+        return
+    batch: list[int] = []
+    longest = 0
+    for i in perm.tolist():
+        grow = max(longest, int(lengths[i]))
+        if batch and (len(batch) >= batch_size or grow * (len(batch) + 1) > max_tokens):
+            yield batch
+            batch, grow = [], int(lengths[i])
+        batch.append(i)
+        longest = grow
+    if batch:
+        yield batch
 
 
 def oom_errors() -> tuple[type[BaseException], ...]:

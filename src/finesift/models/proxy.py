@@ -132,6 +132,11 @@ class IProxOptions:
         align_lr: AdamW learning rate of Stage 2 (default 1e-4, the reference's).
         align_weight_decay: AdamW weight decay of Stage 2 (default 0.01, the reference's).
         align_batch_size: probe examples per Stage 2 step (default 8).
+        align_tokens: a Stage 2 step also holds at most this many tokens (rows x longest
+            example; default 1024, at least one example a step). Stage 2 differentiates
+            through the proxy's gradients, which keeps several copies of the activations:
+            8 examples of 256 tokens of SmolLM2-135M ran a 24 GB machine out of memory,
+            8 of 128 tokens peaked at 12 GB.
         kl_weight: lambda, the weight of tau^2 KL(target || proxy) (default 0.1).
         tau: the KL temperature (default 2).
         cov_memory_mb: covariance accumulators of at most this size are held at once;
@@ -165,6 +170,7 @@ class IProxOptions:
     align_lr: float = 1e-4
     align_weight_decay: float = 0.01
     align_batch_size: int = 8
+    align_tokens: int = 1024
     kl_weight: float = 0.1
     tau: float = 2.0
     cov_memory_mb: int = 2048
@@ -178,10 +184,10 @@ class IProxOptions:
         if not 0 <= self.rho < 1:
             raise OptionError(f"iprox: rho must be in [0, 1), got {self.rho}")
         if min(self.block_size, self.probe_examples, self.probe_tokens,
-               self.align_batch_size, self.cov_memory_mb) < 1:
+               self.align_batch_size, self.align_tokens, self.cov_memory_mb) < 1:
             raise OptionError(
-                "iprox: block_size, probe_examples, probe_tokens, align_batch_size and "
-                "cov_memory_mb must be >= 1"
+                "iprox: block_size, probe_examples, probe_tokens, align_batch_size, "
+                "align_tokens and cov_memory_mb must be >= 1"
             )
         if self.align_epochs < 0:
             raise OptionError("iprox: align_epochs must be >= 0")
@@ -905,6 +911,7 @@ def align_proxy(target, proxy, task: Task, examples: Sequence[Any], *, model_tas
         f.requires_grad_(True)
     opt = torch.optim.AdamW(factors, lr=opts.align_lr, weight_decay=opts.align_weight_decay)
     rng = np.random.default_rng([seed, 0x1970])
+    lengths = [len(ex.input_ids) for ex in examples]
     t_training, p_training = target.training, proxy.training
     target.eval()
     proxy.eval()  # no dropout: the proxy's gradients should match the model's as it is used
@@ -912,7 +919,8 @@ def align_proxy(target, proxy, task: Task, examples: Sequence[Any], *, model_tas
     try:
         for epoch in range(opts.align_epochs):
             tot, cnt, tot_align, tot_kl = 0.0, 0, 0.0, 0.0
-            for idx in shuffled_batches(len(examples), batch_size=opts.align_batch_size, rng=rng):
+            for idx in shuffled_batches(len(examples), batch_size=opts.align_batch_size,
+                                        rng=rng, lengths=lengths, max_tokens=opts.align_tokens):
                 batch = {k: v.to(device)
                          for k, v in task.collate([examples[i] for i in idx]).items()}
                 align, kl = _alignment_terms(target, proxy, pairs, batch, len(idx), model_task,
