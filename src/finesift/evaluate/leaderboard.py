@@ -195,7 +195,9 @@ def verdict(rows: Sequence[dict[str, Any]], summaries: Sequence[MethodSummary], 
             n_resamples: int = DEFAULT_RESAMPLES) -> str:
     """One line: the best method, its improvement, and whether its lead over the
     runner-up and over the best text-only baseline is outside the 95% interval."""
-    ranked = sorted((s for s in summaries if s.improvement is not None),
+    # auto is ranked apart: its selection is one of its candidates' (often the very rows
+    # of another line), so it is reported with its pick, not as a method of its own
+    ranked = sorted((s for s in summaries if s.improvement is not None and not s.auto_picks),
                     key=lambda s: -s.improvement["mean"])
     if not ranked:
         return "No verdict yet: no method has finished runs paired with random's."
@@ -250,7 +252,7 @@ def _same_options(name: str, a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 def auto_agreement(rows: Sequence[dict[str, Any]], ranked: Sequence[MethodSummary],
-                   summaries: Sequence[MethodSummary] = ()) -> str:
+                   summaries: Sequence[MethodSummary]) -> str:
     """Whether ``--method auto``'s pick is the method this leaderboard ranks first among
     the candidates auto could pick (its trials run on folds of the val set; the
     leaderboard measures on the test set), or "" when auto has no finished runs.
@@ -268,7 +270,7 @@ def auto_agreement(rows: Sequence[dict[str, Any]], ranked: Sequence[MethodSummar
                     key=lambda s: -(s.improvement["mean"] if s.improvement else 0.0))
 
     out = []
-    for s in ranked:
+    for s in summaries:
         if not s.auto_picks:
             continue
         mine = [r for r in _ok(rows) if r.get("method") == s.label]
@@ -303,7 +305,11 @@ def auto_agreement(rows: Sequence[dict[str, Any]], ranked: Sequence[MethodSummar
                           for c in cands)
         note = (f" (no row runs {', '.join(loose)} with auto's options: every plain row of it "
                 "stands in)" if loose else "")
-        out.append(f" **{s.label}** picked {picks}; of its candidates "
+        gain = ""
+        if s.improvement is not None:
+            e = s.improvement
+            gain = f" ({e['mean']:+.1f}% [{e['low']:+.1f}, {e['high']:+.1f}] against random)"
+        out.append(f" **{s.label}**{gain} picked {picks}; of its candidates "
                    f"({tried}), the leaderboard's ranking {state}.{note}")
     return "".join(out)
 
