@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from finesift.errors import OptionError
+from finesift.errors import OptionError, check_choice  # noqa: F401 (check_choice: re-exported)
 from finesift.select.strategies import STRATEGIES
 
 HELP = "help"
@@ -273,16 +273,6 @@ def convert_field(info: OptionInfo, value: Any, *, shown: str) -> Any:
     typed = [p for p in parts if p != "None"]
     if len(typed) == 1 and typed[0] in _SAMPLES:
         return convert(value, _SAMPLES[typed[0]], shown=shown, unbounded=info.unbounded)
-    return value
-
-
-def check_choice(value: Any, choices: Sequence[Any], what: str, *,
-                 error: Callable[[str], Exception] = OptionError) -> Any:
-    """``value`` if it is one of ``choices``, else raise
-    ``error("{what} must be one of a, b, got 'c'")`` (``what`` names the option, with
-    its owner's prefix: ``"tov: mode"``, ``"--dtype"``)."""
-    if value not in choices:
-        raise error(f"{what} must be one of {', '.join(map(str, choices))}, got {value!r}")
     return value
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 
@@ -55,3 +55,12 @@ def loading(path: Any, what: str) -> Iterator[None]:
         detail = " ".join(str(exc).split())
         raise OptionError(f"--model {path}: cannot load the {what}: {detail}") from exc
 
+
+def check_choice(value: Any, choices: Sequence[Any], what: str, *,
+                 error: Callable[[str], Exception] = OptionError) -> Any:
+    """``value`` if it is one of ``choices``, else raise
+    ``error("{what} must be one of a, b, got 'c'")`` (``what`` names the option, with
+    its owner's prefix: ``"tov: mode"``, ``"--dtype"``)."""
+    if value not in choices:
+        raise error(f"{what} must be one of {', '.join(map(str, choices))}, got {value!r}")
+    return value

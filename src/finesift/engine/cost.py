@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from finesift.config import check_choice
+from finesift.errors import check_choice
 
 #: a forward pass without gradients (scoring, embedding with the run's model)
 FORWARD = "forward"

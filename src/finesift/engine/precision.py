@@ -39,7 +39,7 @@ def cpu_has_fast_bf16() -> bool:
 
 def resolve(precision: str, device: str = "cpu") -> str:
     """Map ``auto`` to ``bf16`` or ``fp32`` for this device."""
-    from finesift.config import check_choice
+    from finesift.errors import check_choice
 
     check_choice(precision, PRECISIONS, "precision", error=ValueError)
     if precision != "auto":
@@ -123,8 +123,7 @@ def resolve_dtype(dtype: str, device: str = "cpu", *,
     Raises:
         OptionError: an unknown dtype, or one that contradicts ``required`` or ``trains``.
     """
-    from finesift.config import check_choice
-    from finesift.errors import OptionError
+    from finesift.errors import OptionError, check_choice
 
     check_choice(dtype, DTYPES, "--dtype")
     if dtype == "auto":

@@ -12,8 +12,7 @@ from typing import Any
 
 import torch
 
-from finesift.config import check_choice
-from finesift.errors import OptionError
+from finesift.errors import OptionError, check_choice
 
 _SHIFTS = torch.arange(8, dtype=torch.uint8)
 

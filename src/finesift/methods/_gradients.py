@@ -21,10 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from finesift.config import check_choice
 from finesift.engine.batching import sorted_batches
 from finesift.engine.tasks import Task
-from finesift.errors import OptionError
+from finesift.errors import OptionError, check_choice
 
 
 def trainable_linear_params(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear, str]]:

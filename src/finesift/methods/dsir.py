@@ -46,8 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from finesift.config import check_choice
-from finesift.errors import OptionError
+from finesift.errors import OptionError, check_choice
 from finesift.methods._text import texts_of
 from finesift.methods.base import Method, MethodContext, MethodResult, register
 

@@ -35,11 +35,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from finesift.config import check_choice
 from finesift.engine.batching import sorted_batches
 from finesift.engine.precision import autocast
 from finesift.engine.tasks import unwrap
-from finesift.errors import FinesiftError, OptionError
+from finesift.errors import FinesiftError, OptionError, check_choice
 from finesift.methods._text import texts_of
 from finesift.methods.base import (
     Method,

@@ -63,7 +63,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from finesift.config import LoraFields, check_choice
+from finesift.config import LoraFields
 from finesift.engine.scoring import example_losses
 from finesift.engine.train import (
     TrainOptions,
@@ -72,7 +72,7 @@ from finesift.engine.train import (
     train,
     trainable_state,
 )
-from finesift.errors import OptionError
+from finesift.errors import OptionError, check_choice
 from finesift.methods._text import texts_of
 from finesift.methods.base import Method, MethodContext, MethodResult, register
 from finesift.methods.harp_core import (

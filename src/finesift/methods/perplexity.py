@@ -22,9 +22,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from finesift.config import check_choice
 from finesift.engine.scoring import mean_losses
-from finesift.errors import OptionError
+from finesift.errors import OptionError, check_choice
 from finesift.methods._proxy import check_proxy
 from finesift.methods.base import Method, MethodContext, MethodResult, register
 from finesift.methods.uncertainty import LogprobChunkScorer, forward_cost, forward_logprobs

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from finesift.config import LoraFields, check_choice
+from finesift.config import LoraFields
 from finesift.engine.scoring import token_logprobs
 from finesift.engine.train import (
     LoraOptions,
@@ -65,7 +65,7 @@ from finesift.engine.train import (
     train,
     trainable_state,
 )
-from finesift.errors import OptionError
+from finesift.errors import OptionError, check_choice
 from finesift.methods._proxy import check_proxy, proxy_cost, run_proxy
 from finesift.methods.base import (
     Method,

@@ -96,10 +96,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from finesift.config import check_choice
 from finesift.engine.batching import shuffled_batches, sorted_batches
 from finesift.engine.tasks import Task, task_class, unwrap
-from finesift.errors import OptionError
+from finesift.errors import OptionError, check_choice
 from finesift.store.files import atomic_save_torch
 
 _CACHE_VERSION = 2  # 2: one adapted factor per layer (Factor), keyed by model and probe
