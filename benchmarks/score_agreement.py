@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from influence_cost import spearman, top_overlap  # noqa: E402
+from influence_cost import spearman, top_overlap
 
 
 def read_scores(folder: Path) -> dict[str, float]:
