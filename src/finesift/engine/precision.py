@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from pathlib import Path
 
 import torch
@@ -27,9 +28,24 @@ device is fast at it and the method does not need fp32, else fp32)."""
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-@functools.lru_cache(maxsize=1)
 def cpu_has_fast_bf16() -> bool:
-    """True when the CPU has native bf16 dot products (AVX512-BF16 or AMX)."""
+    """True when the CPU has native bf16 dot products (AVX512-BF16 or AMX).
+
+    ``FINESIFT_FAST_BF16=0`` in the environment answers False on any CPU, so that
+    ``auto`` means fp32 everywhere: to reproduce, on a CPU with fast bf16, figures
+    measured on one without it (a results folder's rows then stay comparable).
+    ``FINESIFT_FAST_BF16=1`` answers True (bf16 then runs, slowly, where it is emulated).
+    """
+    flag = os.environ.get("FINESIFT_FAST_BF16", "").strip()
+    if flag not in ("", "0", "1"):
+        raise ValueError(f"FINESIFT_FAST_BF16 must be 0 or 1 (or unset), got {flag!r}")
+    if flag:
+        return flag == "1"
+    return _cpu_flags_have_bf16()
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_flags_have_bf16() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -1093,7 +1093,7 @@ def machine() -> str:
 
     import torch
 
-    from finesift.engine.precision import cpu_has_fast_bf16
+    from finesift.engine.precision import _cpu_flags_have_bf16, cpu_has_fast_bf16
 
     model = platform.processor() or platform.machine()
     try:
@@ -1107,7 +1107,9 @@ def machine() -> str:
     if torch.cuda.is_available() and torch.cuda.is_initialized():  # this run used CUDA
         gpu = f", GPU {torch.cuda.get_device_name()}"
     return (f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
-            f"{', fast bf16' if cpu_has_fast_bf16() else ''}{gpu}")
+            f"{', fast bf16' if cpu_has_fast_bf16() else ''}"
+            f"{', fast bf16 off (FINESIFT_FAST_BF16=0)' if _cpu_flags_have_bf16() and not cpu_has_fast_bf16() else ''}"
+            f"{gpu}")
 
 
 def _ordered_rows(finished: dict[str, dict[str, Any]], cfg: BenchConfig, budgets: list,
