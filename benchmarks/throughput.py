@@ -12,8 +12,13 @@ In one run, for each precision (bf16, then fp32), back to back:
    the same call :func:`finesift.methods.tov.score_examples` makes) of the default model
    SmolLM2-135M on examples of 128 and 256 tokens of GSM8K text whose second half is
    label tokens (a prompt and its answer): examples/s, tokens/s, achieved FLOP/s and the
-   ratio to the peak of the same precision. bf16 is the engine's autocast (weights in
-   fp32, matmuls in bf16), as ``--precision bf16`` runs it.
+   ratio to the peak of the same precision. ``bf16`` is the engine's autocast (weights in
+   fp32, matmuls in bf16), as ``--precision bf16`` runs it; ``bf16-weights`` is the model
+   loaded in bf16 (``--dtype bf16``, or ``--dtype auto`` on a CPU with fast bf16): every
+   op in bf16, no autocast and no casts, the log-softmax still in fp32;
+3. how far each bf16 path's scores are from fp32's on the same examples: per example,
+   the mean label-token log-prob (what ``perplexity`` ranks by), its mean and largest
+   absolute difference from fp32 and the Spearman correlation of the rankings.
 
 Forward FLOPs counted (printed with the table)::
 
@@ -172,19 +177,42 @@ def scoring_row(model, task, dims, examples, *, precision, batch_size, peak, rep
     }
 
 
-def load(quick: bool):
-    """``(model, tokenizer, name)``: the tiny random model or SmolLM2-135M."""
+def load(quick: bool, dtype: str = "fp32"):
+    """``(model, tokenizer, name)``: the tiny random model or SmolLM2-135M, its weights in
+    ``dtype`` (``fp32`` or ``bf16``, loaded as ``--dtype`` loads them)."""
     if quick:
         from finesift.testing import tiny_causal_lm, tiny_tokenizer
 
         tok = tiny_tokenizer()
         model = tiny_causal_lm(len(tok), hidden=64, layers=2, seed=0)
+        if dtype == "bf16":
+            model = model.to(torch.bfloat16)
         return model.eval(), tok, "tiny (finesift.testing, random)"
     os.environ.setdefault("FINESIFT_CACHE", "/tmp/fscache")
     from finesift.models.loader import load_model
 
-    b = load_model("smollm2-135m", "lm")
+    b = load_model("smollm2-135m", "lm", dtype=dtype)
     return b.model.eval(), b.tokenizer, "smollm2-135m"
+
+
+def mean_logprobs(model: Any, task: Any, examples: list[Any], *, precision: str,
+                  batch_size: int | str) -> np.ndarray:
+    """Per example, the mean log-prob of its label tokens (float64)."""
+    from finesift.engine.scoring import token_logprobs
+
+    lp = token_logprobs(model, task, examples, batch_size=batch_size, precision=precision)
+    return np.array([float(np.mean(x, dtype=np.float64)) for x in lp])
+
+
+def agreement(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:
+    """How far ``other``'s per-example scores are from ``reference``'s: mean and largest
+    absolute difference and the Spearman correlation of the two rankings."""
+    from scipy.stats import spearmanr
+
+    diff = np.abs(other - reference)
+    rho = spearmanr(reference, other).statistic if len(reference) > 1 else float("nan")
+    return {"mean_abs_diff": float(diff.mean()), "max_abs_diff": float(diff.max()),
+            "spearman": float(rho), "examples": int(len(reference))}
 
 
 @contextlib.contextmanager
@@ -211,6 +239,7 @@ def run(*, quick: bool = False, threads: int | None = None, sweep: bool = False,
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
     model, tok, name = load(quick)
+    model_bf16, _, _ = load(quick, dtype="bf16")
     task = task_for("lm", tok)
     dims = model_dims(model)
     sizes = (128, 256) if quick else (2048, 4096)
@@ -222,7 +251,7 @@ def run(*, quick: bool = False, threads: int | None = None, sweep: bool = False,
         "model": name, "dims": dims, "formula": FORMULA, "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
         "attn_implementation": model.config._attn_implementation,
-        "batch_size": batch_size, "peaks": {}, "rows": [], "sweep": [],
+        "batch_size": batch_size, "peaks": {}, "rows": [], "sweep": [], "agreement": [],
         "load_average_start": list(os.getloadavg()),
     }
     for precision, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
@@ -233,6 +262,12 @@ def run(*, quick: bool = False, threads: int | None = None, sweep: bool = False,
                               batch_size=batch_size, peak=peak["flops"], repeats=repeats,
                               length=L)
             res["rows"].append(row)
+            if precision == "bf16":  # the bf16 model right after autocast, same peak
+                row = scoring_row(model_bf16, task, dims, examples[L], precision="fp32",
+                                  batch_size=batch_size, peak=peak["flops"],
+                                  repeats=repeats, length=L)
+                row["precision"] = "bf16-weights"
+                res["rows"].append(row)
         if sweep:
             for L in lengths:
                 for bs in (8, "auto"):
@@ -243,6 +278,12 @@ def run(*, quick: bool = False, threads: int | None = None, sweep: bool = False,
                                               peak=peak["flops"], repeats=repeats, length=L)
                         row["attn_implementation"] = impl
                         res["sweep"].append(row)
+    for L in lengths:
+        ref = mean_logprobs(model, task, examples[L], precision="fp32", batch_size=batch_size)
+        for label, m, prec in (("bf16", model, "bf16"), ("bf16-weights", model_bf16, "fp32")):
+            got = mean_logprobs(m, task, examples[L], precision=prec, batch_size=batch_size)
+            res["agreement"].append({"precision": label, "tokens_per_example": L,
+                                     **agreement(ref, got)})
     res["seconds_total"] = time.perf_counter() - t0
     res["load_average_end"] = list(os.getloadavg())
     return res
@@ -361,6 +402,14 @@ def format_table(res: dict[str, Any]) -> str:
                 f"| {r['precision']} | {r['tokens_per_example']} | {r['batch_size']} "
                 f"| {r['attn_implementation']} | {r['examples_per_s']:.1f} "
                 f"| {r['ratio_to_peak']:.0%} |")
+    if res.get("agreement"):
+        lines += ["", "scores against fp32 (per example: mean label-token log-prob, nats):",
+                  "| precision | tokens | examples | mean abs diff | max abs diff | Spearman |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for r in res["agreement"]:
+            lines.append(
+                f"| {r['precision']} | {r['tokens_per_example']} | {r['examples']} "
+                f"| {r['mean_abs_diff']:.4f} | {r['max_abs_diff']:.4f} | {r['spearman']:.4f} |")
     lines.append(f"\ntotal {res['seconds_total']:.0f} s; load average (1/5/15 min) at start "
                  + "/".join(f"{x:.1f}" for x in res["load_average_start"]) + ", at end "
                  + "/".join(f"{x:.1f}" for x in res["load_average_end"])

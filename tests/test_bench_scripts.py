@@ -75,12 +75,34 @@ def test_throughput_quick_runs_and_writes_json(throughput, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "FLOPs = 2*P*T" in text and "| bf16 | 16 |" in text and "| fp32 | 32 |" in text
     res = json.loads(out.read_text())
+    assert "| bf16-weights | 16 |" in text and "scores against fp32" in text
     assert set(res["peaks"]) == {"bf16", "fp32"}
-    assert len(res["rows"]) == 4
+    assert [r["precision"] for r in res["rows"]] == ["bf16", "bf16-weights"] * 2 + ["fp32"] * 2
     for r in res["rows"]:
-        assert r["achieved_flops"] > 0 and r["peak_flops"] == res["peaks"][r["precision"]]["flops"]
+        peak = res["peaks"][r["precision"].removesuffix("-weights")]["flops"]
+        assert r["achieved_flops"] > 0 and r["peak_flops"] == peak
         assert r["ratio_to_peak"] == pytest.approx(r["achieved_flops"] / r["peak_flops"])
         assert r["tokens_per_s"] == pytest.approx(r["examples_per_s"] * r["tokens_per_example"])
+
+
+    # both bf16 paths scored the same examples as fp32: close, not identical
+    assert [(a["precision"], a["tokens_per_example"]) for a in res["agreement"]] == [
+        ("bf16", 16), ("bf16-weights", 16), ("bf16", 32), ("bf16-weights", 32)]
+    for a in res["agreement"]:
+        assert 0 < a["mean_abs_diff"] <= a["max_abs_diff"] < 0.05
+        assert a["spearman"] > 0.9
+
+
+def test_bf16_weights_model_is_bf16_and_agreement_arithmetic(throughput):
+    model, _, _ = throughput.load(quick=True, dtype="bf16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    ref = np.array([-1.0, -2.0, -3.0, -4.0])
+    a = throughput.agreement(ref, np.array([-1.5, -2.0, -2.9, -4.0]))
+    assert a["mean_abs_diff"] == pytest.approx(0.15) and a["max_abs_diff"] == pytest.approx(0.5)
+    assert a["spearman"] == pytest.approx(1.0) and a["examples"] == 4
+    # a swapped pair lowers the rank correlation
+    assert throughput.agreement(ref, np.array([-2.0, -1.0, -3.0, -4.0]))["spearman"] == (
+        pytest.approx(0.8))
 
 
 def test_memory_scale_tiny_runs(tmp_path, monkeypatch):

@@ -421,3 +421,24 @@ def test_gpu_check_compares_two_runs() -> None:
     c = mod.compare(a, b)
     assert c["n"] == 3 and c["spearman"] == pytest.approx(1.0)
     assert c["max_abs_diff"] == pytest.approx(0.5) and c["selection_overlap"] == 0.5
+
+
+def test_fast_bf16_env_override(monkeypatch) -> None:
+    """FINESIFT_FAST_BF16=0 makes every ``auto`` fp32 on any CPU (to extend results
+    measured without fast bf16), =1 makes it bf16; anything else is refused."""
+    monkeypatch.setattr(prec, "_cpu_flags_have_bf16", lambda: True)
+    monkeypatch.setenv("FINESIFT_FAST_BF16", "0")
+    assert not prec.cpu_has_fast_bf16()
+    assert prec.resolve("auto") == "fp32" and prec.resolve_dtype("auto", "cpu") == "fp32"
+    from finesift.evaluate.bench import machine
+
+    assert machine().endswith("fast bf16 off (FINESIFT_FAST_BF16=0)")
+    monkeypatch.setattr(prec, "_cpu_flags_have_bf16", lambda: False)
+    monkeypatch.setenv("FINESIFT_FAST_BF16", "1")
+    assert prec.cpu_has_fast_bf16() and prec.resolve("auto") == "bf16"
+    assert ", fast bf16" in machine() and "off" not in machine()
+    monkeypatch.setenv("FINESIFT_FAST_BF16", "yes")
+    with pytest.raises(ValueError, match="FINESIFT_FAST_BF16 must be 0 or 1"):
+        prec.cpu_has_fast_bf16()
+    monkeypatch.delenv("FINESIFT_FAST_BF16")
+    assert not prec.cpu_has_fast_bf16()
