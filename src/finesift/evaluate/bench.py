@@ -859,15 +859,9 @@ def resolved_options(spec: MethodSpec) -> dict[str, Any] | None:
     run again instead of being reused. An option the method added later and leaves out
     of its keys while unset (:func:`~finesift.methods.base.option_identity`) is left out
     here too, so rows recorded before it existed stay current."""
-    import dataclasses
+    from finesift.methods.base import resolved_identity
 
-    from finesift.methods.base import available, option_identity, options_from_dict
-
-    cls = available().get(spec.name)
-    if cls is None or not dataclasses.is_dataclass(cls.Options):
-        return None
-    opts = options_from_dict(cls, spec.options)
-    return json.loads(json.dumps(option_identity(opts), sort_keys=True, default=str))
+    return resolved_identity(spec.name, spec.options)
 
 
 def is_current(record: dict[str, Any], current: dict[str, Any] | None) -> bool:

@@ -240,16 +240,13 @@ def _same_options(name: str, a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether two option dicts of method ``name`` resolve to the same run (defaults
     filled in, so ``{}`` equals the defaults spelt out)."""
     from finesift.errors import FinesiftError
-    from finesift.methods.base import available, option_identity, options_from_dict
+    from finesift.methods.base import resolved_identity
 
-    cls = available().get(name)
     try:
-        if cls is None:
-            return a == b
-        return (option_identity(options_from_dict(cls, a))
-                == option_identity(options_from_dict(cls, b)))
+        ida, idb = resolved_identity(name, a), resolved_identity(name, b)
     except (FinesiftError, TypeError, ValueError):  # options an older finesift accepted
         return a == b
+    return a == b if ida is None else ida == idb
 
 
 def auto_agreement(rows: Sequence[dict[str, Any]], ranked: Sequence[MethodSummary],

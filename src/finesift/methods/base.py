@@ -350,6 +350,19 @@ def option_identity(options: Any) -> dict[str, Any]:
     return values
 
 
+def resolved_identity(name: str, options: dict[str, Any]) -> dict[str, Any] | None:
+    """Every option of method ``name`` with its value for the given ``options`` dict,
+    defaults filled in, as :func:`option_identity` keys it, in JSON types: what benchmark
+    rows record, so that ``{}`` and the defaults spelt out compare equal. None for a
+    method finesift does not know or one without an options dataclass (``auto``).
+    Raises :class:`~finesift.errors.OptionError` for options the method refuses."""
+    cls = available().get(name)
+    if cls is None or not dataclasses.is_dataclass(cls.Options):
+        return None
+    opts = options_from_dict(cls, options)
+    return json.loads(json.dumps(option_identity(opts), sort_keys=True, default=str))
+
+
 def run_fingerprint(tag: str, options: Any, ctx: MethodContext) -> str:
     """A short hash of a method's options (:func:`option_identity`), seed, precision,
     model (see :func:`model_identity`) and every encoded example: the name under which a
