@@ -6,8 +6,9 @@
 
 In one run, for each precision (bf16, then fp32), back to back:
 
-1. the machine's matmul peak: ``torch.mm`` of square matrices (2048 and 4096; best of
-   several runs) on torch's threads, in that precision (bf16 inputs for bf16);
+1. the machine's matmul peak: ``torch.mm`` and ``F.linear`` of square matrices (2048 and
+   4096; best of several runs) on torch's threads, in that precision (bf16 inputs for
+   bf16);
 2. the scoring pass ToV runs on the pool (:func:`finesift.engine.scoring.token_logprobs`,
    the same call :func:`finesift.methods.tov.score_examples` makes) of the default model
    SmolLM2-135M on examples of 128 and 256 tokens of GSM8K text whose second half is
@@ -64,21 +65,25 @@ FORMULA = (
 # ------------------------------------------------------------------------------ peak
 def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (2048, 4096),
                 repeats: int = 5, min_seconds: float = 0.0) -> dict[str, Any]:
-    """Best FLOP/s of ``a @ b`` (n x n) over ``repeats`` runs for each size in ``sizes``."""
+    """Best FLOP/s over ``repeats`` runs, for each size n in ``sizes``, of ``a @ b``
+    (``torch.mm``, n x n) and of ``F.linear(a, w)`` (n x n by an n x n weight: the call
+    a model's layers make, which oneDNN may run faster than ``torch.mm`` in bf16); the
+    peak is the best of all of them."""
     best: dict[str, float] = {}
     for n in sizes:
         a = torch.randn(n, n).to(dtype)
         b = torch.randn(n, n).to(dtype)
-        torch.mm(a, b)  # warm-up (oneDNN/MKL kernel selection, page faults)
-        t_best = float("inf")
-        t_end = time.perf_counter() + min_seconds
-        r = 0
-        while r < repeats or time.perf_counter() < t_end:
-            t = time.perf_counter()
-            torch.mm(a, b)
-            t_best = min(t_best, time.perf_counter() - t)
-            r += 1
-        best[str(n)] = 2 * n**3 / t_best
+        for kind, fn in (("mm", torch.mm), ("linear", torch.nn.functional.linear)):
+            fn(a, b)  # warm-up (oneDNN/MKL kernel selection, page faults)
+            t_best = float("inf")
+            t_end = time.perf_counter() + min_seconds
+            r = 0
+            while r < repeats or time.perf_counter() < t_end:
+                t = time.perf_counter()
+                fn(a, b)
+                t_best = min(t_best, time.perf_counter() - t)
+                r += 1
+            best[str(n) if kind == "mm" else f"linear {n}"] = 2 * n**3 / t_best
     return {"flops": max(best.values()), "by_size": best}
 
 

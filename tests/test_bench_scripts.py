@@ -77,6 +77,9 @@ def test_throughput_quick_runs_and_writes_json(throughput, tmp_path, capsys):
     res = json.loads(out.read_text())
     assert "| bf16-weights | 16 |" in text and "scores against fp32" in text
     assert set(res["peaks"]) == {"bf16", "fp32"}
+    for peak in res["peaks"].values():  # torch.mm and F.linear at each size; the best counts
+        assert set(peak["by_size"]) == {"128", "256", "linear 128", "linear 256"}
+        assert peak["flops"] == max(peak["by_size"].values())
     assert [r["precision"] for r in res["rows"]] == ["bf16", "bf16-weights"] * 2 + ["fp32"] * 2
     for r in res["rows"]:
         peak = res["peaks"][r["precision"].removesuffix("-weights")]["flops"]
