@@ -259,6 +259,24 @@ def test_changed_setup_is_not_mixed_with_old_results(quick_run, tmp_path) -> Non
     assert len(list((copy / "selections").glob("tov-*-seed0"))) == 2
 
 
+def test_results_of_the_other_auto_precision_are_not_mixed(quick_run, tmp_path,
+                                                          monkeypatch) -> None:
+    """A folder measured where ``auto`` meant bf16 does not take runs where it means fp32
+    (and the other way round); FINESIFT_FAST_BF16 makes the CPU match; --report-only
+    (runs nothing) still reads it."""
+    cfg, out, _, _ = quick_run
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    was_bf16 = json.loads((copy / "setup.json").read_text()).get("auto_precision") == "bf16"
+    monkeypatch.setenv("FINESIFT_FAST_BF16", "0" if was_bf16 else "1")
+    with pytest.raises(ConfigError, match=r"changed: auto_precision\).*FINESIFT_FAST_BF16"):
+        run_bench(cfg, out=copy, quick=True)
+    assert run_bench(cfg, out=copy, quick=True, report_only=True).n_done == 0
+    monkeypatch.setenv("FINESIFT_FAST_BF16", "1" if was_bf16 else "0")
+    again = run_bench(cfg, out=copy, quick=True)
+    assert again.n_done == 0 and again.n_skipped > 0
+
+
 HARP_CONFIG = CONFIG.replace(
     "methods: [random, {tov: {mode: basic, lr: 3.0e-3, val_epochs: 2}}]",
     "methods: [random, {harp-c: {embedder: tokens, leaf_size: 4, steps: 2, repeats: 1}},\n"

@@ -732,7 +732,7 @@ def run_bench(
             k=counts[largest], seed=seeds[0], labels=labels, out=res_dir, progress=progress,
             log=lambda m: log(f"[{cfg.name}] {m}"), device=cfg.device)
         log(f"[{cfg.name}] fine-tuning hyperparameters tuned for random: {tuning['chosen']}")
-    check_same_setup(res_dir, cfg, model, finetune, data, quick)
+    check_same_setup(res_dir, cfg, model, finetune, data, quick, runs=not report_only)
     write_suite_record(res_dir, cfg, model, budgets, seeds, quick)
     by_id = {r.id: r for r in data.pool}
     results_path = res_dir / "results.jsonl"
@@ -922,12 +922,19 @@ def write_suite_record(res_dir: Path, cfg: BenchConfig, model: str | None, budge
 
 
 def check_same_setup(out: Path, cfg: BenchConfig, model: str | None,
-                     finetune: FinetuneOptions, data: BenchData, quick: bool) -> None:
+                     finetune: FinetuneOptions, data: BenchData, quick: bool, *,
+                     runs: bool = True) -> None:
     """Refuse to resume into a results folder made with other data or hyperparameters.
 
     Everything a run's figures depend on except the method, budget and seed (those are in
-    each run's key) is recorded in ``OUT/setup.json`` on the first invocation.
+    each run's key) is recorded in ``OUT/setup.json`` on the first invocation. That
+    includes ``auto_precision: bf16`` where ``auto`` precision means bf16 on this device
+    (a CPU with fast bf16, a GPU with bf16): fine-tunes and selections there autocast to
+    bf16, so their figures do not mix with fp32 ones (left out where ``auto`` is fp32, so
+    folders from before the key match). ``runs=False`` (``--report-only``, which runs
+    nothing) does not compare it.
     """
+    from finesift.engine.precision import resolve
     from finesift.store import file_fingerprint, write_json
 
     setup = {
@@ -939,15 +946,23 @@ def check_same_setup(out: Path, cfg: BenchConfig, model: str | None,
                  for p in [*data.pool_files, data.val_file, data.test_file]},
         # the selections' dtype as given (fp32 left out: setups from before dtypes match)
         **({"dtype": cfg.dtype} if cfg.dtype != "fp32" else {}),
+        **({"auto_precision": "bf16"} if resolve("auto", cfg.device) == "bf16" else {}),
     }
     setup = json.loads(json.dumps(setup, default=str))
     path = out / "setup.json"
     if path.exists():
         old = json.loads(path.read_text())
-        changed = sorted(k for k in set(old) | set(setup) if old.get(k) != setup.get(k))
+        changed = sorted(k for k in set(old) | set(setup) if old.get(k) != setup.get(k)
+                         and (runs or k != "auto_precision"))
         if changed:
+            hint = ""
+            if "auto_precision" in changed:
+                hint = (" (auto precision is bf16 on this device and fp32 where those results "
+                        "were measured, or the other way round: FINESIFT_FAST_BF16=0 or =1 "
+                        "makes this CPU match them)")
             raise ConfigError(cfg.path, f"{out} holds results of another setup (changed: "
-                                        f"{', '.join(changed)}); use another --out or delete it")
+                                        f"{', '.join(changed)}){hint}; use another --out "
+                                        "or delete it")
         return
     write_json(path, setup)
 
