@@ -351,6 +351,7 @@ def test_quick_bench_reuses_the_figures_of_an_identical_subset(tmp_path, write_j
         assert second["reused_from"] == first["key"]
         assert second["finetune_seconds"] == 0.0
         assert second["test_loss"] == first["test_loss"]
+        assert second["machine"] == first["machine"] and second["machine"]  # its selection's
     # the two budgets differ, so neither reuses the other
     assert (rows[("t-fixed-order[tag=a]", budgets[0])]["test_loss"]
             != rows[("t-fixed-order[tag=a]", budgets[1])]["test_loss"])

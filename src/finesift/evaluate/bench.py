@@ -1060,7 +1060,9 @@ def _one_run(cfg, data, spec, budget, k, seed, columns, sel_cost, base, by_id, m
                     "status": "ok", "reused_from": same.get("reused_from") or same["key"],
                     "finetune_seconds": 0.0, "eval_seconds": 0.0,
                     "finetune_cpu_seconds": 0.0, "eval_cpu_seconds": 0.0,
-                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    # where this row's selection ran (its fine-tune's row has its own)
+                    "machine": machine()})
         return row
     log(f"[{cfg.name}] {spec.label}, budget {budget}, seed {seed}: fine-tuning on {len(train)} "
         f"({dict(comp)}) ...")
