@@ -222,6 +222,52 @@ def test_every_method_declares_its_cost(tiny_ctx: MethodContext) -> None:
     assert after.units == 2 * before_only.units > 0
 
 
+def test_the_iprox_alignment_is_counted_and_timed_as_it_runs(tiny_ctx: MethodContext,
+                                                             monkeypatch) -> None:
+    """The estimate's alignment pass counts the padded tokens of the very batches the
+    build's alignment trains on (all epochs, each capped at align_tokens), and times one
+    real alignment step (a double backward) on the heaviest of them, so that its peak
+    memory is measured; the factored copy is then not counted again as held memory."""
+    import torch
+
+    from finesift.methods._proxy import check_proxy
+    from finesift.models import proxy as ipx
+
+    spec = "iprox:0.5,probe_examples=16,align_epochs=2,align_batch_size=4,align_tokens=50"
+    cost = get_method("less", {"proxy": spec}).cost(tiny_ctx)
+    (align,) = [p for p in cost.passes if "gradient alignment" in p.what]
+    assert align.kind == "probe"
+    assert "IProX proxy (a factored copy of the model)" not in cost.memory
+    no_align = get_method("less", {"proxy": "iprox:0.5,align_epochs=0"}).cost(tiny_ctx)
+    assert no_align.memory["IProX proxy (a factored copy of the model)"] > 0
+    assert not [p for p in no_align.passes if "gradient alignment" in p.what]
+
+    seen: list[tuple[int, int]] = []  # (rows, longest) of each alignment step
+    real = ipx.align_step
+
+    def spy(target, proxy, pairs, task, batch_examples, **kw):
+        seen.append((len(batch_examples), max(len(e.input_ids) for e in batch_examples)))
+        return real(target, proxy, pairs, task, batch_examples, **kw)
+
+    monkeypatch.setattr(ipx, "align_step", spy)
+    ipx.build_proxy(tiny_ctx.model, tiny_ctx.task, tiny_ctx.pool, check_proxy(spec),
+                    model_task=tiny_ctx.model_task, seed=tiny_ctx.seed,
+                    batch_size=tiny_ctx.batch_size)
+    assert len(seen) > 2 * 16 // 4  # the cap split some batches of 4
+    assert all(rows * longest <= 50 or rows == 1 for rows, longest in seen)
+    assert align.units == sum(rows * longest for rows, longest in seen)
+    assert f"{len(seen)} step(s)" in align.what
+
+    seen.clear()
+    before = {k: v.clone() for k, v in tiny_ctx.model.state_dict().items()}
+    rate = Calibrator(tiny_ctx, batches=1)(align)
+    assert rate.measured and rate.seconds_per_unit > 0
+    assert len(seen) == 2  # one untimed step, one timed
+    after = tiny_ctx.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(not p.requires_grad or p.grad is None for p in tiny_ctx.model.parameters())
+
+
 def test_the_probes_measure_on_the_tiny_model(tiny_ctx: MethodContext) -> None:
     """Measured, not given: the forward and training calibrations, less's gradient and
     projection probes and dsir's hashing probe give positive seconds per unit, and the

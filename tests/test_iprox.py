@@ -426,7 +426,7 @@ def test_split_changes_the_factors_not_the_proxy(data: Data):
     exs = data.pool[:6]
     kw = {"rho": 0.5, "align_epochs": 0, **SMALL}
     base, _ = I.build_proxy(model, data.task, data.pool, I.IProxOptions(**kw))
-    ratios = [float(p.A.norm() / p.B.norm()) for _, _, p in I._pairs(model, base)]
+    ratios = [float(p.A.norm() / p.B.norm()) for _, _, p in I.factored_pairs(model, base)]
     assert max(ratios) / min(ratios) > 100  # measured 0.09 to 3e4
     logits, _ = _logits_and_grads(base, data, exs)
     for split in ("symmetric", "adapted"):
@@ -435,7 +435,7 @@ def test_split_changes_the_factors_not_the_proxy(data: Data):
         assert info["proxy_options"]["split"] == split
         lp, _ = _logits_and_grads(proxy, data, exs)
         torch.testing.assert_close(lp, logits, atol=1e-4, rtol=1e-4)
-        for _, _, p in I._pairs(model, proxy):
+        for _, _, p in I.factored_pairs(model, proxy):
             ratio = float(p.A.norm() / p.B.norm())
             if split == "symmetric":
                 assert ratio == pytest.approx(1.0, rel=1e-3)

@@ -7,6 +7,7 @@ from the coordinator's :func:`finesift.models.proxy.proxy_blob`.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -103,12 +104,30 @@ def proxy_cost(ctx: MethodContext, spec: Any, lora: Any, cost: Any) -> None:
                                 kind="probe", probe=Probe(
                                     f"IPSVD, {len(shapes)} layer shape(s) timed once each",
                                     measure_ipsvd, "build")))
-    if groups and spec.align_epochs:
-        tokens = shuffled_tokens(lengths, spec.align_batch_size, spec.align_epochs, seed=ctx.seed)
+    aligns = bool(groups and spec.align_epochs)
+    if aligns:
+        # timed on this machine, one real alignment step on the heaviest of the build's own
+        # batches (a double backward through the proxy's gradients: its activations, not
+        # the factored copy, are what a too-large step runs out of memory on)
+        probe_lengths = [len(ctx.pool[i].input_ids) for i in probe_idx]
+        steps = [b for epoch in ipx.alignment_batches(probe_lengths, spec, ctx.seed)
+                 for b in epoch]
+
+        def padded(batch: list[int]) -> int:
+            return len(batch) * max(probe_lengths[i] for i in batch)
+
+        heaviest = max(steps, key=padded)
+
+        def measure_alignment() -> ProbeResult:
+            return _time_alignment_step(ctx, ranks, spec, [ctx.pool[probe_idx[i]] for i in heaviest])
+
         cost.passes.append(Pass(
-            f"iprox: gradient alignment, {spec.align_epochs} epoch(s) on the probe set "
-            "(x3: full model, proxy, double backward)", 3 * tokens, kind="train",
-            batch_size=spec.align_batch_size, adapter=lora))
+            f"iprox: gradient alignment, {spec.align_epochs} epoch(s) on the probe set, "
+            f"{len(steps)} step(s) of at most {spec.align_tokens} tokens",
+            sum(padded(b) for b in steps), kind="probe",
+            probe=Probe(f"iprox alignment step, {padded(heaviest)} tokens ({len(heaviest)} x "
+                        f"{padded(heaviest) // len(heaviest)}), rho={spec.rho:g}",
+                        measure_alignment, "token")))
     if groups and spec.align_eval:
         # alignment_loss on the probe set after IPSVD and again after the alignment: the
         # model's and the proxy's gradients, no double backward
@@ -120,6 +139,44 @@ def proxy_cost(ctx: MethodContext, spec: Any, lora: Any, cost: Any) -> None:
             batch_size=spec.align_batch_size, adapter=lora))
     factor = sum(r * (layers[nm].in_features + layers[nm].out_features) for nm, r in ranks.items())
     cost.disk["IProX proxy (cache)"] = 4.0 * factor
-    _, model_bytes = parameter_bytes(ctx.model)
-    cost.memory["IProX proxy (a factored copy of the model)"] = float(model_bytes)
+    if not aligns:  # else the alignment probe holds the copy, and its peak is measured
+        _, model_bytes = parameter_bytes(ctx.model)
+        cost.memory["IProX proxy (a factored copy of the model)"] = float(model_bytes)
     cost.notes.append("iprox: the passes on the proxy are timed on the full model")
+
+
+def _time_alignment_step(ctx: MethodContext, ranks: dict[str, int], spec: Any,
+                         batch: list[Any]) -> Any:
+    """Seconds per padded token of one IProX alignment step on ``batch``: a factored copy
+    of the model with seeded small random factors (the step's work and memory do not depend
+    on their values, so no covariances or IPSVD are needed), one untimed step (warm-up, and
+    the memory peak the estimate reads), then one timed. The model is left as it was."""
+    from finesift.engine.cost import ProbeResult, synchronize
+    from finesift.models import proxy as ipx
+
+    model = ctx.model
+    proxy = ipx.factorize(model, ranks, init="none")
+    gen = torch.Generator().manual_seed(int(ctx.seed))
+    with torch.no_grad():
+        for mod in ipx.unwrap(proxy).modules():
+            if isinstance(mod, ipx.FactoredLinear):
+                for w in (mod.up.weight, mod.down.weight):
+                    w.copy_(torch.randn(w.shape, generator=gen, dtype=torch.float32) * 0.02)
+    pairs = ipx.factored_pairs(model, proxy)
+    _, opt = ipx.alignment_optimizer(proxy, pairs, spec)
+    was_training = model.training
+    model.eval()
+    tokens = len(batch) * max(len(ex.input_ids) for ex in batch)
+    try:
+        step = dict(model_task=ctx.model_task, opts=spec, opt=opt, device=ctx.device)
+        ipx.align_step(model, proxy, pairs, ctx.task, batch, **step)
+        synchronize(ctx.device)
+        t0 = time.perf_counter()
+        ipx.align_step(model, proxy, pairs, ctx.task, batch, **step)
+        synchronize(ctx.device)
+        took = time.perf_counter() - t0
+    finally:
+        model.train(was_training)
+        del proxy, opt, pairs
+    return ProbeResult(took / tokens, detail=f"one step of {tokens} tokens, {took:.2f} s "
+                                             "(a factored copy with random factors)")

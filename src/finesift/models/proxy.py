@@ -762,7 +762,7 @@ def split_factors(A: torch.Tensor, B: torch.Tensor, split: str, adapted: str = "
 # -- Stage 2: gradient alignment -------------------------------------------------------
 
 
-def _pairs(target: torch.nn.Module, proxy: torch.nn.Module):
+def factored_pairs(target: torch.nn.Module, proxy: torch.nn.Module):
     """``[(name, target nn.Linear, proxy FactoredLinear)]`` for every factored layer."""
     tmods = dict(unwrap(target).named_modules())
     return [(name, tmods[name], mod) for name, mod in unwrap(proxy).named_modules()
@@ -840,7 +840,7 @@ def alignment_loss(target, proxy, task: Task, examples: Sequence[Any], *, model_
     at 1e-8, which made 1 - cos near 1 there whatever the directions). A layer whose proxy
     gradient is 0 has 1 - cos = 1. Both models are evaluated in eval mode (no dropout; restored
     after)."""
-    pairs = _pairs(target, proxy)
+    pairs = factored_pairs(target, proxy)
     lengths = [task.length(e) for e in examples]
     sums = {"align": 0.0, "kl": 0.0}
     layer_sums = np.zeros((len(pairs), 2))
@@ -892,6 +892,48 @@ def alignment_loss(target, proxy, task: Task, examples: Sequence[Any], *, model_
     return out
 
 
+def alignment_batches(lengths: Sequence[int], opts: IProxOptions, seed: int = 0
+                      ) -> list[list[list[int]]]:
+    """Stage 2's batches, epoch by epoch: random batches of ``align_batch_size`` probe
+    examples, each also capped at ``align_tokens`` (rows x longest), drawn with ``seed``.
+    :func:`align_proxy` trains on exactly these; the estimate counts their tokens."""
+    rng = np.random.default_rng([seed, 0x1970])
+    return [list(shuffled_batches(len(lengths), batch_size=opts.align_batch_size, rng=rng,
+                                  lengths=list(lengths), max_tokens=opts.align_tokens))
+            for _ in range(opts.align_epochs)]
+
+
+def alignment_optimizer(proxy: torch.nn.Module, pairs, opts: IProxOptions
+                        ) -> tuple[list[torch.Tensor], torch.optim.Optimizer]:
+    """Stage 2 trains the factors of ``pairs`` only: every other parameter of ``proxy`` is
+    frozen. Returns the factors and their AdamW."""
+    for p in proxy.parameters():
+        p.requires_grad_(False)
+    factors = [f for _, _, p in pairs for f in (p.A, p.B)]
+    for f in factors:
+        f.requires_grad_(True)
+    return factors, torch.optim.AdamW(factors, lr=opts.align_lr,
+                                      weight_decay=opts.align_weight_decay)
+
+
+def align_step(target, proxy, pairs, task: Task, batch_examples: Sequence[Any], *,
+               model_task: str, opts: IProxOptions, opt: torch.optim.Optimizer,
+               device: str = "cpu") -> tuple[float, float, float]:
+    """One Stage 2 step on one batch: the alignment objective (``1 - cos`` of the proxy's
+    factor gradients against the model's projected ones, plus ``kl_weight`` x tau^2 KL),
+    differentiated through the proxy's gradients (a double backward), and ``opt``'s step
+    on the factors. Returns ``(loss, 1 - cos, tau^2 KL)`` of the batch. The estimate times
+    this on the heaviest batch (``methods._proxy.proxy_cost``)."""
+    batch = {k: v.to(device) for k, v in task.collate(list(batch_examples)).items()}
+    align, kl = _alignment_terms(target, proxy, pairs, batch, len(batch_examples), model_task,
+                                 opts.tau, create_graph=True)
+    loss = align + opts.kl_weight * kl
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach()), float(align.detach()), float(kl.detach())
+
+
 def align_proxy(target, proxy, task: Task, examples: Sequence[Any], *, model_task: str,
                 opts: IProxOptions, seed: int = 0, device: str = "cpu",
                 log: Callable[[str], None] = lambda m: None,
@@ -900,37 +942,25 @@ def align_proxy(target, proxy, task: Task, examples: Sequence[Any], *, model_tas
     Returns the mean training loss of each epoch; ``terms``, if given, receives each
     epoch's mean ``{"align": 1 - cos, "kl": tau^2 KL}`` (running means over the epoch's
     steps, as the factors moved). ``target`` is not changed."""
-    pairs = _pairs(target, proxy)
+    pairs = factored_pairs(target, proxy)
     if not pairs or opts.align_epochs == 0:
         return []
-    for p in proxy.parameters():
-        p.requires_grad_(False)
-    factors = [f for _, _, p in pairs for f in (p.A, p.B)]
-    for f in factors:
-        f.requires_grad_(True)
-    opt = torch.optim.AdamW(factors, lr=opts.align_lr, weight_decay=opts.align_weight_decay)
-    rng = np.random.default_rng([seed, 0x1970])
-    lengths = [len(ex.input_ids) for ex in examples]
+    factors, opt = alignment_optimizer(proxy, pairs, opts)
+    epochs = alignment_batches([len(ex.input_ids) for ex in examples], opts, seed)
     t_training, p_training = target.training, proxy.training
     target.eval()
     proxy.eval()  # no dropout: the proxy's gradients should match the model's as it is used
     losses = []
     try:
-        for epoch in range(opts.align_epochs):
+        for epoch, batches in enumerate(epochs):
             tot, cnt, tot_align, tot_kl = 0.0, 0, 0.0, 0.0
-            for idx in shuffled_batches(len(examples), batch_size=opts.align_batch_size,
-                                        rng=rng, lengths=lengths, max_tokens=opts.align_tokens):
-                batch = {k: v.to(device)
-                         for k, v in task.collate([examples[i] for i in idx]).items()}
-                align, kl = _alignment_terms(target, proxy, pairs, batch, len(idx), model_task,
-                                             opts.tau, create_graph=True)
-                loss = align + opts.kl_weight * kl
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                tot += float(loss.detach()) * len(idx)
-                tot_align += float(align.detach()) * len(idx)
-                tot_kl += float(kl.detach()) * len(idx)
+            for idx in batches:
+                loss, align, kl = align_step(target, proxy, pairs, task,
+                                             [examples[i] for i in idx], model_task=model_task,
+                                             opts=opts, opt=opt, device=device)
+                tot += loss * len(idx)
+                tot_align += align * len(idx)
+                tot_kl += kl * len(idx)
                 cnt += len(idx)
             losses.append(tot / max(1, cnt))
             if terms is not None:
