@@ -532,11 +532,18 @@ def test_committed_result_rows_keep_their_keys() -> None:
     large = load_config(bench_dir / "instruct-gsm8k-large.yaml")
     by_label = {m.label: m for m in large.methods}
     assert [m.label for m in large.methods] == ["random", "embed", "dsir-add1", "tov-tuned",
-                                                "tov-cascade"]
+                                                "tov-cascade", "tov-cascade-10"]
     for label in ("random", "embed", "dsir-add1", "tov-tuned"):
         assert by_label[label].prefilter is None and by_label[label].key == keys[label]
     assert by_label["tov-cascade"].prefilter == "embed:20%"
-    assert by_label["tov-cascade"].options == by_label["tov-tuned"].options
+    assert by_label["tov-cascade-10"].prefilter == "embed:10%"
+    for label in ("tov-cascade", "tov-cascade-10"):
+        assert by_label[label].options == by_label["tov-tuned"].options
+    assert len({m.key for m in large.methods}) == len(large.methods)
+    committed_large = {json.loads(line)["key"].split("|")[0] for line in
+                       (bench_dir / "results/instruct-gsm8k-large/results.jsonl")
+                       .read_text().splitlines() if line.strip()}
+    assert by_label["tov-cascade"].key in committed_large
     assert large.tune is None and large.budgets == [50, 100] and large.seeds == [0, 1, 2]
     assert [(s.name, s.limit) for s in large.pool] == [("sharegpt", 2000), ("gsm8k", 200)]
 
