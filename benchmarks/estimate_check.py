@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         kwargs = {**common, "method": spec.name, "method_options": spec.options,
                   "seed": seeds[0], "out": str(work / "not-written" / spec.dirname),
                   "workdir": str(work / "not-written" / "work"),
-                  "calibration_batches": args.calibration_batches}
+                  "calibration_batches": args.calibration_batches,
+                  **({"prefilter": spec.prefilter} if spec.prefilter is not None else {})}
         t0 = time.perf_counter()
         try:
             est = estimate_one(kwargs, args.isolate)

@@ -341,7 +341,8 @@ pool:
   - {name: text, path: pool_text.jsonl, limit: 30}
   - {name: chat, path: pool_chat.jsonl}
 target: {val: target.jsonl, test: test.jsonl}
-methods: [random, {tov: {mode: basic}, label: tov-basic}, auto]
+methods: [random, {tov: {mode: basic}, label: tov-basic}, auto,
+          {tov: {mode: basic}, prefilter: "dsir:50%", label: tov-cascade}]
 budgets: [8, 25%]
 seeds: [0, 1]
 finetune: {epochs: 1, lr: 2.0e-4, lora_rank: 4, batch_size: 4}
@@ -380,13 +381,19 @@ def test_estimate_check_script(lm_data, tiny_lm_dir: Path, tmp_path: Path, write
         for seed in (0, 1) for b in ("8", "25%")])
     out = tmp_path / "check.jsonl"
     rc = mod.main([str(suite / "suite.yaml"), "--model", str(tiny_lm_dir), "--methods",
-                   "random,tov-basic,auto", "--calibration-batches", "1", "--write", str(out),
+                   "random,tov-basic,auto,tov-cascade", "--calibration-batches", "1",
+                   "--write", str(out),
                    "--work", str(tmp_path / "work")])
     text = capsys.readouterr().out
     assert rc == 0
     assert "auto" in text and "skipped" in text
     rows = {r["label"]: r for r in map(json.loads, out.read_text().splitlines())}
-    assert set(rows) == {"random", "tov-basic"}
+    assert set(rows) == {"random", "tov-basic", "tov-cascade"}
+    # a cascade row is estimated as the bench runs it: the prefilter over the whole pool,
+    # then the method over the kept half
+    cascade = [p["what"] for p in rows["tov-cascade"]["passes"]]
+    assert cascade[0].startswith("prefilter dsir:50%: ")
+    assert not any(p["what"].startswith("prefilter") for p in rows["tov-basic"]["passes"])
     tov = rows["tov-basic"]
     # per seed the largest over the budgets (11, 12); their median
     assert tov["measured_select_seconds"] == {"0": 11.0, "1": 12.0}
