@@ -217,7 +217,7 @@ def agreement(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:
     diff = np.abs(other - reference)
     rho = spearmanr(reference, other).statistic if len(reference) > 1 else float("nan")
     return {"mean_abs_diff": float(diff.mean()), "max_abs_diff": float(diff.max()),
-            "spearman": float(rho), "examples": int(len(reference))}
+            "spearman": float(rho), "examples": len(reference)}
 
 
 @contextlib.contextmanager

@@ -119,7 +119,8 @@ def proxy_cost(ctx: MethodContext, spec: Any, lora: Any, cost: Any) -> None:
         heaviest = max(steps, key=padded)
 
         def measure_alignment() -> ProbeResult:
-            return _time_alignment_step(ctx, ranks, spec, [ctx.pool[probe_idx[i]] for i in heaviest])
+            batch = [ctx.pool[probe_idx[i]] for i in heaviest]
+            return _time_alignment_step(ctx, ranks, spec, batch)
 
         cost.passes.append(Pass(
             f"iprox: gradient alignment, {spec.align_epochs} epoch(s) on the probe set, "
@@ -168,7 +169,7 @@ def _time_alignment_step(ctx: MethodContext, ranks: dict[str, int], spec: Any,
     model.eval()
     tokens = len(batch) * max(len(ex.input_ids) for ex in batch)
     try:
-        step = dict(model_task=ctx.model_task, opts=spec, opt=opt, device=ctx.device)
+        step = {"model_task": ctx.model_task, "opts": spec, "opt": opt, "device": ctx.device}
         ipx.align_step(model, proxy, pairs, ctx.task, batch, **step)
         synchronize(ctx.device)
         t0 = time.perf_counter()
