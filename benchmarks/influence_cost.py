@@ -161,19 +161,20 @@ class Run:
 
 
 def plan_runs(args: argparse.Namespace) -> list[Run]:
-    """The runs of one benchmark, in order: ``less``, its reference reruns, the proxies
-    (per RHO, per alignment epochs), ``tracin``, ``tov``."""
+    """The runs of one benchmark, in order: ``less``, the proxies (per RHO, per alignment
+    epochs), ``tracin``, ``tov``, then ``less``'s reference reruns."""
     grad_opts = {"warmup_epochs": args.warmup_epochs, "proj_dim": args.proj_dim,
                  "chunk_size": args.chunk_size, "projection": args.projection}
     runs: list[Run] = []
+    references: list[Run] = []
     if "less" in args.methods:
         runs.append(Run("less", "less", grad_opts, args.seed, kind="base"))
         for s in args.reference_seeds:
             if args.reference_mode in ("reseed", "both"):
-                runs.append(Run(f"less-seed{s}", "less", grad_opts, s, kind="reference"))
+                references.append(Run(f"less-seed{s}", "less", grad_opts, s, kind="reference"))
             if args.reference_mode in ("same-warmup", "both"):
-                runs.append(Run(f"less-seed{s}-samewarmup", "less", grad_opts, s,
-                                warmup_seed=args.seed, kind="reference"))
+                references.append(Run(f"less-seed{s}-samewarmup", "less", grad_opts, s,
+                                      warmup_seed=args.seed, kind="reference"))
     if "iprox" in args.methods:
         for rho in args.rhos:
             for split in args.splits:
@@ -196,7 +197,9 @@ def plan_runs(args: argparse.Namespace) -> list[Run]:
     if "tov" in args.methods:
         runs.append(Run("tov (basic)", "tov", {"mode": "basic", "val_epochs": args.tov_val_epochs},
                         args.seed))
-    return runs
+    # the reference reruns last: a run cut short keeps the methods' rows (each row and
+    # the scores are saved as it finishes)
+    return runs + references
 
 
 def compare_runs(scores: dict[str, np.ndarray], references: Sequence[str]
