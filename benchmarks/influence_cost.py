@@ -120,11 +120,15 @@ def load_data(args, tokenizer):
         order = np.argsort([len(e) for e in enc.examples], kind="stable")
         parts.append([enc.records[i] for i in order[: args.pool_size // 2]])
     pool = encode(parts[0] + parts[1], tokenizer, "lm", max_length=args.max_length)
+    if len(pool.examples) != len(parts[0]) + len(parts[1]):
+        raise SystemExit("influence_cost: re-encoding the pool dropped examples")
     trecs = load_records([files["target"]], None, role="target")
     tenc = encode(trecs, tokenizer, "lm", max_length=args.max_length)
     order = np.argsort([len(e) for e in tenc.examples], kind="stable")[: args.n_target]
     target = encode([tenc.records[i] for i in order], tokenizer, "lm", max_length=args.max_length)
-    return pool, target
+    # the pool's sources, for the agreement within each (GSM8K first, then ShareGPT)
+    first = np.arange(len(pool.examples)) < len(parts[0])
+    return pool, target, {"gsm8k": first, "sharegpt": ~first}
 
 
 STAGES = {
@@ -134,7 +138,18 @@ STAGES = {
     "tov": ["seconds_training", "seconds_scoring"],
 }
 #: the top shares compared (name, share of the pool)
-SHARES = (("top10", 0.10), ("top5", 0.05))
+SHARES = (("top10", 0.10), ("top5", 0.05), ("top25", 0.25), ("top50", 0.50))
+#: recall of the reference's top 10% inside the run's top share (name, share)
+RECALLS = (("top10_in_top25", 0.25), ("top10_in_top50", 0.50))
+
+
+def top_recall(a: np.ndarray, ref: np.ndarray, share: float, ref_share: float = 0.10) -> float:
+    """Share of ``ref``'s top ``ref_share`` that is inside ``a``'s top ``share``."""
+    k_ref = max(1, int(np.ceil(ref_share * len(ref))))
+    k = max(1, int(np.ceil(share * len(a))))
+    tr = set(np.argsort(-ref, kind="stable")[:k_ref].tolist())
+    ta = set(np.argsort(-a, kind="stable")[:k].tolist())
+    return len(tr & ta) / k_ref
 
 
 @dataclasses.dataclass
@@ -202,11 +217,15 @@ def plan_runs(args: argparse.Namespace) -> list[Run]:
     return runs + references
 
 
-def compare_runs(scores: dict[str, np.ndarray], references: Sequence[str]
+def compare_runs(scores: dict[str, np.ndarray], references: Sequence[str],
+                 groups: dict[str, np.ndarray] | None = None
                  ) -> dict[str, dict[str, dict[str, float]]]:
-    """``{run: {reference: {"top10", "top5", "spearman"}}}``: every run's agreement with
-    every reference run (present in ``scores``) other than itself: the overlap of their
-    top-10% and top-5% (:func:`top_overlap`) and the Spearman correlation of the scores."""
+    """``{run: {reference: {"top10", "top5", "top25", "top50", "spearman", ...}}}``: every
+    run's agreement with every reference run (present in ``scores``) other than itself: the
+    overlap of their top shares (:func:`top_overlap`), the share of the reference's top
+    10% inside the run's top 25% and 50% (``top10_in_top25``, ``top10_in_top50``), the
+    Spearman correlation of the scores, and, per group of ``groups`` (a boolean mask over
+    the pool, e.g. a source), the Spearman correlation within it (``spearman_NAME``)."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     for label, s in scores.items():
         out[label] = {}
@@ -215,7 +234,10 @@ def compare_runs(scores: dict[str, np.ndarray], references: Sequence[str]
                 continue
             r = scores[ref]
             out[label][ref] = {**{name: top_overlap(s, r, share) for name, share in SHARES},
-                               "spearman": spearman(s, r)}
+                               **{name: top_recall(s, r, share) for name, share in RECALLS},
+                               "spearman": spearman(s, r),
+                               **{f"spearman_{g}": spearman(s[m], r[m])
+                                  for g, m in (groups or {}).items() if m.sum() > 1}}
     return out
 
 
@@ -255,6 +277,19 @@ def print_tables(rows: list[dict[str, Any]], references: Sequence[str]) -> None:
                 f"{_fmt(r.get('spearman_vs_less'), '{:+.3f}')} |")
         line += "".join(f" {_agreement(r['agreement'].get(ref))} |" for ref in extra)
         print(line)
+    more = [(r["method"], r["agreement"]["less"]) for r in rows if r["agreement"].get("less")]
+    if more:
+        groups = sorted({k[len("spearman_"):] for _, a in more for k in a
+                         if k.startswith("spearman_")})
+        print("\nMore agreement with less: top-25% / top-50% overlap; less's top 10% inside "
+              "the run's top 25% / top 50%; Spearman within each source of the pool:\n")
+        print("| method | top-25% / top-50% overlap | less's top 10% in its top 25% / 50% |"
+              + "".join(f" Spearman within {g} |" for g in groups))
+        print("|---" * (3 + len(groups)) + "|")
+        for label, a in more:
+            print(f"| {label} | {a['top25']:.2f} / {a['top50']:.2f} | "
+                  f"{a['top10_in_top25']:.2f} / {a['top10_in_top50']:.2f} |"
+                  + "".join(f" {_fmt(a.get('spearman_' + g), '{:+.3f}')} |" for g in groups))
     aligned = [r for r in rows if r.get("align_before")]
     if aligned:
         print("\nAlignment objective on the probe set (1 - cos: mean over factored layers of "
@@ -364,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True)
     t0 = time.perf_counter()
     bundle = load_model(args.model, "lm", seed=args.seed)
-    pool, target = load_data(args, bundle.tokenizer)
+    pool, target, groups = load_data(args, bundle.tokenizer)
     n_tok = [len(e) for e in pool.examples]
     print(f"model {args.model}; pool {len(pool.examples)} examples "
           f"({sum(n_tok)} tokens, mean {np.mean(n_tok):.0f}, max {max(n_tok)}), target "
@@ -431,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{a['kl']:.3f}", flush=True)
 
     references = [r.label for r in runs if r.kind in ("base", "reference")]
-    agreement = compare_runs(scores, references)
+    agreement = compare_runs(scores, references, groups)
     for row in rows:
         row["agreement"] = agreement[row["method"]]
         base = row["agreement"].get("less")

@@ -220,6 +220,26 @@ def test_influence_compare_runs_against_every_reference(influence, capsys):
     assert "before: 0 0.500, 1 0.990" in text
 
 
+def test_influence_recall_and_agreement_within_groups(influence, capsys):
+    base = np.arange(40.0)  # less's top 10%: examples 36-39
+    run = base.copy()
+    run[36:] = [31.9, 31.8, 31.7, 31.6]  # ranked 5th-8th: out of its top 10%, inside its top 25%
+    first = np.arange(40) < 20
+    out = influence.compare_runs({"less": base, "proxy": run}, ["less"],
+                                 {"a": first, "b": ~first})
+    a = out["proxy"]["less"]
+    assert a["top10"] == 0.0 and a["top10_in_top25"] == 1.0 and a["top10_in_top50"] == 1.0
+    assert a["top25"] == 1.0 and a["top50"] == 1.0
+    assert a["spearman_a"] == pytest.approx(1.0) and a["spearman_b"] < 0.9
+    assert influence.top_recall(-base, base, 0.25) == 0.0
+    rows = [{"method": label, "seed": 0, "wall_s": 1.0, "cpu_s": 1.0, "stages": {},
+             "peak_rss_mib": 1.0, "store_bytes": 0, "proxy_parameters": None,
+             "agreement": out[label]} for label in ("less", "proxy")]
+    influence.print_tables(rows, ["less"])
+    text = capsys.readouterr().out
+    assert "| proxy | 1.00 / 1.00 | 1.00 / 1.00 | +1.000 |" in text
+
+
 def test_influence_refuses_bad_reference_seeds(influence):
     with pytest.raises(SystemExit):
         influence.main(["--out", "x", "--methods", "iprox", "--reference-seeds", "1"])
